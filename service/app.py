@@ -1,0 +1,65 @@
+"""The FastAPI application. Errors become RFC 9457 problem+json here, in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import PruneauditError
+from service.routes import audits, catalog, health
+
+log = logging.getLogger(__name__)
+PROBLEM_BASE = "https://pruneaudit.dev/problems/"
+
+
+def problem(request: Request, status: int, title: str, detail: str, slug: str, errors: list | None = None) -> JSONResponse:
+    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail,
+            "instance": request.url.path, "errors": errors or []}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+
+
+def _validation_detail(errors: list[dict]) -> str:
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return f"{where}: {first.get('msg')}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PruneauditError)
+    async def _pruneaudit_error(request: Request, exc: PruneauditError) -> JSONResponse:
+        return problem(request, exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return problem(request, 422, "Invalid input", _validation_detail(errors), "invalid-input", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(request, exc.status_code, str(exc.detail), str(exc.detail), f"http-{exc.status_code}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem(request, 500, "Internal error", "an unexpected error occurred; it has been logged", "internal")
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="pruneaudit",
+        version="0.1.0",
+        description=(
+            "Tells a team, before it ships a pruned network, which groups of people the pruning hurts. "
+            "Upload a model (safetensors + architecture) and a dataset with group attributes, queue an audit, "
+            "read the per-group fairness report."
+        ),
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(catalog.router)
+    app.include_router(audits.router)
+    return app

@@ -1,0 +1,155 @@
+"""Audits: validate a spec against the stored model and dataset, record it, list it, and assemble the
+report from the stored runs and per-group rows."""
+
+from __future__ import annotations
+
+import math
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from service import architectures, catalog
+from service.errors import Conflict, InvalidInput, NotFound
+from service.models import Audit, AuditStatus, Dataset, Model, Run
+from service.schemas.audits import AuditSpec
+from service.schemas.reports import (
+    AttributeAggregates,
+    AttributeReport,
+    AuditReport,
+    DatasetRef,
+    GroupRow,
+    ModelRef,
+    OverallReport,
+    RunReport,
+)
+
+
+def prunable_layers(model: Model) -> list[str]:
+    spec = architectures.architecture_adapter.validate_python(model.architecture)
+    return [
+        key.removesuffix(".weight")
+        for key, (shape, _kind) in architectures.expected_state_dict(spec).items()
+        if key.endswith(".weight") and len(shape) >= 2
+    ]
+
+
+def check_compatible(spec: AuditSpec, model: Model, dataset: Dataset) -> None:
+    expected = model.input_shape
+    actual = dataset.feature_shape
+    fits = math.prod(actual) == math.prod(expected) if model.architecture_name == "mlp" else actual == expected
+    if not fits:
+        raise InvalidInput(f"model expects input {expected} per example; dataset x has {actual}")
+    if len(dataset.classes) > model.num_classes:
+        raise InvalidInput(
+            f"dataset has {len(dataset.classes)} classes but the model has {model.num_classes} outputs"
+        )
+    unknown = [attribute for attribute in spec.group_by if attribute not in dataset.groups]
+    if unknown:
+        raise InvalidInput(
+            f"group attribute(s) {unknown} not in dataset; it has {sorted(dataset.groups)}"
+        )
+    layers = prunable_layers(model)
+    unknown_layers = [layer for layer in spec.pruning.ignored_layers if layer not in layers]
+    if unknown_layers:
+        raise InvalidInput(f"ignored_layers {unknown_layers} are not prunable layers of this model: {layers}")
+    if set(layers) <= set(spec.pruning.ignored_layers):
+        raise InvalidInput("ignored_layers keeps every layer dense: nothing left to prune")
+
+
+def create_audit(session: Session, spec: AuditSpec, max_ratios: int) -> Audit:
+    if len(spec.pruning.ratios) > max_ratios:
+        raise InvalidInput(f"at most {max_ratios} ratios per audit; got {len(spec.pruning.ratios)}")
+    try:
+        model = catalog.get_model(session, spec.model_id)
+        dataset = catalog.get_dataset(session, spec.dataset_id)
+    except NotFound as exc:
+        raise InvalidInput(exc.detail) from None
+    check_compatible(spec, model, dataset)
+    audit = Audit(model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"))
+    session.add(audit)
+    session.flush()
+    return audit
+
+
+def get_audit(session: Session, audit_id: str) -> Audit:
+    audit = session.get(Audit, audit_id)
+    if audit is None:
+        raise NotFound(f"audit {audit_id} does not exist")
+    return audit
+
+
+def list_audits(session: Session, *, status: AuditStatus | None, limit: int, offset: int) -> tuple[list[Audit], int]:
+    query = select(Audit)
+    if status is not None:
+        query = query.where(Audit.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(Audit.created_at.desc(), Audit.id).limit(limit).offset(offset)).all()
+    return list(items), total
+
+
+def _run_report(run: Run) -> RunReport:
+    rows_by_attribute: dict[str, list[GroupRow]] = {}
+    for row in run.group_metrics:
+        rows_by_attribute.setdefault(row.attribute, []).append(
+            GroupRow(
+                group=row.group,
+                n=row.n,
+                share=row.share,
+                dense_accuracy=row.dense_accuracy,
+                accuracy=row.accuracy,
+                dense_loss=row.dense_loss,
+                loss=row.loss,
+                accuracy_drop=row.accuracy_drop,
+                excess_accuracy_gap=row.excess_accuracy_gap,
+                excessive_loss=row.excessive_loss,
+            )
+        )
+    attributes = [
+        AttributeReport(
+            attribute=attribute,
+            n_missing=summary["n_missing"],
+            groups=rows_by_attribute.get(attribute, []),
+            aggregates=AttributeAggregates(**summary["aggregates"]),
+            undefined=summary["undefined"],
+        )
+        for attribute, summary in run.attributes.items()
+    ]
+    return RunReport(
+        id=run.id,
+        method=run.method,
+        scope=run.scope,
+        ratio=run.ratio,
+        achieved_sparsity=run.achieved_sparsity,
+        layer_sparsity=run.layer_sparsity,
+        seconds=run.seconds,
+        overall=OverallReport(**run.overall),
+        attributes=attributes,
+    )
+
+
+def build_report(session: Session, audit_id: str) -> AuditReport:
+    audit = session.scalars(
+        select(Audit)
+        .where(Audit.id == audit_id)
+        .options(selectinload(Audit.runs).selectinload(Run.group_metrics))
+    ).one_or_none()
+    if audit is None:
+        raise NotFound(f"audit {audit_id} does not exist")
+    if audit.status != AuditStatus.succeeded:
+        reason = f": {audit.error}" if audit.error else f" (progress {audit.progress:.0%})"
+        raise Conflict(f"the report exists once the audit has succeeded; audit {audit.id} is {audit.status.value}{reason}")
+    dense, *pruned = (_run_report(run) for run in audit.runs)
+    model, dataset = audit.model, audit.dataset
+    return AuditReport(
+        audit_id=audit.id,
+        created_at=audit.created_at,
+        finished_at=audit.finished_at,
+        spec=audit.spec,
+        model=ModelRef(id=model.id, sha256=model.sha256, architecture=model.architecture,
+                       parameter_count=model.parameter_count),
+        dataset=DatasetRef(id=dataset.id, sha256=dataset.sha256, rows=dataset.rows, classes=dataset.classes,
+                           groups=dataset.groups),
+        environment=audit.environment or {},
+        dense=dense,
+        runs=pruned,
+    )

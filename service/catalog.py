@@ -1,0 +1,122 @@
+"""Models and datasets: validate an upload as data (never code), store it, record it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import BinaryIO
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from service import architectures, ingest
+from service.errors import InvalidInput, NotFound
+from service.models import Dataset, Model
+from service.storage import BlobStore
+
+
+def parse_architecture(raw: str):
+    try:
+        return architectures.architecture_adapter.validate_json(raw)
+    except ValidationError as exc:
+        names = ", ".join(sorted(architectures.REGISTRY))
+        raise InvalidInput(
+            f"architecture is not a valid spec (known architectures: {names}); see GET /v1/architectures",
+            errors=json.loads(exc.json(include_url=False, include_input=False)),
+        ) from None
+
+
+def register_model(
+    session: Session, store: BlobStore, weights: BinaryIO, architecture_json: str, name: str | None, max_bytes: int
+) -> Model:
+    spec = parse_architecture(architecture_json)
+    staged = store.stage(weights, max_bytes)
+    try:
+        tensors = ingest.read_safetensors_header(staged.path)
+        ingest.check_weights_fit(tensors, architectures.expected_state_dict(spec), spec.name)
+    except BaseException:
+        store.discard(staged)
+        raise
+    store.commit(staged)
+    model = Model(
+        name=name,
+        sha256=staged.sha256,
+        size_bytes=staged.size_bytes,
+        architecture=spec.model_dump(),
+        architecture_name=spec.name,
+        parameter_count=architectures.parameter_count(spec),
+        input_shape=architectures.input_shape(spec),
+        num_classes=spec.num_classes,
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def _split_columns(value: str | None) -> list[str] | None:
+    if value is None or not value.strip():
+        return None
+    return [column.strip() for column in value.split(",") if column.strip()]
+
+
+def dataset_format(filename: str | None, path: Path) -> str:
+    suffix = Path(filename or "").suffix.lower()
+    if suffix in (".npz", ".csv"):
+        return suffix[1:]
+    with path.open("rb") as handle:
+        return "npz" if handle.read(2) == b"PK" else "csv"
+
+
+def register_dataset(
+    session: Session,
+    store: BlobStore,
+    upload: BinaryIO,
+    filename: str | None,
+    *,
+    name: str | None,
+    label: str | None,
+    features: str | None,
+    groups: str | None,
+    max_bytes: int,
+) -> Dataset:
+    staged = store.stage(upload, max_bytes)
+    try:
+        fmt = dataset_format(filename, staged.path)
+        if fmt == "npz":
+            parsed = ingest.read_npz_dataset(staged.path)
+        else:
+            group_columns = _split_columns(groups)
+            if not label or not group_columns:
+                raise InvalidInput(
+                    "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
+                    "(comma-separated group attribute columns); 'features' is optional"
+                )
+            parsed = ingest.read_csv_dataset(
+                staged.path, label=label, features=_split_columns(features), groups=group_columns
+            )
+    finally:
+        store.discard(staged)
+    dataset = Dataset(name=name, sha256=staged.sha256, format=fmt, size_bytes=staged.size_bytes, rows=0,
+                      feature_shape=[], classes=[], groups={})
+    session.add(dataset)
+    session.flush()
+    summary = ingest.save_dataset(parsed, store.dataset_dir(dataset.id))
+    dataset.rows = summary["rows"]
+    dataset.feature_shape = summary["feature_shape"]
+    dataset.classes = summary["classes"]
+    dataset.groups = summary["groups"]
+    return dataset
+
+
+def get_model(session: Session, model_id: str) -> Model:
+    model = session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} does not exist")
+    return model
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    return dataset

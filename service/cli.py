@@ -1,0 +1,146 @@
+"""`pruneaudit` command line: migrate, api, worker, serve (API + one worker, embedded defaults), demo.
+Workers and the demo run as separate processes: the service never imports the worker (or torch)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from service.settings import get_settings
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from service.migrate import upgrade_to_head
+
+    upgrade_to_head()
+    print(f"database at head: {get_settings().resolved_database_url()}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.migrate import upgrade_to_head
+
+    upgrade_to_head()
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def worker_command(concurrency: int, loglevel: str) -> list[str]:
+    settings = get_settings()
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--queues", settings.queue_name,
+        "--concurrency", str(concurrency),
+        "--loglevel", loglevel,
+        "--max-tasks-per-child", "20",
+        # Remote control is not used, and the SQLite transport has no fanout exchange for it.
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+    ]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    command = worker_command(args.concurrency, args.loglevel)
+    os.execv(command[0], command)
+
+
+def wait_ready(url: str, timeout_s: float, processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise SystemExit(f"a child process exited early with code {process.returncode}: {process.args}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"the API did not become ready at {url} within {timeout_s:.0f} s")
+
+
+def run_demo(url: str) -> int:
+    return subprocess.call([sys.executable, "-m", "worker.demo", "--url", url])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade_to_head
+
+    upgrade_to_head()
+    url = f"http://{args.host}:{args.port}"
+    cli = [sys.executable, "-m", "service.cli"]
+    children = [
+        subprocess.Popen(cli + ["worker", "--concurrency", "1"]),
+        subprocess.Popen(cli + ["api", "--host", args.host, "--port", str(args.port)]),
+    ]
+
+    def stop(*_):
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    wait_ready(url, 120, children)
+    print(f"pruneaudit API: {url}  (Swagger UI: {url}/docs)", flush=True)
+    if args.demo and run_demo(url) != 0:
+        print("the demo audit did not succeed; the API stays up for inspection", flush=True)
+    while all(child.poll() is None for child in children):
+        time.sleep(1)
+    stop()
+    return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(args.url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="pruneaudit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+
+    api = commands.add_parser("api", help="run the HTTP API (migrates first)")
+    api.add_argument("--host", default=settings.host)
+    api.add_argument("--port", type=int, default=settings.port)
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    serve = commands.add_parser("serve", help="run the API and one worker (embedded defaults need no server)")
+    serve.add_argument("--host", default=settings.host)
+    serve.add_argument("--port", type=int, default=settings.port)
+    serve.add_argument("--demo", action="store_true", help="once up, run the demo audit on real data")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser("demo", help="run the demo audit against a running API")
+    demo.add_argument("--url", default=f"http://{settings.host}:{settings.port}")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The service's error hierarchy. Every error a client can cause is one of these; `service.app` maps
+them to RFC 9457 problem+json in one place, so handlers and services only raise."""
+
+from __future__ import annotations
+
+
+class PruneauditError(Exception):
+    status: int = 500
+    title: str = "Internal error"
+    slug: str = "internal"
+
+    def __init__(self, detail: str, *, errors: list[dict] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class InvalidInput(PruneauditError):
+    """The request is well-formed but its content cannot be used (bad file, wrong shape, bad spec)."""
+
+    status = 422
+    title = "Invalid input"
+    slug = "invalid-input"
+
+
+class NotFound(PruneauditError):
+    status = 404
+    title = "Not found"
+    slug = "not-found"
+
+
+class Conflict(PruneauditError):
+    status = 409
+    title = "Conflict"
+    slug = "conflict"
+
+
+class PayloadTooLarge(PruneauditError):
+    status = 413
+    title = "Payload too large"
+    slug = "payload-too-large"

@@ -1,0 +1,132 @@
+"""ORM models. The audit row is the source of truth for an audit's state; results live in `runs` (one per
+pruning ratio and method, plus the dense baseline) and `group_metrics` (one row per run × attribute × group)."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AuditStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    name: Mapped[str | None] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    architecture: Mapped[dict] = mapped_column(JSON)
+    architecture_name: Mapped[str] = mapped_column(String(64))
+    parameter_count: Mapped[int] = mapped_column(Integer)
+    input_shape: Mapped[list] = mapped_column(JSON)
+    num_classes: Mapped[int] = mapped_column(Integer)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    name: Mapped[str | None] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    format: Mapped[str] = mapped_column(String(8))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(Integer)
+    feature_shape: Mapped[list] = mapped_column(JSON)
+    classes: Mapped[list] = mapped_column(JSON)
+    groups: Mapped[dict] = mapped_column(JSON)
+
+
+class Audit(Base):
+    __tablename__ = "audits"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    status: Mapped[AuditStatus] = mapped_column(
+        Enum(AuditStatus, native_enum=False, length=16), default=AuditStatus.queued, index=True
+    )
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    spec: Mapped[dict] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_message: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    environment: Mapped[dict | None] = mapped_column(JSON)
+
+    model: Mapped[Model] = relationship()
+    dataset: Mapped[Dataset] = relationship()
+    runs: Mapped[list[Run]] = relationship(
+        back_populates="audit", order_by="Run.position", cascade="all, delete-orphan"
+    )
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[str | None] = mapped_column(String(16))
+    ratio: Mapped[float] = mapped_column(Float)
+    achieved_sparsity: Mapped[float] = mapped_column(Float)
+    layer_sparsity: Mapped[dict] = mapped_column(JSON)
+    seconds: Mapped[float] = mapped_column(Float)
+    overall: Mapped[dict] = mapped_column(JSON)
+    attributes: Mapped[dict] = mapped_column(JSON)
+
+    audit: Mapped[Audit] = relationship(back_populates="runs")
+    group_metrics: Mapped[list[GroupMetric]] = relationship(
+        back_populates="run", order_by="GroupMetric.position", cascade="all, delete-orphan"
+    )
+
+
+class GroupMetric(Base):
+    __tablename__ = "group_metrics"
+    __table_args__ = (Index("ix_group_metrics_run_attribute", "run_id", "attribute"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    attribute: Mapped[str] = mapped_column(String(64))
+    group: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(Integer)
+    share: Mapped[float] = mapped_column(Float)
+    dense_accuracy: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float] = mapped_column(Float)
+    dense_loss: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    accuracy_drop: Mapped[float] = mapped_column(Float)
+    excess_accuracy_gap: Mapped[float] = mapped_column(Float)
+    excessive_loss: Mapped[float] = mapped_column(Float)
+
+    run: Mapped[Run] = relationship(back_populates="group_metrics")

@@ -1,0 +1,51 @@
+"""The API's side of the broker: a Celery client built from settings that sends tasks by name, so the web
+process never imports the worker (or torch). The worker's Celery app uses the same configuration."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+RUN_AUDIT_TASK = "pruneaudit.run_audit"
+
+
+def celery_config(settings: Settings) -> dict:
+    transport_options: dict = {}
+    broker_url = settings.resolved_broker_url()
+    if broker_url.startswith(("redis://", "rediss://")):
+        # An unacked message is redelivered after the visibility timeout: it must outlast the longest audit.
+        transport_options["visibility_timeout"] = settings.audit_time_limit_s + 600
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
+    elif broker_url.startswith("sqla+"):
+        # kombu hands these to SQLAlchemy's create_engine: wait on SQLite's lock instead of failing fast.
+        transport_options["connect_args"] = {"timeout": 30}
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.queue_name,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.audit_time_limit_s,
+        "task_soft_time_limit": max(settings.audit_time_limit_s - 60, 1),
+        "worker_hijack_root_logger": False,
+    }
+
+
+@lru_cache
+def get_celery_client() -> Celery:
+    client = Celery("pruneaudit-api")
+    client.conf.update(celery_config(get_settings()))
+    return client
+
+
+def enqueue_audit(audit_id: str) -> None:
+    """Send the task by name; call only after the audit row is committed."""
+    get_celery_client().send_task(RUN_AUDIT_TASK, args=[audit_id], queue=get_settings().queue_name)

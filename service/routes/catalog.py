@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from service import architectures, catalog
+from service.dependencies import SessionDep, SettingsDep, StoreDep
+from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
+from service.schemas.common import PROBLEM_RESPONSES
+
+router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
+
+ARCHITECTURE_HELP = (
+    'Architecture spec as JSON, e.g. {"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10} '
+    'or {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [16, 32], "num_classes": 10}. '
+    "The server builds the module from its own code; see GET /v1/architectures."
+)
+
+
+@router.post("/models", status_code=201, response_model=ModelOut, tags=["models"])
+def upload_model(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    weights: Annotated[UploadFile, File(description="safetensors file: safetensors.torch.save_file(model.state_dict(), path)")],
+    architecture: Annotated[str, Form(description=ARCHITECTURE_HELP, examples=['{"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10}'])],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> ModelOut:
+    """Upload model weights (safetensors only: uploads are data, never code) for a registry architecture."""
+    model = catalog.register_model(session, store, weights.file, architecture, name, settings.max_upload_bytes)
+    return ModelOut.model_validate(model)
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
+def read_model(model_id: str, session: SessionDep) -> ModelOut:
+    return ModelOut.model_validate(catalog.get_model(session, model_id))
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"])
+def upload_dataset(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")],
+    label: Annotated[str | None, Form(description="CSV: the label column")] = None,
+    features: Annotated[str | None, Form(description="CSV: comma-separated feature columns (default: all others)")] = None,
+    groups: Annotated[str | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])] = None,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetOut:
+    """Upload a labelled dataset with group attributes (npz or csv)."""
+    dataset = catalog.register_dataset(
+        session, store, file.file, file.filename,
+        name=name, label=label, features=features, groups=groups, max_bytes=settings.max_upload_bytes,
+    )
+    return DatasetOut.model_validate(dataset)
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
+def read_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+    return DatasetOut.model_validate(catalog.get_dataset(session, dataset_id))
+
+
+@router.get("/architectures", response_model=list[ArchitectureOut], tags=["models"])
+def list_architectures() -> list[ArchitectureOut]:
+    """The architectures the server can build, with the JSON schema of their spec."""
+    return [ArchitectureOut(name=name, json_schema=spec.model_json_schema()) for name, spec in architectures.REGISTRY.items()]

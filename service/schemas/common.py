@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["https://pruneaudit.dev/problems/invalid-input"])
+    title: str = Field(examples=["Invalid input"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["model expects input [64]; dataset x has [30]"])
+    instance: str | None = None
+    errors: list[dict] = Field(default_factory=list)
+
+
+PROBLEM_RESPONSES: dict[int | str, dict] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
+    for code, description in {
+        404: "Not found",
+        409: "Conflict",
+        413: "Payload too large",
+        422: "Invalid input",
+    }.items()
+}

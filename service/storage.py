@@ -1,0 +1,77 @@
+"""The one blob store: files live under their sha256, never under a client-given name. Uploads are
+streamed to a temporary file with a byte cap and hashed on the way, then moved into place atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from functools import lru_cache
+from typing import BinaryIO
+
+from service.errors import PayloadTooLarge
+from service.settings import get_settings
+
+CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StagedUpload:
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.root / "datasets" / dataset_id
+
+    def stage(self, stream: BinaryIO, max_bytes: int) -> StagedUpload:
+        """Copy a stream to a temporary file under the store, hashing it; nothing is kept beyond the cap."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=size)
+
+    def commit(self, staged: StagedUpload) -> Path:
+        """Move a staged upload to its content address (a no-op when the same bytes are already stored)."""
+        target = self.blob_path(staged.sha256)
+        if target.exists():
+            staged.path.unlink(missing_ok=True)
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged.path, target)
+        return target
+
+    def discard(self, staged: StagedUpload) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    def remove_dataset_dir(self, dataset_id: str) -> None:
+        shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)
+
+
+@lru_cache
+def get_store() -> BlobStore:
+    return BlobStore(get_settings().resolved_blob_dir())

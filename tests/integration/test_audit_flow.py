@@ -1,0 +1,143 @@
+"""HTTP → broker → a real Celery worker process → database → report, on the embedded defaults (SQLite
+database and SQLite broker) and on real Redis + PostgreSQL. Report numbers are checked against a
+brute-force numpy reference, not against the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.reference import per_group, prune_reference
+from tests.integration.stack import start_stack, wait_for_audit
+
+
+@pytest.fixture(scope="module")
+def embedded_stack(tmp_path_factory):
+    stack = start_stack(tmp_path_factory.mktemp("embedded"))
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def services_stack(tmp_path_factory, postgres_url, redis_broker):
+    broker_url, prefix = redis_broker
+    stack = start_stack(tmp_path_factory.mktemp("services"), database_url=postgres_url, broker_url=broker_url,
+                        key_prefix=prefix)
+    yield stack
+    stack.stop()
+
+
+def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> dict:
+    with stack.client() as client:
+        model = digits_case.upload_model(client)
+        assert model.status_code == 201, model.text
+        model = model.json()
+        assert model["parameter_count"] == sum(v.size for v in digits_case.state.values())
+        assert model["input_shape"] == [64] and model["num_classes"] == 10
+        dataset = digits_case.upload_dataset(client)
+        assert dataset.status_code == 201, dataset.text
+        dataset = dataset.json()
+        assert dataset["rows"] == len(digits_case.y)
+        assert sum(dataset["groups"]["digit"]["sizes"]) == len(digits_case.y)
+
+        created = client.post("/v1/audits", json={
+            "model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
+            "pruning": {"method": "magnitude", "scope": scope, "ratios": ratios}, "seed": 3,
+        })
+        assert created.status_code == 202, created.text
+        assert created.headers["location"].endswith(f"/v1/audits/{created.json()['id']}")
+        audit = wait_for_audit(client, created.json()["id"])
+        assert audit["status"] == "succeeded", (audit, stack.log("worker"))
+        assert audit["progress"] == 1.0
+        report = client.get(f"/v1/audits/{audit['id']}/report")
+        assert report.status_code == 200
+        report = report.json()
+
+    assert [run["ratio"] for run in report["runs"]] == sorted(ratios)
+    dense_reference = per_group(digits_case.state, digits_case.x, digits_case.y, digits_case.y)
+    for run in report["runs"]:
+        pruned_state = prune_reference(digits_case.state, run["ratio"], scope)
+        reference = per_group(pruned_state, digits_case.x, digits_case.y, digits_case.y)
+        weights = [k for k, v in digits_case.state.items() if k.endswith(".weight")]
+        zeros = sum(int((pruned_state[k] == 0).sum()) for k in weights)
+        assert run["achieved_sparsity"] == pytest.approx(zeros / sum(pruned_state[k].size for k in weights))
+        overall_drop = dense_reference["overall"][0] - reference["overall"][0]
+        assert run["overall"]["accuracy"] == pytest.approx(reference["overall"][0], abs=1e-12)
+        assert run["overall"]["accuracy_drop"] == pytest.approx(overall_drop, abs=1e-12)
+        (digit,) = run["attributes"]
+        assert {g["group"] for g in digit["groups"]} == {str(d) for d in range(10)}
+        excessive = []
+        for group in digit["groups"]:
+            accuracy, loss = reference[group["group"]]
+            dense_accuracy, dense_loss = dense_reference[group["group"]]
+            assert group["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+            assert group["loss"] == pytest.approx(loss, rel=1e-4)
+            assert group["accuracy_drop"] == pytest.approx(dense_accuracy - accuracy, abs=1e-12)
+            assert group["excess_accuracy_gap"] == pytest.approx(dense_accuracy - accuracy - overall_drop, abs=1e-12)
+            assert group["excessive_loss"] == pytest.approx(loss - dense_loss, rel=1e-3, abs=1e-5)
+            excessive.append(loss - dense_loss)
+        aggregates = digit["aggregates"]
+        assert aggregates["loss_fairness_violation"] == pytest.approx(max(excessive) - min(excessive), rel=1e-3, abs=1e-5)
+        assert aggregates["max_excess_accuracy_gap"] == pytest.approx(max(g["excess_accuracy_gap"] for g in digit["groups"]))
+    return report
+
+
+def test_embedded_global_sweep_matches_brute_force(embedded_stack, digits_case):
+    report = run_and_check_audit(embedded_stack, digits_case, "global", [0.5, 0.8, 0.95])
+    assert report["dense"]["method"] == "dense"
+    assert report["dense"]["overall"]["accuracy"] > 0.9
+    # At 95% sparsity a digits MLP loses accuracy, and unevenly across classes.
+    assert report["runs"][-1]["overall"]["accuracy_drop"] > 0
+    assert report["runs"][-1]["attributes"][0]["aggregates"]["max_excess_accuracy_gap"] > 0
+
+
+def test_embedded_layerwise_sweep_matches_brute_force(embedded_stack, digits_case):
+    report = run_and_check_audit(embedded_stack, digits_case, "layerwise", [0.3, 0.9])
+    for run in report["runs"]:
+        for layer in run["layer_sparsity"].values():
+            assert abs(layer["zeros"] - round(run["ratio"] * layer["numel"])) == 0
+
+
+def test_audits_are_listed_newest_first(embedded_stack):
+    with embedded_stack.client() as client:
+        page = client.get("/v1/audits", params={"limit": 1}).json()
+        everything = client.get("/v1/audits").json()
+    assert page["total"] == everything["total"] >= 2
+    assert len(page["items"]) == 1 and page["items"][0]["id"] == everything["items"][0]["id"]
+    created = [item["created_at"] for item in everything["items"]]
+    assert created == sorted(created, reverse=True)
+
+
+def test_worker_failure_is_reported_with_reason(embedded_stack, digits_case):
+    """Weights that stop fitting after upload (here: the blob is overwritten on disk) fail the audit in the
+    worker with a reason a person can act on; the audit never stays running."""
+    from safetensors.numpy import save
+
+    with embedded_stack.client() as client:
+        model = digits_case.upload_model(client).json()
+        dataset = digits_case.upload_dataset(client).json()
+        blob = embedded_stack.var_dir / "blobs" / "sha256" / model["sha256"][:2] / model["sha256"]
+        wrong = {k: (v[:, :30] if k == "layers.0.weight" else v) for k, v in digits_case.state.items()}
+        blob.write_bytes(save(wrong))
+        created = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                  "group_by": ["digit"]}).json()
+        audit = wait_for_audit(client, created["id"])
+        assert audit["status"] == "failed"
+        assert "layers.0.weight" in audit["error"]
+        report = client.get(f"/v1/audits/{audit['id']}/report")
+        assert report.status_code == 409
+        assert report.headers["content-type"] == "application/problem+json"
+        assert "failed" in report.json()["detail"]
+    # The blob is shared by content address; restore it for other tests.
+    blob.write_bytes(digits_case.weights)
+
+
+@pytest.mark.services
+def test_redis_postgres_sweep_matches_brute_force(services_stack, digits_case, redis_broker):
+    import redis
+
+    run_and_check_audit(services_stack, digits_case, "global", [0.6, 0.9])
+    url, prefix = redis_broker
+    queue = services_stack.env["PRUNEAUDIT_QUEUE_NAME"]
+    # Our broker keys live under our prefix only, so a shared Redis keeps tenants apart.
+    names = [key.decode() for key in redis.Redis.from_url(url).scan_iter(match=f"*{queue}*")]
+    assert names and all(name.startswith(prefix) for name in names), names

@@ -1,0 +1,131 @@
+"""Bad input gets a clear RFC 9457 problem (4xx) with a reason a person can act on, and nothing is kept."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tests.integration.stack import start_stack
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    stack = start_stack(tmp_path_factory.mktemp("api-only"), with_worker=False)
+    with stack.client() as client:
+        yield stack, client
+    stack.stop()
+
+
+def assert_problem(response, status: int, *fragments: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
+    for fragment in fragments:
+        assert fragment in body["detail"], body
+    return body
+
+
+def stored_blobs(stack) -> list:
+    return sorted(p.name for p in (stack.var_dir / "blobs" / "sha256").rglob("*") if p.is_file()) \
+        if (stack.var_dir / "blobs" / "sha256").exists() else []
+
+
+def test_non_safetensors_upload_is_refused_and_not_kept(api, digits_case):
+    stack, client = api
+    before = stored_blobs(stack)
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(v) for k, v in digits_case.state.items()}, buffer)
+    assert_problem(digits_case.upload_model(client, weights=buffer.getvalue()), 422, "safetensors")
+    assert_problem(digits_case.upload_model(client, weights=pickle.dumps({"a": 1})), 422, "safetensors")
+    assert_problem(digits_case.upload_model(client, weights=b"not a model at all"), 422, "safetensors")
+    assert stored_blobs(stack) == before
+    assert not list((stack.var_dir / "blobs" / "tmp").iterdir())
+
+
+def test_unknown_architecture(api, digits_case):
+    _stack, client = api
+    body = assert_problem(digits_case.upload_model(client, architecture={"name": "transformer"}), 422, "mlp", "cnn")
+    assert body["errors"]
+    assert_problem(client.post("/v1/models", files={"weights": ("m.safetensors", digits_case.weights)},
+                               data={"architecture": "{not json"}), 422)
+
+
+def test_weights_that_do_not_fit_the_architecture(api, digits_case):
+    _stack, client = api
+    wrong = dict(digits_case.architecture, in_features=30)
+    assert_problem(digits_case.upload_model(client, architecture=wrong), 422, "layers.0.weight", "[64, 30]")
+    deeper = dict(digits_case.architecture, hidden=[64, 32, 16])
+    assert_problem(digits_case.upload_model(client, architecture=deeper), 422, "layers.6.weight")
+
+
+def test_dataset_without_labels(api, digits_case):
+    _stack, client = api
+    buffer = io.BytesIO()
+    np.savez(buffer, x=digits_case.x, group_digit=digits_case.y)
+    assert_problem(digits_case.upload_dataset(client, buffer.getvalue()), 422, "y")
+    csv = "f1,f2,sex\n1.0,2.0,F\n"
+    assert_problem(digits_case.upload_dataset(client, csv.encode(), filename="d.csv", groups="sex"), 422, "label")
+
+
+def test_model_dataset_shape_mismatch_at_audit_creation(api, digits_case):
+    _stack, client = api
+    model = digits_case.upload_model(client).json()
+    narrow = digits_case.upload_dataset(client, digits_case.npz(x=digits_case.x[:, :30])).json()
+    response = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": narrow["id"],
+                                               "group_by": ["digit"]})
+    assert_problem(response, 422, "model expects input [64]", "[30]")
+
+
+def test_spec_errors(api, digits_case):
+    _stack, client = api
+    model = digits_case.upload_model(client).json()
+    dataset = digits_case.upload_dataset(client).json()
+    base = {"model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"]}
+    audits_before = client.get("/v1/audits").json()["total"]
+    assert_problem(client.post("/v1/audits", json=dict(base, group_by=["race"])), 422, "race", "digit")
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": [1.5]})), 422, "between 0 and 1")
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": []})), 422)
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"method": "random"})), 422, "method")
+    assert_problem(client.post("/v1/audits", json=dict(base, colour="red")), 422, "colour")
+    assert_problem(client.post("/v1/audits", json=dict(base, model_id="nope")), 422, "model nope does not exist")
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ignored_layers": ["layers.9"]})), 422, "layers.9")
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": [i / 100 for i in range(1, 80)]})),
+                   422, "at most")
+    assert_problem(client.post("/v1/audits", content=b"{", headers={"content-type": "application/json"}), 422)
+    assert client.get("/v1/audits").json()["total"] == audits_before
+
+
+def test_report_is_409_until_the_audit_succeeds(api, digits_case):
+    _stack, client = api
+    model = digits_case.upload_model(client).json()
+    dataset = digits_case.upload_dataset(client).json()
+    audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                            "group_by": ["digit"]}).json()
+    # No worker runs in this stack, so the audit stays queued.
+    assert client.get(f"/v1/audits/{audit['id']}").json()["status"] == "queued"
+    assert_problem(client.get(f"/v1/audits/{audit['id']}/report"), 409, "queued")
+
+
+def test_unknown_ids_are_404(api):
+    _stack, client = api
+    assert_problem(client.get("/v1/audits/missing"), 404, "audit missing does not exist")
+    assert_problem(client.get("/v1/models/missing"), 404)
+    assert_problem(client.get("/v1/datasets/missing"), 404)
+    assert_problem(client.get("/v1/nothing-here"), 404)
+
+
+def test_openapi_documents_the_api(api):
+    _stack, client = api
+    document = client.get("/openapi.json").json()
+    for path in ("/v1/models", "/v1/datasets", "/v1/audits", "/v1/audits/{audit_id}/report", "/v1/architectures"):
+        assert path in document["paths"]
+    assert "AuditReport" in document["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+    names = [a["name"] for a in client.get("/v1/architectures").json()]
+    assert names == ["mlp", "cnn"]

@@ -1,0 +1,42 @@
+"""`make run` is `pruneaudit serve --demo`: the API comes up, a worker starts, and the demo audit on
+scikit-learn's digits succeeds through the HTTP API; its report holds per-group metrics for every ratio."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.integration.stack import REPO, free_port, stack_env
+
+
+def test_serve_with_demo_reaches_a_succeeded_audit(tmp_path):
+    port = free_port()
+    env = stack_env(tmp_path, port=port)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--demo", "--port", str(port)],
+                                 env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        match = None
+        while time.monotonic() < deadline and serve.poll() is None:
+            match = re.search(r"demo audit succeeded; report: (\S+)", log_path.read_text(errors="replace"))
+            if match:
+                break
+            time.sleep(0.5)
+        output = log_path.read_text(errors="replace")
+        assert match, output
+        report = httpx.get(match.group(1), timeout=30).json()
+        assert [run["ratio"] for run in report["runs"]] == [0.5, 0.7, 0.8, 0.9, 0.95]
+        for run in report["runs"]:
+            (digit,) = run["attributes"]
+            assert len(digit["groups"]) == 10 and sum(g["n"] for g in digit["groups"]) == report["dataset"]["rows"]
+        assert serve.poll() is None, "serve must keep the API up after the demo"
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+    assert serve.returncode == 0

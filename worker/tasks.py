@@ -1,0 +1,130 @@
+"""The one task: claim the audit row, run the pipeline, store results. The database row is the source of
+truth; every state change is a conditional UPDATE, so a duplicate delivery is a no-op."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+
+from service.db import session_scope
+from service.models import Audit, AuditStatus, GroupMetric, Run, utcnow
+from service.queue import RUN_AUDIT_TASK
+from service.settings import get_settings
+from service.storage import get_store
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+def claim(audit_id: str) -> bool:
+    with session_scope() as session:
+        result = session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
+            .values(status=AuditStatus.running, attempts=Audit.attempts + 1, started_at=utcnow(),
+                    heartbeat_at=utcnow(), progress=0.0, progress_message="started", error=None)
+        )
+        return result.rowcount == 1
+
+
+def report_progress(audit_id: str, fraction: float, message: str) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == AuditStatus.running)
+            .values(progress=fraction, progress_message=message, heartbeat_at=utcnow())
+        )
+
+
+def finish(audit_id: str, status: AuditStatus, *, error: str | None = None) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == AuditStatus.running)
+            .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow())
+        )
+
+
+def pipeline_inputs(audit: Audit):
+    from worker.pipeline import AuditInputs
+
+    spec, dataset = audit.spec, audit.dataset
+    store = get_store()
+    return AuditInputs(
+        architecture=audit.model.architecture,
+        weights_path=store.blob_path(audit.model.sha256),
+        dataset_dir=store.dataset_dir(dataset.id),
+        group_by=spec["group_by"],
+        group_names={a: dataset.groups[a]["names"] for a in spec["group_by"]},
+        scope=spec["pruning"]["scope"],
+        ratios=spec["pruning"]["ratios"],
+        ignored_layers=spec["pruning"]["ignored_layers"],
+        seed=spec["seed"],
+        batch_size=spec["batch_size"],
+        device=get_settings().device,
+    )
+
+
+def store_results(audit_id: str, result) -> None:
+    with session_scope() as session:
+        audit = session.get(Audit, audit_id)
+        for position, run in enumerate(result.runs):
+            row = Run(
+                audit_id=audit_id, position=position, method=run.method, scope=run.scope, ratio=run.ratio,
+                achieved_sparsity=run.achieved_sparsity, layer_sparsity=run.layer_sparsity, seconds=run.seconds,
+                overall=dataclasses.asdict(run.overall), attributes={},
+            )
+            attributes = {}
+            group_position = 0
+            for attribute in run.attributes:
+                summary = dataclasses.asdict(attribute)
+                groups = summary.pop("groups")
+                attributes[attribute.attribute] = {
+                    "n_missing": summary.pop("n_missing"),
+                    "undefined": summary.pop("undefined"),
+                    "aggregates": {k: v for k, v in summary.items() if k != "attribute"},
+                }
+                for group in groups:
+                    row.group_metrics.append(GroupMetric(position=group_position, attribute=attribute.attribute, **group))
+                    group_position += 1
+            row.attributes = attributes
+            session.add(row)
+        audit.environment = result.environment
+        session.flush()
+        # Results and the final state land in one transaction: a report is never half-written.
+        finished = session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == AuditStatus.running)
+            .values(status=AuditStatus.succeeded, progress=1.0, progress_message="done", finished_at=utcnow(),
+                    heartbeat_at=utcnow())
+        )
+        if finished.rowcount != 1:
+            session.rollback()
+            log.info("audit %s left 'running' while it ran; its results are discarded", audit_id)
+
+
+@app.task(name=RUN_AUDIT_TASK)
+def run_audit(audit_id: str) -> None:
+    if not claim(audit_id):
+        log.info("audit %s is not queued (already claimed or gone); nothing to do", audit_id)
+        return
+    # torch is imported in the child that runs the task, not in the worker's parent process.
+    from worker.engine.errors import EngineError
+    from worker.pipeline import run_audit_pipeline
+
+    try:
+        with session_scope() as session:
+            inputs = pipeline_inputs(session.get(Audit, audit_id))
+        result = run_audit_pipeline(inputs, lambda fraction, message: report_progress(audit_id, fraction, message))
+        store_results(audit_id, result)
+    except EngineError as exc:
+        finish(audit_id, AuditStatus.failed, error=str(exc))
+    except SoftTimeLimitExceeded:
+        finish(audit_id, AuditStatus.failed,
+               error=f"the audit exceeded the time limit of {get_settings().audit_time_limit_s} s")
+    except Exception as exc:
+        log.exception("audit %s failed", audit_id)
+        finish(audit_id, AuditStatus.failed, error=f"internal error: {type(exc).__name__}: {exc}")
