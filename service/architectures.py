@@ -184,7 +184,12 @@ def state_dict_mismatch(
         for key in unexpected
     ]
     errors += [
-        {"key": key, "problem": "shape_mismatch", "shape": list(found[key][0]), "expected_shape": list(expected[key][0])}
+        {
+            "key": key,
+            "problem": "shape_mismatch",
+            "shape": list(found[key][0]),
+            "expected_shape": list(expected[key][0]),
+        }
         for key in shape_bad
     ]
     errors += [

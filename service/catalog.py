@@ -27,9 +27,13 @@ def parse_architecture(raw: str):
 
 
 def register_model(
-    session: Session, store: BlobStore, weights: BinaryIO, architecture_json: str, name: str | None, max_bytes: int
+    session: Session, store: BlobStore, weights: BinaryIO, architecture_json: str, name: str | None,
+    *, max_bytes: int, max_parameters: int,
 ) -> Model:
     spec = parse_architecture(architecture_json)
+    # Checked before anything is stored or built: a worker allocates the whole architecture.
+    if (count := architectures.parameter_count(spec)) > max_parameters:
+        raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
     staged = store.stage(weights, max_bytes)
     try:
         tensors = ingest.read_safetensors_header(staged.path)

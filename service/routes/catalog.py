@@ -28,7 +28,10 @@ def upload_model(
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> ModelOut:
     """Upload model weights (safetensors only: uploads are data, never code) for a registry architecture."""
-    model = catalog.register_model(session, store, weights.file, architecture, name, settings.max_upload_bytes)
+    model = catalog.register_model(
+        session, store, weights.file, architecture, name,
+        max_bytes=settings.max_upload_bytes, max_parameters=settings.max_parameters,
+    )
     return ModelOut.model_validate(model)
 
 

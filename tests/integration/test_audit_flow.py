@@ -141,3 +141,17 @@ def test_redis_postgres_sweep_matches_brute_force(services_stack, digits_case, r
     # Our broker keys live under our prefix only, so a shared Redis keeps tenants apart.
     names = [key.decode() for key in redis.Redis.from_url(url).scan_iter(match=f"*{queue}*")]
     assert names and all(name.startswith(prefix) for name in names), names
+
+
+@pytest.mark.services
+def test_postgres_schema_matches_the_orm(services_stack, postgres_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from service.models import Base
+
+    engine = create_engine(postgres_url)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()

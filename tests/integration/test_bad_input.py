@@ -60,6 +60,8 @@ def test_weights_that_do_not_fit_the_architecture(api, digits_case):
     _stack, client = api
     wrong = dict(digits_case.architecture, in_features=30)
     assert_problem(digits_case.upload_model(client, architecture=wrong), 422, "layers.0.weight", "[64, 30]")
+    huge = dict(digits_case.architecture, hidden=[65536] * 16)
+    assert_problem(digits_case.upload_model(client, architecture=huge), 422, "at most")
     deeper = dict(digits_case.architecture, hidden=[64, 32, 16])
     assert_problem(digits_case.upload_model(client, architecture=deeper), 422, "layers.6.weight")
 

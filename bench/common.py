@@ -1,0 +1,30 @@
+"""Benchmark helpers: medians of repeats, side by side with a reference in the same run, one JSON line per figure."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(bench: str, value: float, unit: str, target: str, ok: bool, details: dict) -> None:
+    details = {**details, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit, "target": target, "ok": ok,
+                      "details": details}), flush=True)
