@@ -66,6 +66,15 @@ def wait_ready(url: str, timeout_s: float, processes: list[subprocess.Popen]) ->
     raise SystemExit(f"the API did not become ready at {url} within {timeout_s:.0f} s")
 
 
+def die_with_parent() -> None:
+    """Runs in a child before exec: the child gets SIGTERM when `serve` dies, so no orphan holds the port."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run_demo(url: str) -> int:
     return subprocess.call([sys.executable, "-m", "worker.demo", "--url", url])
 
@@ -77,8 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     cli = [sys.executable, "-m", "service.cli"]
     children = [
-        subprocess.Popen(cli + ["worker", "--concurrency", "1"]),
-        subprocess.Popen(cli + ["api", "--host", args.host, "--port", str(args.port)]),
+        subprocess.Popen(cli + ["worker", "--concurrency", "1"], preexec_fn=die_with_parent),
+        subprocess.Popen(cli + ["api", "--host", args.host, "--port", str(args.port)], preexec_fn=die_with_parent),
     ]
 
     def stop(*_):

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import psutil
 
 from tests.integration.stack import REPO, free_port, stack_env
 
@@ -40,3 +41,24 @@ def test_serve_with_demo_reaches_a_succeeded_audit(tmp_path):
         serve.terminate()
         serve.wait(timeout=60)
     assert serve.returncode == 0
+
+
+def test_serve_children_die_with_it(tmp_path):
+    """Killed hard (kill -9, a CI timeout), `serve` leaves no API or worker behind holding the port."""
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+                             env=stack_env(tmp_path, port=port), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    children = psutil.Process(serve.pid).children(recursive=True)
+    assert len(children) >= 2
+    serve.kill()
+    serve.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

@@ -1,0 +1,47 @@
+"""docker-compose.yml and the Dockerfile run commands that exist; the integration tests run those same
+commands (`pruneaudit migrate | api | worker`) as processes, since no Docker engine runs here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_compose_has_the_stack_with_healthchecks():
+    services = compose()["services"]
+    assert {"api", "worker", "redis", "postgres", "migrate"} <= services.keys()
+    for name in ("api", "redis", "postgres"):
+        assert "healthcheck" in services[name]
+    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("service", ["migrate", "api", "worker"])
+def test_compose_commands_are_real_cli_commands(service):
+    command = compose()["services"][service]["command"]
+    assert command[0] == "pruneaudit"
+    args = build_parser().parse_args(command[1:])
+    assert args.command == service
+
+
+def test_dockerfile_default_command_is_the_api():
+    text = (REPO / "Dockerfile").read_text()
+    assert 'CMD ["pruneaudit", "api"]' in text
+    assert "torch==2.13.0" in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
+def test_docker_compose_config_validates():
+    result = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
