@@ -155,3 +155,32 @@ def test_postgres_schema_matches_the_orm(services_stack, postgres_url):
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     engine.dispose()
+
+
+def test_csv_dataset_with_string_groups_through_the_worker(embedded_stack, digits_case):
+    """A CSV upload (column roles in the form, string group values, a missing value) audits end to end."""
+    header = [f"pixel{i}" for i in range(64)] + ["digit", "parity", "source"]
+    lines = [",".join(header)]
+    for index, (row, label) in enumerate(zip(digits_case.x, digits_case.y)):
+        parity = "" if index == 0 else ("even" if label % 2 == 0 else "odd")
+        lines.append(",".join([*(f"{v:.6g}" for v in row), str(label), parity, "scan"]))
+    content = ("\n".join(lines) + "\n").encode()
+    with embedded_stack.client() as client:
+        model = digits_case.upload_model(client).json()
+        dataset = digits_case.upload_dataset(client, content, filename="digits.csv", label="digit",
+                                             groups="parity,source")
+        assert dataset.status_code == 201, dataset.text
+        dataset = dataset.json()
+        assert dataset["feature_shape"] == [64]
+        assert dataset["groups"]["parity"]["names"] == ["even", "odd"]
+        assert dataset["groups"]["parity"]["missing"] == 1
+        created = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                  "group_by": ["parity"], "pruning": {"ratios": [0.8]}}).json()
+        audit = wait_for_audit(client, created["id"])
+        assert audit["status"] == "succeeded", audit
+        (run,) = client.get(f"/v1/audits/{audit['id']}/report").json()["runs"]
+    (parity,) = run["attributes"]
+    assert parity["n_missing"] == 1
+    sizes = {g["group"]: g["n"] for g in parity["groups"]}
+    expected_even = int((digits_case.y[1:] % 2 == 0).sum())
+    assert sizes == {"even": expected_even, "odd": len(digits_case.y) - 1 - expected_even}
