@@ -68,16 +68,159 @@ class CNNSpec(BaseModel):
     num_classes: NumClasses
 
 
-ArchitectureSpec = Annotated[MLPSpec | CNNSpec, Field(discriminator="name")]
-architecture_adapter: TypeAdapter[MLPSpec | CNNSpec] = TypeAdapter(ArchitectureSpec)
+ImageSize = Annotated[StrictInt, Field(ge=32, le=1024)]
+CifarImageSize = Annotated[StrictInt, Field(ge=8, le=1024)]
 
-REGISTRY: dict[str, type[BaseModel]] = {"mlp": MLPSpec, "cnn": CNNSpec}
+
+class _ImageNetSpec(BaseModel):
+    """Shared fields of the torchvision architectures: 3-channel square images, any size from 32
+    (the network ends in adaptive pooling), a classifier head of `num_classes` outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # narrowed to a Literal by each subclass; declared here so it comes first in dumps
+    num_classes: NumClasses = 1000
+    in_channels: Literal[3] = 3
+    image_size: ImageSize = 224
+
+
+class ResNet18Spec(_ImageNetSpec):
+    """torchvision ResNet-18 (BasicBlock, [2, 2, 2, 2]); state-dict keys and shapes are those of
+    `torchvision.models.resnet18(num_classes=...)`, so its safetensors file uploads as is."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "resnet18"}, {"name": "resnet18", "num_classes": 10, "image_size": 64}]
+        }
+    )
+    name: Literal["resnet18"]
+
+
+class ResNet34Spec(_ImageNetSpec):
+    """torchvision ResNet-34 (BasicBlock, [3, 4, 6, 3]); keys and shapes as
+    `torchvision.models.resnet34(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "resnet34"}, {"name": "resnet34", "num_classes": 100, "image_size": 64}]
+        }
+    )
+    name: Literal["resnet34"]
+
+
+class ResNet50Spec(_ImageNetSpec):
+    """torchvision ResNet-50 (Bottleneck with the stride on the 3×3 conv, [3, 4, 6, 3]); keys and
+    shapes as `torchvision.models.resnet50(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "resnet50"}, {"name": "resnet50", "num_classes": 10, "image_size": 96}]
+        }
+    )
+    name: Literal["resnet50"]
+
+
+class VGG16BNSpec(_ImageNetSpec):
+    """torchvision VGG-16 with BatchNorm (config D, AdaptiveAvgPool2d to 7×7, 4096-4096 classifier);
+    keys and shapes as `torchvision.models.vgg16_bn(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "vgg16_bn"}, {"name": "vgg16_bn", "num_classes": 10, "image_size": 32}]
+        }
+    )
+    name: Literal["vgg16_bn"]
+
+
+class MobileNetV2Spec(_ImageNetSpec):
+    """torchvision MobileNetV2 (width 1.0: inverted residuals, last 1×1 conv to 1280 channels,
+    `classifier.1` Linear); keys and shapes as `torchvision.models.mobilenet_v2(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "mobilenet_v2"}, {"name": "mobilenet_v2", "num_classes": 10, "image_size": 96}]
+        }
+    )
+    name: Literal["mobilenet_v2"]
+
+
+class _CifarResNetSpec(BaseModel):
+    """Shared fields of the CIFAR ResNets: 3-channel square images (32×32 for CIFAR), adaptive
+    average pooling before `fc`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # narrowed to a Literal by each subclass
+    num_classes: NumClasses = 10
+    in_channels: Literal[3] = 3
+    image_size: CifarImageSize = 32
+
+
+class ResNet20Spec(_CifarResNetSpec):
+    """CIFAR ResNet-20 (He et al. 2016: 3×3 stem, 3 stages of 3 BasicBlocks at 16/32/64 channels,
+    1×1 conv + BN `downsample` shortcuts). Keys and shapes as chenyaofo/pytorch-cifar-models
+    `cifar10_resnet20` / `cifar100_resnet20` (num_classes 10 / 100)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "resnet20"}, {"name": "resnet20", "num_classes": 100}]}
+    )
+    name: Literal["resnet20"]
+
+
+class ResNet56Spec(_CifarResNetSpec):
+    """CIFAR ResNet-56 (He et al. 2016: 3 stages of 9 BasicBlocks at 16/32/64 channels, 1×1 conv +
+    BN `downsample` shortcuts). Keys and shapes as chenyaofo/pytorch-cifar-models
+    `cifar10_resnet56` / `cifar100_resnet56` (num_classes 10 / 100)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "resnet56"}, {"name": "resnet56", "num_classes": 100}]}
+    )
+    name: Literal["resnet56"]
+
+
+ImageNetSpec = ResNet18Spec | ResNet34Spec | ResNet50Spec | VGG16BNSpec | MobileNetV2Spec
+CifarResNetSpec = ResNet20Spec | ResNet56Spec
+# Every spec but the MLP has in_channels and image_size: it takes [in_channels, image_size, image_size].
+AnySpec = MLPSpec | CNNSpec | ImageNetSpec | CifarResNetSpec
+
+ArchitectureSpec = Annotated[AnySpec, Field(discriminator="name")]
+architecture_adapter: TypeAdapter[AnySpec] = TypeAdapter(ArchitectureSpec)
+
+REGISTRY: dict[str, type[BaseModel]] = {
+    "mlp": MLPSpec,
+    "cnn": CNNSpec,
+    "resnet18": ResNet18Spec,
+    "resnet34": ResNet34Spec,
+    "resnet50": ResNet50Spec,
+    "vgg16_bn": VGG16BNSpec,
+    "mobilenet_v2": MobileNetV2Spec,
+    "resnet20": ResNet20Spec,
+    "resnet56": ResNet56Spec,
+}
 
 
 def _linear(prefix: str, in_features: int, out_features: int) -> StateDictLayout:
     return {
         f"{prefix}.weight": ((out_features, in_features), "float"),
         f"{prefix}.bias": ((out_features,), "float"),
+    }
+
+
+def _conv(prefix: str, c_in: int, c_out: int, kernel: int, *, groups: int = 1, bias: bool = False) -> StateDictLayout:
+    layout: StateDictLayout = {f"{prefix}.weight": ((c_out, c_in // groups, kernel, kernel), "float")}
+    if bias:
+        layout[f"{prefix}.bias"] = ((c_out,), "float")
+    return layout
+
+
+def _bn(prefix: str, channels: int) -> StateDictLayout:
+    """BatchNorm2d: parameters first, then buffers, as Module.state_dict() orders them."""
+    return {
+        f"{prefix}.weight": ((channels,), "float"),
+        f"{prefix}.bias": ((channels,), "float"),
+        f"{prefix}.running_mean": ((channels,), "float"),
+        f"{prefix}.running_var": ((channels,), "float"),
+        f"{prefix}.num_batches_tracked": ((), "int"),
     }
 
 
@@ -94,32 +237,133 @@ def _cnn_state_dict(spec: CNNSpec) -> StateDictLayout:
     layout: StateDictLayout = {}
     # Each block is 4 modules (conv, bn, relu, pool); only conv and bn hold state.
     for i, (c_in, c_out) in enumerate(pairwise([spec.in_channels, *spec.channels])):
-        conv, bn = f"features.{4 * i}", f"features.{4 * i + 1}"
-        layout[f"{conv}.weight"] = ((c_out, c_in, 3, 3), "float")
-        layout[f"{bn}.weight"] = ((c_out,), "float")
-        layout[f"{bn}.bias"] = ((c_out,), "float")
-        layout[f"{bn}.running_mean"] = ((c_out,), "float")
-        layout[f"{bn}.running_var"] = ((c_out,), "float")
-        layout[f"{bn}.num_batches_tracked"] = ((), "int")
+        layout |= _conv(f"features.{4 * i}", c_in, c_out, 3)
+        layout |= _bn(f"features.{4 * i + 1}", c_out)
     return layout | _linear("classifier", spec.channels[-1], spec.num_classes)
 
 
-def expected_state_dict(spec: MLPSpec | CNNSpec) -> StateDictLayout:
+ResNetBlock = Literal["basic", "bottleneck"]
+ResNetStem = Literal["imagenet", "cifar"]
+# name → (block, blocks per stage, stage widths, stem). Every stage after the first starts with stride 2.
+RESNET_CONFIGS: dict[str, tuple[ResNetBlock, tuple[int, ...], tuple[int, ...], ResNetStem]] = {
+    "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512), "imagenet"),
+    "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512), "imagenet"),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), "imagenet"),
+    "resnet20": ("basic", (3, 3, 3), (16, 32, 64), "cifar"),
+    "resnet56": ("basic", (9, 9, 9), (16, 32, 64), "cifar"),
+}
+
+
+def _resnet_state_dict(name: str, in_channels: int, num_classes: int) -> StateDictLayout:
+    """torchvision's ResNet (stem conv 7×7/2 + maxpool) or the CIFAR ResNet of
+    chenyaofo/pytorch-cifar-models (stem conv 3×3/1): `_make_layer` adds a 1×1 conv + BN
+    `downsample` to a stage's first block when the stride or the width changes."""
+    block, depths, widths, stem = RESNET_CONFIGS[name]
+    expansion = 4 if block == "bottleneck" else 1
+    inplanes = widths[0]
+    layout = _conv("conv1", in_channels, inplanes, 7 if stem == "imagenet" else 3) | _bn("bn1", inplanes)
+    for stage, (planes, depth) in enumerate(zip(widths, depths, strict=True), start=1):
+        stride = 1 if stage == 1 else 2
+        for index in range(depth):
+            prefix = f"layer{stage}.{index}"
+            if block == "bottleneck":
+                layout |= _conv(f"{prefix}.conv1", inplanes, planes, 1) | _bn(f"{prefix}.bn1", planes)
+                layout |= _conv(f"{prefix}.conv2", planes, planes, 3) | _bn(f"{prefix}.bn2", planes)
+                layout |= _conv(f"{prefix}.conv3", planes, planes * expansion, 1)
+                layout |= _bn(f"{prefix}.bn3", planes * expansion)
+            else:
+                layout |= _conv(f"{prefix}.conv1", inplanes, planes, 3) | _bn(f"{prefix}.bn1", planes)
+                layout |= _conv(f"{prefix}.conv2", planes, planes, 3) | _bn(f"{prefix}.bn2", planes)
+            if index == 0 and (stride != 1 or inplanes != planes * expansion):
+                layout |= _conv(f"{prefix}.downsample.0", inplanes, planes * expansion, 1)
+                layout |= _bn(f"{prefix}.downsample.1", planes * expansion)
+            inplanes = planes * expansion
+    return layout | _linear("fc", inplanes, num_classes)
+
+
+# torchvision's cfgs["D"]: output channels of each 3×3 conv, "M" for a 2×2 max pool.
+VGG16_CONFIG: tuple[int | Literal["M"], ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)
+
+
+def _vgg16_bn_state_dict(in_channels: int, num_classes: int) -> StateDictLayout:
+    """`features` is conv (with bias), BN, ReLU per conv and one MaxPool per "M", so a conv at
+    index i has its BN at i + 1; the classifier's Linears are at 0, 3 and 6 (ReLU, Dropout between)."""
+    layout: StateDictLayout = {}
+    index, c_in = 0, in_channels
+    for item in VGG16_CONFIG:
+        if item == "M":
+            index += 1
+            continue
+        layout |= _conv(f"features.{index}", c_in, item, 3, bias=True) | _bn(f"features.{index + 1}", item)
+        index, c_in = index + 3, item
+    layout |= _linear("classifier.0", 512 * 7 * 7, 4096)
+    layout |= _linear("classifier.3", 4096, 4096)
+    return layout | _linear("classifier.6", 4096, num_classes)
+
+
+# torchvision's inverted_residual_setting: expansion t, output channels c, repeats n, stride s.
+MOBILENET_V2_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+MOBILENET_V2_STEM, MOBILENET_V2_LAST = 32, 1280
+
+
+def _conv_bn_act(prefix: str, c_in: int, c_out: int, kernel: int, *, groups: int = 1) -> StateDictLayout:
+    """torchvision's Conv2dNormActivation: Sequential(Conv2d without bias, BatchNorm2d, ReLU6)."""
+    return _conv(f"{prefix}.0", c_in, c_out, kernel, groups=groups) | _bn(f"{prefix}.1", c_out)
+
+
+def _mobilenet_v2_state_dict(in_channels: int, num_classes: int) -> StateDictLayout:
+    """Width multiplier 1.0 (every channel count is already a multiple of 8). Each InvertedResidual
+    is `conv` = [1×1 expand (absent when t = 1)], 3×3 depthwise, 1×1 project conv, BN."""
+    layout = _conv_bn_act("features.0", in_channels, MOBILENET_V2_STEM, 3)
+    index, c_in = 1, MOBILENET_V2_STEM
+    for t, c, n, _s in MOBILENET_V2_SETTING:
+        for _ in range(n):
+            hidden = int(round(c_in * t))
+            prefix, part = f"features.{index}.conv", 0
+            if t != 1:
+                layout |= _conv_bn_act(f"{prefix}.{part}", c_in, hidden, 1)
+                part += 1
+            layout |= _conv_bn_act(f"{prefix}.{part}", hidden, hidden, 3, groups=hidden)
+            layout |= _conv(f"{prefix}.{part + 1}", hidden, c, 1) | _bn(f"{prefix}.{part + 2}", c)
+            index, c_in = index + 1, c
+    layout |= _conv_bn_act(f"features.{index}", c_in, MOBILENET_V2_LAST, 1)
+    return layout | _linear("classifier.1", MOBILENET_V2_LAST, num_classes)
+
+
+def expected_state_dict(spec: AnySpec) -> StateDictLayout:
     """Names of the torch module's state_dict() in order (parameters and buffers), each mapped to
     (shape, dtype kind)."""
     if isinstance(spec, MLPSpec):
         return _mlp_state_dict(spec)
-    return _cnn_state_dict(spec)
+    if isinstance(spec, CNNSpec):
+        return _cnn_state_dict(spec)
+    if spec.name in RESNET_CONFIGS:
+        return _resnet_state_dict(spec.name, spec.in_channels, spec.num_classes)
+    if isinstance(spec, VGG16BNSpec):
+        return _vgg16_bn_state_dict(spec.in_channels, spec.num_classes)
+    if isinstance(spec, MobileNetV2Spec):
+        return _mobilenet_v2_state_dict(spec.in_channels, spec.num_classes)
+    raise TypeError(f"no state-dict layout for architecture {spec.name!r}")
 
 
-def input_shape(spec: MLPSpec | CNNSpec) -> list[int]:
+def input_shape(spec: AnySpec) -> list[int]:
     """Shape of one input example, without the batch dimension."""
     if isinstance(spec, MLPSpec):
         return [spec.in_features]
     return [spec.in_channels, spec.image_size, spec.image_size]
 
 
-def parameter_count(spec: MLPSpec | CNNSpec) -> int:
+def parameter_count(spec: AnySpec) -> int:
     """Trainable parameters (weights, biases, BatchNorm affine); buffers are not counted."""
     buffers = {"running_mean", "running_var", "num_batches_tracked"}
     return sum(

@@ -13,7 +13,9 @@ router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 
 ARCHITECTURE_HELP = (
     'Architecture spec as JSON, e.g. {"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10} '
-    'or {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [16, 32], "num_classes": 10}. '
+    'or {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [16, 32], "num_classes": 10}, '
+    'or a torchvision-compatible name such as {"name": "resnet18", "num_classes": 10} '
+    "(upload safetensors.torch.save_model(torchvision_model, path) as is). "
     "The server builds the module from its own code; see GET /v1/architectures."
 )
 

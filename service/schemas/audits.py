@@ -35,6 +35,31 @@ class PruningSpec(BaseModel):
         return sorted(ratios)
 
 
+class DiagnosticsSpec(BaseModel):
+    """Why a group is hurt (Tran et al. 2022): gradient norms, curvature, predicted excessive loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gradient_norms: bool = Field(True, description="Exact per-group gradient norm of the mean loss, dense and pruned.")
+    curvature: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Hessian trace (Hutchinson) and top eigenvalue (power iteration) per group. 'auto' computes "
+        "them for models up to 5M parameters and says so in the report when it skips them.",
+    )
+    hutchinson_probes: int = Field(32, ge=1, le=1000, description="Rademacher probes per group.")
+    power_iterations: int = Field(20, ge=1, le=500, description="Power-iteration steps for the top eigenvalue.")
+    max_examples_per_group: int = Field(512, ge=1, le=100_000, description="Seeded subsample cap for curvature.")
+
+
+class StatisticsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_resamples: int = Field(
+        1000, ge=0, le=10_000, description="Paired, group-stratified bootstrap resamples for 95% CIs (0 = off)."
+    )
+    min_group_size: int = Field(30, ge=1, description="Groups smaller than this are flagged as unreliable.")
+
+
 class AuditSpec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -53,8 +78,20 @@ class AuditSpec(BaseModel):
 
     model_id: str = Field(description="Id returned by POST /v1/models.")
     dataset_id: str = Field(description="Evaluation dataset id returned by POST /v1/datasets.")
-    group_by: list[str] = Field(min_length=1, description="Group attributes of the dataset to report on.")
+    group_by: list[str] = Field(
+        min_length=1, max_length=4,
+        description="Group attributes of the dataset to report on; with several, their intersection is reported too.",
+    )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
+    @field_validator("group_by")
+    @classmethod
+    def _distinct_attributes(cls, group_by: list[str]) -> list[str]:
+        if len(set(group_by)) != len(group_by):
+            raise ValueError("group_by must not repeat an attribute")
+        return group_by
+
+    diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
+    statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     batch_size: int = Field(512, ge=1, le=65536, description="Evaluation batch size.")
 

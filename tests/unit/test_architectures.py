@@ -17,6 +17,7 @@ from service.architectures import (
     REGISTRY,
     CNNSpec,
     MLPSpec,
+    ResNet20Spec,
     architecture_adapter,
     expected_state_dict,
     input_shape,
@@ -105,11 +106,12 @@ def test_invalid_specs_are_rejected(spec: dict) -> None:
 
 
 def test_registry_lists_every_spec_with_a_json_schema() -> None:
-    assert set(REGISTRY) == {"mlp", "cnn"}
+    assert list(REGISTRY) == ["mlp", "cnn", *NAMED]
     for name, spec_class in REGISTRY.items():
         schema = spec_class.model_json_schema()
         assert schema["properties"]["name"]["const"] == name
         assert schema["additionalProperties"] is False
+        assert schema["description"]  # the docstring: GET /v1/architectures shows it
         for example in schema["examples"]:
             assert architecture_adapter.validate_python(example).name == name
 
@@ -272,3 +274,255 @@ def test_service_architectures_imports_neither_torch_nor_numpy() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+
+
+# --- Named architectures: torchvision's and chenyaofo/pytorch-cifar-models' state-dict layouts ---
+
+NAMED = ["resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "resnet20", "resnet56"]
+IMAGENET = NAMED[:5]
+# Small enough to keep CPU forwards fast; every ImageNet architecture ends in adaptive pooling.
+NAMED_SPECS = {
+    name: {"name": name, "num_classes": 10, "image_size": 64 if name in IMAGENET else 32} for name in NAMED
+}
+
+
+@pytest.fixture(scope="module")
+def named_models() -> dict[str, torch.nn.Module]:
+    """Each named architecture built once (VGG-16-BN alone has 134M parameters at 10 classes)."""
+    return {name: build_model(spec) for name, spec in NAMED_SPECS.items()}
+
+
+def _random_state(layout: dict) -> dict[str, torch.Tensor]:
+    """Tensors for a layout, values a fresh module would not have (running_var stays positive)."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        key: torch.rand(shape, generator=generator) + 0.5 if kind == "float" else torch.full(shape, 7)
+        for key, (shape, kind) in layout.items()
+    }
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_expected_state_dict_matches_the_torch_module(name: str, named_models: dict) -> None:
+    spec = architecture_adapter.validate_python(NAMED_SPECS[name])
+    model = named_models[name]
+    actual = {key: (tuple(t.shape), _kind(t)) for key, t in model.state_dict().items()}
+    expected = expected_state_dict(spec)
+    assert list(actual) == list(expected)  # same names in the same order
+    assert actual == expected
+    assert parameter_count(spec) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_forward_on_input_shape(name: str, named_models: dict) -> None:
+    spec = architecture_adapter.validate_python(NAMED_SPECS[name])
+    model = named_models[name]
+    assert not model.training
+    with torch.no_grad():
+        logits = model(torch.randn(2, *input_shape(spec)))
+    assert logits.shape == (2, 10)
+    assert logits.isfinite().all()
+
+
+def test_resnet18_forward_at_the_default_image_size() -> None:
+    spec = architecture_adapter.validate_python({"name": "resnet18", "num_classes": 3})
+    assert input_shape(spec) == [3, 224, 224]
+    with torch.no_grad():
+        assert build_model(spec.model_dump())(torch.randn(1, 3, 224, 224)).shape == (1, 3)
+
+
+# torchvision's documented parameter counts (ImageNet heads); He et al.'s CIFAR ResNets with the
+# 1×1 conv + BN shortcut of chenyaofo/pytorch-cifar-models at 10 classes (0.27M and 0.86M).
+PARAMETER_COUNTS = {
+    ("resnet18", 1000): 11_689_512,
+    ("resnet34", 1000): 21_797_672,
+    ("resnet50", 1000): 25_557_032,
+    ("vgg16_bn", 1000): 138_365_992,
+    ("mobilenet_v2", 1000): 3_504_872,
+    ("resnet20", 10): 272_474,
+    ("resnet56", 10): 855_770,
+    ("resnet20", 100): 278_324,
+    ("resnet56", 100): 861_620,
+}
+
+
+@pytest.mark.parametrize(("name", "num_classes"), list(PARAMETER_COUNTS))
+def test_named_parameter_counts(name: str, num_classes: int) -> None:
+    spec = architecture_adapter.validate_python({"name": name, "num_classes": num_classes})
+    assert parameter_count(spec) == PARAMETER_COUNTS[name, num_classes]
+
+
+# len(model.state_dict()) of torchvision's models (parameters and BatchNorm buffers).
+STATE_DICT_LENGTHS = {"resnet18": 122, "resnet34": 218, "resnet50": 320, "vgg16_bn": 97, "mobilenet_v2": 314}
+
+# Exact entries of torchvision's (and chenyaofo's) state dicts at their default heads.
+KNOWN_ENTRIES = {
+    "resnet18": {
+        "conv1.weight": (64, 3, 7, 7),
+        "bn1.num_batches_tracked": (),
+        "layer1.1.conv2.weight": (64, 64, 3, 3),
+        "layer2.0.downsample.0.weight": (128, 64, 1, 1),
+        "layer4.1.conv2.weight": (512, 512, 3, 3),
+        "fc.weight": (1000, 512),
+        "fc.bias": (1000,),
+    },
+    "resnet34": {
+        "layer3.5.conv2.weight": (256, 256, 3, 3),
+        "layer4.0.downsample.1.running_var": (512,),
+        "layer4.2.bn2.weight": (512,),
+        "fc.weight": (1000, 512),
+    },
+    "resnet50": {
+        "conv1.weight": (64, 3, 7, 7),
+        "layer1.0.conv1.weight": (64, 64, 1, 1),
+        "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+        "layer2.0.conv2.weight": (128, 128, 3, 3),
+        "layer2.0.downsample.0.weight": (512, 256, 1, 1),
+        "layer4.2.conv3.weight": (2048, 512, 1, 1),
+        "layer4.2.bn3.running_mean": (2048,),
+        "fc.weight": (1000, 2048),
+    },
+    "vgg16_bn": {
+        "features.0.weight": (64, 3, 3, 3),
+        "features.0.bias": (64,),
+        "features.1.running_mean": (64,),
+        "features.7.weight": (128, 64, 3, 3),
+        "features.40.weight": (512, 512, 3, 3),
+        "features.41.num_batches_tracked": (),
+        "classifier.0.weight": (4096, 25088),
+        "classifier.3.weight": (4096, 4096),
+        "classifier.6.weight": (1000, 4096),
+    },
+    "mobilenet_v2": {
+        "features.0.0.weight": (32, 3, 3, 3),
+        "features.1.conv.0.0.weight": (32, 1, 3, 3),
+        "features.1.conv.1.weight": (16, 32, 1, 1),
+        "features.1.conv.2.running_var": (16,),
+        "features.2.conv.0.0.weight": (96, 16, 1, 1),
+        "features.2.conv.1.0.weight": (96, 1, 3, 3),
+        "features.2.conv.3.weight": (24,),
+        "features.17.conv.2.weight": (320, 960, 1, 1),
+        "features.18.0.weight": (1280, 320, 1, 1),
+        "features.18.1.num_batches_tracked": (),
+        "classifier.1.weight": (1000, 1280),
+    },
+    "resnet20": {
+        "conv1.weight": (16, 3, 3, 3),
+        "layer1.2.conv2.weight": (16, 16, 3, 3),
+        "layer2.0.conv1.weight": (32, 16, 3, 3),
+        "layer2.0.downsample.0.weight": (32, 16, 1, 1),
+        "layer3.0.downsample.1.running_mean": (64,),
+        "layer3.2.conv2.weight": (64, 64, 3, 3),
+        "fc.weight": (10, 64),
+    },
+    "resnet56": {
+        "layer1.8.bn2.weight": (16,),
+        "layer2.8.conv1.weight": (32, 32, 3, 3),
+        "layer3.8.conv2.weight": (64, 64, 3, 3),
+        "fc.weight": (10, 64),
+    },
+}
+ABSENT_KEYS = {
+    "resnet18": ["layer1.0.downsample.0.weight", "layer1.0.conv3.weight", "maxpool.weight"],
+    "resnet50": ["layer2.1.downsample.0.weight", "layer5.0.conv1.weight"],
+    "vgg16_bn": ["features.2.weight", "features.43.weight", "classifier.1.weight"],
+    "mobilenet_v2": ["features.1.conv.3.weight", "features.19.0.weight", "classifier.0.weight"],
+    "resnet20": ["layer1.0.downsample.0.weight", "layer4.0.conv1.weight", "layer1.3.conv1.weight"],
+    "resnet56": ["layer1.9.conv1.weight"],
+}
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_layouts_pin_known_entries(name: str) -> None:
+    layout = expected_state_dict(architecture_adapter.validate_python({"name": name}))
+    for key, shape in KNOWN_ENTRIES[name].items():
+        assert layout[key][0] == shape, key
+        assert layout[key][1] == ("int" if key.endswith("num_batches_tracked") else "float")
+    for key in ABSENT_KEYS.get(name, []):
+        assert key not in layout
+    if name in STATE_DICT_LENGTHS:
+        assert len(layout) == STATE_DICT_LENGTHS[name]
+
+
+def test_resnet_state_dict_order_follows_module_registration() -> None:
+    keys = list(expected_state_dict(architecture_adapter.validate_python({"name": "resnet50"})))
+    assert keys[:8] == [
+        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "bn1.num_batches_tracked", "layer1.0.conv1.weight", "layer1.0.bn1.weight",
+    ]
+    block = [key for key in keys if key.startswith("layer1.0.") and key.endswith(".weight")]
+    assert block == [
+        "layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv2.weight", "layer1.0.bn2.weight",
+        "layer1.0.conv3.weight", "layer1.0.bn3.weight", "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.weight",
+    ]
+    assert keys[-2:] == ["fc.weight", "fc.bias"]
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_models_load_a_state_dict_strictly(name: str) -> None:
+    # A state dict keyed by the layout's (torchvision's) names, as a user's save_file(state_dict) has it.
+    spec = NAMED_SPECS[name]
+    state = _random_state(expected_state_dict(architecture_adapter.validate_python(spec)))
+    model = build_model(spec)
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in state.items())
+
+
+def test_named_model_load_weights_round_trip(tmp_path: Path) -> None:
+    spec = ResNet20Spec(name="resnet20", num_classes=100)
+    state = _random_state(expected_state_dict(spec))
+    path = _save(state, tmp_path)
+    model = build_model(spec.model_dump()).train()
+    load_weights(model, path)
+    assert not model.training
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in state.items())
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_named_model_load_weights_names_the_architecture(tmp_path: Path) -> None:
+    # cifar10_resnet20 weights offered as a 100-class model.
+    path = _save(_random_state(expected_state_dict(ResNet20Spec(name="resnet20"))), tmp_path)
+    with pytest.raises(EngineError) as raised:
+        load_weights(build_model({"name": "resnet20", "num_classes": 100}), path)
+    assert str(raised.value) == (
+        "weights do not fit architecture resnet20: fc.weight has shape [10, 64], the architecture expects "
+        "[100, 64]; fc.bias has shape [10], the architecture expects [100]"
+    )
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_specs_defaults_and_image_fields(name: str) -> None:
+    spec = architecture_adapter.validate_python({"name": name})
+    dumped = spec.model_dump()
+    # worker.pipeline.check_inputs_fit reads these three from any non-MLP architecture.
+    assert dumped["in_channels"] == 3
+    assert input_shape(spec) == [dumped["in_channels"], dumped["image_size"], dumped["image_size"]]
+    if name in IMAGENET:
+        assert (dumped["num_classes"], dumped["image_size"]) == (1000, 224)
+    else:
+        assert (dumped["num_classes"], dumped["image_size"]) == (10, 32)
+    assert architecture_adapter.validate_python(dumped) == spec
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "resnet18", "in_channels": 1},
+        {"name": "resnet18", "image_size": 16},
+        {"name": "resnet50", "num_classes": 1},
+        {"name": "resnet34", "num_classes": "10"},
+        {"name": "vgg16_bn", "batch_norm": False},
+        {"name": "mobilenet_v2", "width_mult": 0.5},
+        {"name": "resnet20", "image_size": 4},
+        {"name": "resnet56", "channels": [16, 32, 64]},
+        {"name": "resnet101"},
+    ],
+)
+def test_invalid_named_specs_are_rejected(spec: dict) -> None:
+    with pytest.raises(ValidationError):
+        architecture_adapter.validate_python(spec)
+    with pytest.raises(EngineError, match="architecture spec is invalid"):
+        build_model(spec)

@@ -1,5 +1,8 @@
 """Torch modules for the architectures in `service.architectures`, and safe weight loading.
 
+The JSON-spec networks (mlp, cnn) are here; the named torchvision-compatible ones (resnet18, …,
+resnet56) are in `worker.engine.zoo`.
+
 Weights are read only as safetensors (tensors, never pickled code) and checked key by key against
 the module before anything is copied in.
 """
@@ -17,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service.architectures import CNNSpec, MLPSpec, architecture_adapter, state_dict_mismatch
+from worker.engine import zoo
 from worker.engine.errors import EngineError
 
 
@@ -61,7 +65,15 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         validated = architecture_adapter.validate_python(spec)
     except ValidationError as error:
         raise EngineError(f"architecture spec is invalid: {_describe_validation_error(error)}") from error
-    model = MLP(validated) if isinstance(validated, MLPSpec) else CNN(validated)
+    model: nn.Module
+    if isinstance(validated, MLPSpec):
+        model = MLP(validated)
+    elif isinstance(validated, CNNSpec):
+        model = CNN(validated)
+    else:
+        model = zoo.BUILDERS[validated.name](num_classes=validated.num_classes)
+        # Not part of the state_dict: only names the architecture in error messages.
+        model.spec = validated
     return model.eval()
 
 
@@ -72,7 +84,8 @@ def load_weights(model: nn.Module, path: str | PathLike[str]) -> None:
         tensors = load_file(path, device="cpu")
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise EngineError(f"the weights file is not a readable safetensors file: {error}") from error
-    architecture = model.spec.name if isinstance(model, MLP | CNN) else type(model).__name__
+    spec = getattr(model, "spec", None)
+    architecture = spec.name if spec is not None else type(model).__name__
     mismatch = state_dict_mismatch(architecture, _layout(model.state_dict()), _layout(tensors))
     if mismatch is not None:
         raise EngineError(mismatch.message)

@@ -1,8 +1,12 @@
 """Per-example outcomes of a model, and the per-group metrics of SCIENCE.md §1 and §6 comparing a
 dense model with its pruned version: accuracy drop Δa, excess accuracy gap ψa (Balancing Act),
-excessive loss R(a) and the loss fairness violation ξ (Tran et al.).
+excessive loss R(a) and the loss fairness violation ξ (Tran et al.); distance-to-boundary proxies,
+flips, confusion matrices, binary-task rates (Fairlearn's definitions), small-group flags and
+bootstrap confidence intervals (worker.engine.statistics).
 
 Accuracies are fractions (ε = 0.01 is one percentage point), losses are mean cross-entropy in nats.
+Every per-group quantity is a bincount over the group codes: no Python loop over examples. A value
+that cannot be computed is None with its reason in an `undefined` dict, never NaN or infinity.
 """
 
 from __future__ import annotations
@@ -12,34 +16,59 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.errors import EngineError
+from worker.engine.statistics import bootstrap_group_intervals
+
+DEFAULT_MIN_GROUP_SIZE = 30  # SCIENCE.md §6: flag n_a < 30 as unreliable
+DEFAULT_MAX_CONFUSION_CELLS = 1_000_000  # groups × classes² per model; beyond it the matrices are left out
+POSITIVE_CLASS = 1  # binary tasks: class index 1 is the positive label (Fairlearn's default pos_label)
 
 
 @dataclass(frozen=True)
 class Outcomes:
-    """What one model did on each example, in dataset order."""
+    """What one model did on each example, in dataset order. `evaluate` fills every field; the optional
+    ones may be left out by hand-made outcomes, and the metrics that need them are then None with a reason."""
 
     pred: np.ndarray  # int64 predicted class
     correct: np.ndarray  # bool, pred == label
     loss: np.ndarray  # float64 cross-entropy
+    label: np.ndarray | None = None  # int64 true class
+    p_true: np.ndarray | None = None  # float64 softmax probability of the true class, p_y
+    gini: np.ndarray | None = None  # float64 1 − Σ_c p_c²
+    margin: np.ndarray | None = None  # float64 logit margin z_y − max_{c≠y} z_c (negative = misclassified)
+    num_classes: int | None = None  # outputs of the model
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pred", np.asarray(self.pred, dtype=np.int64))
         object.__setattr__(self, "correct", np.asarray(self.correct, dtype=bool))
         object.__setattr__(self, "loss", np.asarray(self.loss, dtype=np.float64))
-        if not (self.pred.ndim == self.correct.ndim == self.loss.ndim == 1):
+        for name, dtype in (("label", np.int64), ("p_true", np.float64), ("gini", np.float64), ("margin", np.float64)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
+        arrays = {name: value for name, value in self._arrays().items() if value is not None}
+        if any(value.ndim != 1 for value in arrays.values()):
             raise EngineError("outcomes must be one value per example (1-D arrays)")
-        if not (len(self.pred) == len(self.correct) == len(self.loss)):
+        if len({len(value) for value in arrays.values()}) > 1:
             raise EngineError(
-                f"outcomes disagree on the number of examples: {len(self.pred)} predictions, "
-                f"{len(self.correct)} correctness flags, {len(self.loss)} losses"
+                "outcomes disagree on the number of examples: "
+                + ", ".join(f"{len(value)} {name}" for name, value in arrays.items())
             )
         # Every metric below is a mean of these; one NaN would make the whole report NaN.
         if not np.isfinite(self.loss).all():
             raise EngineError("outcomes contain NaN or infinite losses")
+        for name in ("p_true", "gini", "margin"):
+            if name in arrays and not np.isfinite(arrays[name]).all():
+                raise EngineError(f"outcomes contain NaN or infinite values of {name}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise EngineError(f"a classifier needs at least 2 classes, outcomes say {self.num_classes}")
+        if self.label is not None and not np.array_equal(self.pred == self.label, self.correct):
+            raise EngineError("outcomes disagree with themselves: `correct` is not `pred == label`")
+
+    def _arrays(self) -> dict[str, np.ndarray | None]:
+        return {"pred": self.pred, "correct": self.correct, "loss": self.loss, "label": self.label,
+                "p_true": self.p_true, "gini": self.gini, "margin": self.margin}
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -53,9 +82,9 @@ def evaluate(
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
 ) -> Outcomes:
-    """Predictions, correctness and float64 cross-entropy of `model` (already on `device`) on every
-    example, in eval mode; the model's train/eval mode is restored afterwards. `x` may be a
-    read-only memmap: only one batch at a time is copied into memory."""
+    """Predictions, correctness, float64 cross-entropy and the boundary proxies (p_y, 1 − Σp², logit
+    margin) of `model` (already on `device`) on every example, in eval mode; the model's train/eval mode
+    is restored afterwards. `x` may be a read-only memmap: only one batch at a time is copied into memory."""
     if len(x) != len(y):
         raise EngineError(f"dataset has {len(x)} inputs but {len(y)} labels")
     if not np.issubdtype(y.dtype, np.integer):
@@ -73,19 +102,27 @@ def evaluate(
     finally:
         model.train(was_training)
     if not batches:
-        return Outcomes(pred=np.empty(0, np.int64), correct=np.empty(0, bool), loss=np.empty(0, np.float64))
-    pred, correct, loss = (np.concatenate(parts) for parts in zip(*batches, strict=True))
-    return Outcomes(pred=pred, correct=correct, loss=loss)
+        empty_f, empty_i = np.empty(0, np.float64), np.empty(0, np.int64)
+        return Outcomes(pred=empty_i, correct=np.empty(0, bool), loss=empty_f, label=empty_i,
+                        p_true=empty_f, gini=empty_f, margin=empty_f)
+    pred, correct, loss, label, p_true, gini, margin = (
+        np.concatenate(parts) for parts in zip(*(batch[:-1] for batch in batches), strict=True)
+    )
+    return Outcomes(pred=pred, correct=correct, loss=loss, label=label, p_true=p_true, gini=gini, margin=margin,
+                    num_classes=batches[0][-1])
 
 
 def _evaluate_batch(
     model: nn.Module, x: np.ndarray, y: np.ndarray, start: int, stop: int, device: torch.device | str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple:
     # np.array copies the slice: a writable float32 batch even when x is a read-only memmap.
     inputs = torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device=device, dtype=_input_dtype(model))
-    labels = torch.from_numpy(np.array(y[start:stop], dtype=np.int64)).to(device)
+    labels_np = np.array(y[start:stop], dtype=np.int64)
+    labels = torch.from_numpy(labels_np).to(device)
     logits = model(inputs).double()  # float64 losses: group means of small differences stay exact
     n_classes = logits.shape[1]
+    if n_classes < 2:
+        raise EngineError(f"the model has {n_classes} output; a classifier needs at least 2 classes")
     if labels.min() < 0 or labels.max() >= n_classes:
         raise EngineError(
             f"labels must be class indices in [0, {n_classes}) for this model; examples {start}..{stop - 1} "
@@ -97,8 +134,17 @@ def _evaluate_batch(
             "check the input scaling and the weights"
         )
     pred = logits.argmax(dim=1)
-    loss = F.cross_entropy(logits, labels, reduction="none")
-    return pred.cpu().numpy(), (pred == labels).cpu().numpy(), loss.cpu().numpy()
+    column = labels[:, None]
+    log_probs = torch.log_softmax(logits, dim=1)
+    loss = -log_probs.gather(1, column).squeeze(1)  # = F.cross_entropy(logits, labels, reduction="none")
+    probs = log_probs.exp()
+    gini = 1.0 - (probs * probs).sum(dim=1)
+    # The best other class: the true class's logit masked out with −inf (n_classes ≥ 2, so a finite one is left).
+    others = logits.scatter(1, column, float("-inf")).amax(dim=1)
+    margin = logits.gather(1, column).squeeze(1) - others
+    p_true = torch.exp(-loss)
+    host = [t.cpu().numpy() for t in (pred, pred == labels, loss, p_true, gini, margin)]
+    return host[0], host[1], host[2], labels_np, host[3], host[4], host[5], n_classes
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:
@@ -116,8 +162,22 @@ class OverallMetrics:
     excessive_loss: float  # J(θs) − J(θd)
 
 
+# Keys of GroupMetrics.undefined that stand for a whole family of fields left None for one reason.
+GROUP_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
+    "proxies": ("dense_error_proxy", "error_proxy", "dense_boundary_proximity", "boundary_proximity",
+                "dense_gini_impurity", "gini_impurity", "dense_logit_margin", "logit_margin"),
+    "confusion": ("dense_confusion", "confusion"),
+    "binary_rates": ("dense_selection_rate", "selection_rate", "dense_true_positive_rate", "true_positive_rate",
+                     "dense_false_positive_rate", "false_positive_rate"),
+    "confidence_intervals": ("dense_accuracy_ci", "accuracy_ci", "accuracy_drop_ci", "excess_accuracy_gap_ci",
+                             "excessive_loss_ci"),
+}
+
+
 @dataclass(frozen=True)
 class GroupMetrics:
+    """One group of one attribute. Unprefixed model metrics are the pruned model's, `dense_` the dense one's."""
+
     group: str
     n: int
     share: float  # n_a / n over all evaluated examples, those without a group included
@@ -128,6 +188,42 @@ class GroupMetrics:
     accuracy_drop: float  # Δa = Acc_a(θd) − Acc_a(θs)
     excess_accuracy_gap: float  # ψa = Δa − Δ
     excessive_loss: float  # R(a) = J_a(θs) − J_a(θd)
+    small_group: bool  # n_a < min_group_size: treat every number of this group as unreliable
+    # Distance-to-boundary proxies (SCIENCE.md §3.5, §6 rows 9, 11-13), group means per model.
+    dense_error_proxy: float | None  # E_a = mean(1 − p_y)
+    error_proxy: float | None
+    dense_boundary_proximity: float | None  # BP_a = mean p_y(1 − p_y); high = near the boundary
+    boundary_proximity: float | None
+    dense_gini_impurity: float | None  # mean 1 − Σ_c p_c² (Gauss-Newton curvature proxy)
+    gini_impurity: float | None
+    dense_logit_margin: float | None  # mean z_y − max_{c≠y} z_c; low = near the boundary
+    logit_margin: float | None
+    # Flips from the dense to the pruned model (counts, and rates over n_a).
+    flips_correct_to_wrong: int
+    flips_wrong_to_correct: int
+    flips_any: int  # pruned prediction differs from the dense one (right or wrong)
+    flips_correct_to_wrong_rate: float
+    flips_wrong_to_correct_rate: float
+    flips_any_rate: float
+    # C×C counts, rows = true class, columns = predicted class.
+    dense_confusion: list[list[int]] | None
+    confusion: list[list[int]] | None
+    # Binary tasks only (class 1 positive), Fairlearn's definitions.
+    dense_selection_rate: float | None  # P(ŷ = 1)
+    selection_rate: float | None
+    dense_true_positive_rate: float | None  # P(ŷ = 1 | y = 1); None when the group has no positives
+    true_positive_rate: float | None
+    dense_false_positive_rate: float | None  # P(ŷ = 1 | y = 0); None when the group has no negatives
+    false_positive_rate: float | None
+    # Bootstrap percentile intervals (low, high), paired and stratified by group (worker.engine.statistics).
+    dense_accuracy_ci: tuple[float, float] | None
+    accuracy_ci: tuple[float, float] | None
+    accuracy_drop_ci: tuple[float, float] | None
+    excess_accuracy_gap_ci: tuple[float, float] | None
+    excessive_loss_ci: tuple[float, float] | None
+    # The reason for every field that is None: keyed by field name, or by a GROUP_FIELD_FAMILIES key
+    # standing for all the fields of that family.
+    undefined: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -145,6 +241,22 @@ class AttributeMetrics:
     worst_group: str | None  # the group with that accuracy (lowest code on ties)
     max_accuracy_drop: float | None
     undefined: dict[str, str]  # the reason for every aggregate that is None
+    num_classes: int | None
+    min_group_size: int
+    small_groups: list[str]  # groups with n_a < min_group_size
+    # Binary tasks only, over the groups (examples without a group left out), as Fairlearn's
+    # demographic_parity_difference / _ratio and equalized_odds_difference (method="between_groups",
+    # agg="worst_case"); unprefixed = pruned model.
+    demographic_parity_difference: float | None  # max − min selection rate
+    demographic_parity_ratio: float | None  # min / max selection rate
+    equalized_odds_difference: float | None  # max(TPR max − min, FPR max − min)
+    dense_demographic_parity_difference: float | None
+    dense_demographic_parity_ratio: float | None
+    dense_equalized_odds_difference: float | None
+    max_excess_accuracy_gap_ci: tuple[float, float] | None  # bootstrap interval of max ψa (its own resamples)
+    bootstrap_resamples: int  # 0 = no intervals
+    bootstrap_seed: int
+    caveats: dict[str, str]  # notes on values that ARE reported but rest on part of the data
 
 
 def overall_metrics(dense: Outcomes, pruned: Outcomes) -> OverallMetrics:
@@ -164,21 +276,133 @@ def overall_metrics(dense: Outcomes, pruned: Outcomes) -> OverallMetrics:
     )
 
 
+def group_confusion(label: np.ndarray, pred: np.ndarray, codes: np.ndarray, n_groups: int, num_classes: int) -> np.ndarray:
+    """Confusion counts per group, shape (n_groups, C, C), rows = true class, columns = predicted; examples
+    with code −1 are left out. One bincount over the examples."""
+    has_group = codes >= 0
+    if has_group.all():
+        key = (codes * num_classes + label) * num_classes + pred
+    else:
+        key = (codes[has_group] * num_classes + label[has_group]) * num_classes + pred[has_group]
+    cells = n_groups * num_classes * num_classes
+    return np.bincount(key, minlength=cells).reshape(n_groups, num_classes, num_classes)
+
+
+@dataclass(frozen=True)
+class BinaryRates:
+    """Per-group rates of a binary task from confusion counts (G, 2, 2); NaN marks an undefined rate
+    (internal only: the dataclasses above turn it into None with a reason)."""
+
+    selection_rate: np.ndarray
+    true_positive_rate: np.ndarray
+    false_positive_rate: np.ndarray
+    positives: np.ndarray
+    negatives: np.ndarray
+
+
+def binary_rates(confusion: np.ndarray) -> BinaryRates:
+    positives = confusion[:, 1, :].sum(axis=1)
+    negatives = confusion[:, 0, :].sum(axis=1)
+    n = positives + negatives
+    selected = confusion[:, :, POSITIVE_CLASS].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return BinaryRates(
+            selection_rate=selected / n,
+            true_positive_rate=np.where(positives > 0, confusion[:, 1, 1] / positives, np.nan),
+            false_positive_rate=np.where(negatives > 0, confusion[:, 0, 1] / negatives, np.nan),
+            positives=positives,
+            negatives=negatives,
+        )
+
+
+def intersect(columns: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> tuple[str, np.ndarray, list[str]]:
+    """Intersectional groups of several attributes: ("race", codes, names), ("sex", ...) → ("race&sex",
+    codes, ["Black&F", ...]). A row missing any attribute (code −1) is missing in the intersection; only
+    combinations that occur get a code, in sorted order of the attributes' codes (the first attribute
+    varies slowest), so the result does not depend on row order."""
+    if not columns:
+        raise EngineError("intersect needs at least one attribute")
+    n = len(columns[0][1])
+    checked = [(name, _checked_codes(name, codes, n, len(names)), list(names)) for name, codes, names in columns]
+    sizes = [max(len(names), 1) for _, _, names in checked]
+    missing = np.zeros(n, dtype=bool)
+    for _, codes, _ in checked:
+        missing |= codes < 0
+    cells = 1
+    for size in sizes:
+        cells *= size
+    if cells < 2**62:
+        # Mixed-radix key: its numeric order is the lexicographic order of the attribute codes.
+        key = np.zeros(n, dtype=np.int64)
+        for (_, codes, _), size in zip(checked, sizes, strict=True):
+            key = key * size + np.maximum(codes, 0)
+        valid_key = key[~missing]
+        if cells <= max(4 * n, 1 << 20):
+            seen = np.bincount(valid_key, minlength=cells) > 0
+            combos = np.flatnonzero(seen)
+            new_code = np.cumsum(seen) - 1
+            inverse = new_code[valid_key]
+        else:
+            combos, inverse = np.unique(valid_key, return_inverse=True)
+        digits = []
+        rest = combos
+        for size in reversed(sizes):
+            digits.append(rest % size)
+            rest = rest // size
+        combo_codes = np.stack(digits[::-1], axis=1) if len(combos) else np.empty((0, len(sizes)), np.int64)
+    else:  # too many combinations for one int64 key: unique rows (slower, same order)
+        stacked = np.stack([codes for _, codes, _ in checked], axis=1)[~missing]
+        combo_codes, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    out = np.full(n, -1, dtype=np.int64)
+    out[~missing] = np.asarray(inverse).reshape(-1)
+    names = ["&".join(checked[k][2][int(c)] for k, c in enumerate(row)) for row in combo_codes]
+    return "&".join(name for name, _, _ in checked), out, names
+
+
 def attribute_metrics(
-    attribute: str, dense: Outcomes, pruned: Outcomes, codes: np.ndarray, names: Sequence[str]
+    attribute: str,
+    dense: Outcomes,
+    pruned: Outcomes,
+    codes: np.ndarray,
+    names: Sequence[str],
+    *,
+    num_classes: int | None = None,
+    min_group_size: int = DEFAULT_MIN_GROUP_SIZE,
+    bootstrap_resamples: int = 0,
+    seed: int = 0,
+    max_confusion_cells: int = DEFAULT_MAX_CONFUSION_CELLS,
 ) -> AttributeMetrics:
     """Metrics per group of one attribute; `codes[i]` is example i's index into `names`, −1 when the
-    example has no group. Groups without examples are left out."""
+    example has no group. Groups without examples are left out.
+
+    `num_classes` defaults to the outcomes' own (set by `evaluate`). `bootstrap_resamples` > 0 adds 95%
+    bootstrap intervals (1000 is the usual number; 0 leaves them out: the percentile intervals resample
+    every grouped example `bootstrap_resamples` times, which costs more than the rest of this function)."""
     overall = overall_metrics(dense, pruned)
     codes = _checked_codes(attribute, codes, len(dense), len(names))
+    num_classes = _num_classes(dense, pruned, num_classes)
+    if min_group_size < 0:
+        raise EngineError(f"min_group_size must be at least 0, got {min_group_size}")
+    if bootstrap_resamples < 0:
+        raise EngineError(f"bootstrap_resamples must be at least 0, got {bootstrap_resamples}")
     has_group = codes >= 0
-    group_codes = codes[has_group]
+    all_grouped = bool(has_group.all())
+    group_codes = codes if all_grouped else codes[has_group]
     counts = np.bincount(group_codes, minlength=len(names))
     present = np.flatnonzero(counts)
+    n_present = counts[present]
+
+    def group_sum(values: np.ndarray) -> np.ndarray:
+        values = values if all_grouped else values[has_group]
+        weights = values if values.dtype == np.float64 else values.astype(np.float64)
+        return np.bincount(group_codes, weights=weights, minlength=len(names))[present]
 
     def group_mean(values: np.ndarray) -> np.ndarray:
-        sums = np.bincount(group_codes, weights=values[has_group].astype(np.float64), minlength=len(names))
-        return sums[present] / counts[present]
+        return group_sum(values) / n_present
+
+    def group_count(flags: np.ndarray) -> np.ndarray:
+        flags = flags if all_grouped else flags[has_group]
+        return np.bincount(group_codes[flags], minlength=len(names))[present]
 
     dense_accuracy, accuracy = group_mean(dense.correct), group_mean(pruned.correct)
     dense_loss, loss = group_mean(dense.loss), group_mean(pruned.loss)
@@ -188,11 +412,104 @@ def attribute_metrics(
     excess_accuracy_gap = accuracy_drop - overall.accuracy_drop
     excessive_loss = loss - dense_loss
     group_names = [names[code] for code in present]
+
+    columns: dict[str, list] = {}  # per-group field → one value per present group
+    group_undefined: list[dict[str, str]] = [{} for _ in present]
+
+    def leave_out(family: str, reason: str) -> None:
+        for field in GROUP_FIELD_FAMILIES[family]:
+            columns[field] = [None] * len(present)
+        for reasons in group_undefined:
+            reasons[family] = reason
+
+    # Distance-to-boundary proxies.
+    if all(o.p_true is not None and o.gini is not None and o.margin is not None for o in (dense, pruned)):
+        for prefix, outcomes in (("dense_", dense), ("", pruned)):
+            p = outcomes.p_true
+            columns[f"{prefix}error_proxy"] = _floats(1.0 - group_mean(p))
+            columns[f"{prefix}boundary_proximity"] = _floats(group_mean(p * (1.0 - p)))
+            columns[f"{prefix}gini_impurity"] = _floats(group_mean(outcomes.gini))
+            columns[f"{prefix}logit_margin"] = _floats(group_mean(outcomes.margin))
+    else:
+        leave_out("proxies", "the outcomes carry no probabilities or logit margins (not made by evaluate())")
+
+    # Flips.
+    flip_counts = {
+        "flips_correct_to_wrong": group_count(dense.correct & ~pruned.correct),
+        "flips_wrong_to_correct": group_count(~dense.correct & pruned.correct),
+        "flips_any": group_count(dense.pred != pruned.pred),
+    }
+    for field, values in flip_counts.items():
+        columns[field] = [int(v) for v in values]
+        columns[f"{field}_rate"] = _floats(values / n_present)
+
+    # Confusion matrices and the binary rates.
+    label, label_reason = _labels(dense, pruned, num_classes)
+    confusions: dict[str, np.ndarray] = {}
+    if label is None:
+        leave_out("confusion", label_reason)
+    elif len(present) * num_classes**2 > max_confusion_cells:
+        leave_out("confusion", f"{len(present)} groups × {num_classes}² classes = {len(present) * num_classes**2} "
+                  f"cells per model, over the limit of {max_confusion_cells}")
+    else:
+        present_index = np.full(len(names), -1, dtype=np.int64)
+        present_index[present] = np.arange(len(present))
+        dense_codes = present_index[codes] if len(codes) else codes
+        for prefix, outcomes in (("dense_", dense), ("", pruned)):
+            confusions[prefix] = group_confusion(label, outcomes.pred, dense_codes, len(present), num_classes)
+            columns[f"{prefix}confusion"] = confusions[prefix].tolist()
+
+    binary_values: dict[str, float | None] = {}
+    attribute_undefined: dict[str, str] = {}
+    caveats: dict[str, str] = {}
+    binary_fields = ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")
+    if num_classes != 2 or not confusions:
+        reason = (label_reason or "the confusion counts were left out") if num_classes == 2 else (
+            "binary metrics need a 2-class task; number of classes unknown (pass num_classes)" if num_classes is None
+            else f"binary metrics need a 2-class task; this one has {num_classes} classes")
+        leave_out("binary_rates", reason)
+        for prefix in ("dense_", ""):
+            for field in binary_fields:
+                binary_values[prefix + field] = None
+                attribute_undefined[prefix + field] = reason
+    else:
+        for prefix in ("dense_", ""):
+            rates = binary_rates(confusions[prefix])
+            columns[f"{prefix}selection_rate"] = _floats(rates.selection_rate)
+            for field, values, denominator, what in (
+                ("true_positive_rate", rates.true_positive_rate, rates.positives, "positive (class 1)"),
+                ("false_positive_rate", rates.false_positive_rate, rates.negatives, "negative (class 0)"),
+            ):
+                columns[prefix + field] = _floats(values)
+                for i in np.flatnonzero(denominator == 0):
+                    group_undefined[i][prefix + field] = f"group {group_names[i]} has no {what} examples"
+            values, undefined, notes = _binary_aggregates(attribute, group_names, rates)
+            binary_values |= {prefix + k: v for k, v in values.items()}
+            attribute_undefined |= {prefix + k: v for k, v in undefined.items()}
+            caveats |= {prefix + k: v for k, v in notes.items()}
+
+    # Bootstrap intervals.
+    max_gap_ci = None
+    if bootstrap_resamples == 0:
+        leave_out("confidence_intervals", "bootstrap not requested (bootstrap_resamples=0)")
+        attribute_undefined["max_excess_accuracy_gap_ci"] = "bootstrap not requested (bootstrap_resamples=0)"
+    elif len(present) == 0:
+        leave_out("confidence_intervals", "no group")
+        attribute_undefined["max_excess_accuracy_gap_ci"] = _too_few_groups(attribute, group_names, 1)
+    else:
+        intervals = bootstrap_group_intervals(
+            dense.correct, pruned.correct, dense.loss, pruned.loss, codes, resamples=bootstrap_resamples, seed=seed
+        )
+        for field in GROUP_FIELD_FAMILIES["confidence_intervals"]:
+            columns[field] = [(float(lo), float(hi)) for lo, hi in getattr(intervals, field.removesuffix("_ci"))]
+        max_gap_ci = (float(intervals.max_excess_accuracy_gap[0]), float(intervals.max_excess_accuracy_gap[1]))
+
+    small = n_present < min_group_size
     groups = [
         GroupMetrics(
             group=group_names[i],
-            n=int(counts[code]),
-            share=int(counts[code]) / overall.n,
+            n=int(n_present[i]),
+            share=int(n_present[i]) / overall.n,
             dense_accuracy=float(dense_accuracy[i]),
             accuracy=float(accuracy[i]),
             dense_loss=float(dense_loss[i]),
@@ -200,17 +517,117 @@ def attribute_metrics(
             accuracy_drop=float(accuracy_drop[i]),
             excess_accuracy_gap=float(excess_accuracy_gap[i]),
             excessive_loss=float(excessive_loss[i]),
+            small_group=bool(small[i]),
+            **{field: values[i] for field, values in columns.items()},
+            undefined=group_undefined[i],
         )
-        for i, code in enumerate(present)
+        for i in range(len(present))
     ]
+    aggregates = _aggregates(
+        attribute, group_names, dense_accuracy, accuracy, accuracy_drop, excess_accuracy_gap, excessive_loss
+    )
+    aggregates["undefined"] |= attribute_undefined
     return AttributeMetrics(
         attribute=attribute,
         groups=groups,
-        n_missing=int((~has_group).sum()),
-        **_aggregates(
-            attribute, group_names, dense_accuracy, accuracy, accuracy_drop, excess_accuracy_gap, excessive_loss
-        ),
+        n_missing=int(len(codes) - len(group_codes)),
+        **aggregates,
+        num_classes=num_classes,
+        min_group_size=min_group_size,
+        small_groups=[name for name, is_small in zip(group_names, small, strict=True) if is_small],
+        **binary_values,
+        max_excess_accuracy_gap_ci=max_gap_ci,
+        bootstrap_resamples=bootstrap_resamples,
+        bootstrap_seed=seed,
+        caveats=caveats,
     )
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    """Python floats, None where NaN (an undefined rate; its reason is recorded by the caller)."""
+    return [None if v != v else float(v) for v in values.tolist()]
+
+
+def _binary_aggregates(
+    attribute: str, group_names: list[str], rates: BinaryRates
+) -> tuple[dict[str, float | None], dict[str, str], dict[str, str]]:
+    """Fairlearn's between-groups aggregates of one model: DP difference and ratio, EO difference (worst case).
+    Where Fairlearn counts a group with no positives as TPR 0 (sklearn's zero-division rule), this leaves the
+    group out of that rate's spread and says so in a caveat."""
+    values: dict[str, float | None] = {}
+    undefined: dict[str, str] = {}
+    caveats: dict[str, str] = {}
+    if len(group_names) < 2:
+        reason = _too_few_groups(attribute, group_names, 2)
+        return ({k: None for k in ("demographic_parity_difference", "demographic_parity_ratio",
+                                   "equalized_odds_difference")},
+                {k: reason for k in ("demographic_parity_difference", "demographic_parity_ratio",
+                                     "equalized_odds_difference")}, {})
+    selection = rates.selection_rate
+    values["demographic_parity_difference"] = _spread(selection)
+    if selection.max() > 0:
+        values["demographic_parity_ratio"] = float(selection.min() / selection.max())
+    else:
+        values["demographic_parity_ratio"] = None
+        undefined["demographic_parity_ratio"] = f"no group of {attribute} has any positive prediction (0/0)"
+    spreads: dict[str, float] = {}
+    problems: list[str] = []
+    for short, rate, what in (("TPR", rates.true_positive_rate, "positive"),
+                              ("FPR", rates.false_positive_rate, "negative")):
+        defined = ~np.isnan(rate)
+        left_out = [group_names[i] for i in np.flatnonzero(~defined)]
+        if defined.sum() < 2:
+            problems.append(f"{short} is defined for fewer than 2 groups (groups without {what} examples: "
+                            f"{', '.join(left_out)})")
+            continue
+        spreads[short] = _spread(rate[defined])
+        if left_out:
+            caveats["equalized_odds_difference"] = (
+                caveats.get("equalized_odds_difference", "") + ("; " if "equalized_odds_difference" in caveats else "")
+                + f"{short} spread over {int(defined.sum())} of {len(group_names)} groups; left out (no {what} "
+                f"examples, Fairlearn would count their {short} as 0): {', '.join(left_out)}"
+            )
+    if problems:
+        values["equalized_odds_difference"] = None
+        undefined["equalized_odds_difference"] = "; ".join(problems)
+    else:
+        values["equalized_odds_difference"] = max(spreads.values())
+    return values, undefined, caveats
+
+
+def _num_classes(dense: Outcomes, pruned: Outcomes, num_classes: int | None) -> int | None:
+    known = {o.num_classes for o in (dense, pruned) if o.num_classes is not None}
+    if num_classes is not None:
+        known.add(num_classes)
+    if len(known) > 1:
+        raise EngineError(f"the number of classes disagrees between the outcomes and the call: {sorted(known)}")
+    if not known:
+        return None
+    resolved = known.pop()
+    if resolved < 2:
+        raise EngineError(f"a classifier needs at least 2 classes, got num_classes={resolved}")
+    for which, outcomes in (("dense", dense), ("pruned", pruned)):
+        if len(outcomes) and (outcomes.pred.min() < 0 or outcomes.pred.max() >= resolved):
+            raise EngineError(f"{which} predictions must be class indices in [0, {resolved})")
+    return resolved
+
+
+def _labels(dense: Outcomes, pruned: Outcomes, num_classes: int | None) -> tuple[np.ndarray | None, str | None]:
+    """The true labels: from the outcomes, or for a binary task worked out from pred and correct."""
+    if num_classes is None:
+        return None, "number of classes unknown (pass num_classes or use outcomes from evaluate())"
+    if dense.label is not None and pruned.label is not None and not np.array_equal(dense.label, pruned.label):
+        raise EngineError("dense and pruned outcomes carry different labels for the same examples")
+    label = dense.label if dense.label is not None else pruned.label
+    if label is None and num_classes == 2:
+        label = np.where(dense.correct, dense.pred, 1 - dense.pred)
+        if not np.array_equal(pruned.correct, pruned.pred == label):
+            raise EngineError("dense and pruned outcomes imply different labels for the same examples")
+    if label is None:
+        return None, "the outcomes carry no labels (not made by evaluate())"
+    if len(label) and (label.min() < 0 or label.max() >= num_classes):
+        raise EngineError(f"labels must be class indices in [0, {num_classes})")
+    return label, None
 
 
 def _aggregates(
@@ -268,7 +685,7 @@ def _checked_codes(attribute: str, codes: np.ndarray, n: int, n_names: int) -> n
     codes = np.asarray(codes)
     if codes.shape != (n,) or not np.issubdtype(codes.dtype, np.integer):
         raise EngineError(f"group codes for {attribute} must be {n} integers, got shape {codes.shape} of {codes.dtype}")
-    if codes.min() < -1 or codes.max() >= n_names:
+    if n and (codes.min() < -1 or codes.max() >= n_names):
         raise EngineError(
             f"group codes for {attribute} must be in [-1, {n_names}), got {codes.min()} to {codes.max()}"
         )
