@@ -2,7 +2,7 @@
 
 import importlib
 
-for name in ("engine", "group_metrics", "diagnostics"):
+for name in ("engine", "group_metrics", "diagnostics", "pruning"):
     try:
         module = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as exc:

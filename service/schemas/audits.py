@@ -46,7 +46,7 @@ class DiagnosticsSpec(BaseModel):
         description="Hessian trace (Hutchinson) and top eigenvalue (power iteration) per group. 'auto' computes "
         "them for models up to 5M parameters and says so in the report when it skips them.",
     )
-    hutchinson_probes: int = Field(32, ge=1, le=1000, description="Rademacher probes per group.")
+    hutchinson_probes: int = Field(32, ge=2, le=1000, description="Rademacher probes per group.")
     power_iterations: int = Field(20, ge=1, le=500, description="Power-iteration steps for the top eigenvalue.")
     max_examples_per_group: int = Field(512, ge=1, le=100_000, description="Seeded subsample cap for curvature.")
 

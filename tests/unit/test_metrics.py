@@ -3,6 +3,9 @@ evaluate() against a per-example loop."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
 
 import numpy as np
@@ -12,7 +15,24 @@ import torch.nn.functional as F
 
 from worker.engine.architectures import build_model
 from worker.engine.errors import EngineError
-from worker.engine.metrics import Outcomes, attribute_metrics, evaluate, overall_metrics
+from worker.engine.metrics import (
+    GROUP_FIELD_FAMILIES,
+    AttributeMetrics,
+    Outcomes,
+    attribute_metrics,
+    evaluate,
+    intersect,
+    overall_metrics,
+)
+
+BINARY_AGGREGATES = {f"{prefix}{name}" for prefix in ("", "dense_") for name in
+                     ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")}
+
+
+def _none_fields(result: AttributeMetrics) -> set[str]:
+    # num_classes is an input (None = not known), not a metric.
+    return {f.name for f in dataclasses.fields(result) if getattr(result, f.name) is None} - {"num_classes"}
+
 
 # Ten examples: group a (code 0) ×4, b (code 1) ×2, c (code 2) ×2, no group (−1) ×2; group "d" has none.
 NAMES = ["a", "b", "c", "d"]
@@ -85,7 +105,10 @@ def test_aggregates_by_hand() -> None:
     assert result.worst_group_accuracy == pytest.approx(0.0)
     assert result.worst_group == "b"
     assert result.max_accuracy_drop == pytest.approx(0.5)
-    assert result.undefined == {}
+    # Hand-made outcomes carry no number of classes and no bootstrap was asked for: only those are undefined.
+    assert set(result.undefined) == {*BINARY_AGGREGATES, "max_excess_accuracy_gap_ci"}
+    assert "number of classes unknown" in result.undefined["demographic_parity_difference"]
+    assert "bootstrap not requested" in result.undefined["max_excess_accuracy_gap_ci"]
 
 
 def test_one_group_leaves_spreads_undefined_with_a_reason() -> None:
@@ -107,8 +130,10 @@ def test_no_group_at_all_leaves_every_aggregate_undefined() -> None:
     result = attribute_metrics("race", DENSE, PRUNED, np.full(10, -1), NAMES)
     assert result.groups == [] and result.n_missing == 10
     assert result.worst_group is None and result.max_excess_accuracy_gap is None
-    assert len(result.undefined) == 9
-    assert all("no evaluated example has a group" in reason for reason in result.undefined.values())
+    core = {k: v for k, v in result.undefined.items() if k not in {*BINARY_AGGREGATES, "max_excess_accuracy_gap_ci"}}
+    assert len(core) == 9
+    assert all("no evaluated example has a group" in reason for reason in core.values())
+    assert _none_fields(result) <= set(result.undefined)
 
 
 def test_weighted_excess_accuracy_gaps_sum_to_zero_when_groups_partition_the_data() -> None:
@@ -186,3 +211,281 @@ def test_evaluate_rejects_labels_outside_the_model_classes() -> None:
     y[20] = 4
     with pytest.raises(EngineError, match=r"labels must be class indices in \[0, 4\)"):
         evaluate(model, x, y, batch_size=8)
+
+
+def test_evaluate_proxies_match_a_per_example_softmax() -> None:
+    model, x, y = _tiny_model_and_data()
+    outcomes = evaluate(model, x, y, batch_size=8)
+    assert outcomes.num_classes == 4
+    assert np.array_equal(outcomes.label, y)
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(x)):
+            logits = model(torch.from_numpy(x[i : i + 1]))[0].double()
+            probs = torch.softmax(logits, 0)
+            others = [logits[c].item() for c in range(4) if c != y[i]]
+            assert outcomes.p_true[i] == pytest.approx(probs[y[i]].item(), rel=1e-5, abs=1e-7)
+            assert outcomes.gini[i] == pytest.approx(1 - sum(probs[c].item() ** 2 for c in range(4)), rel=1e-5, abs=1e-7)
+            assert outcomes.margin[i] == pytest.approx(logits[y[i]].item() - max(others), rel=1e-5, abs=1e-5)
+            assert (outcomes.margin[i] > 0) == outcomes.correct[i]
+
+
+# ---- random outcomes compared with brute force and with Fairlearn -------------------------------------------
+
+
+def _random_outcomes(rng: np.random.Generator, n: int, num_classes: int, label: np.ndarray, accuracy: float) -> Outcomes:
+    wrong = (label + rng.integers(1, num_classes, n)) % num_classes
+    pred = np.where(rng.random(n) < accuracy, label, wrong)
+    logits = rng.normal(size=(n, num_classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    masked = logits.copy()
+    masked[np.arange(n), label] = -np.inf
+    return Outcomes(
+        pred=pred, correct=pred == label, loss=rng.exponential(1 / accuracy, n), label=label,
+        p_true=probs[np.arange(n), label], gini=1 - (probs**2).sum(1),
+        margin=logits[np.arange(n), label] - masked.max(1), num_classes=num_classes,
+    )
+
+
+def _random_case(seed: int, num_classes: int = 2, n: int = 3000, names=("a", "b", "c", "d", "e")):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, num_classes, n)
+    dense = _random_outcomes(rng, n, num_classes, label, 0.85)
+    pruned = _random_outcomes(rng, n, num_classes, label, 0.7)
+    # Unequal groups, a few rows without a group.
+    codes = rng.choice(np.arange(-1, len(names)), size=n, p=np.r_[0.03, np.geomspace(1, 0.05, len(names))
+                                                                    / np.geomspace(1, 0.05, len(names)).sum() * 0.97])
+    return dense, pruned, codes, list(names)
+
+
+def test_proxies_flips_and_confusion_match_a_python_loop() -> None:
+    dense, pruned, codes, names = _random_case(3, num_classes=3, n=1200)
+    result = attribute_metrics("g", dense, pruned, codes, names)
+    for details in result.group_details:
+        members = [i for i in range(len(codes)) if codes[i] >= 0 and names[codes[i]] == details.group]
+        for prefix, o in (("dense_", dense), ("", pruned)):
+            p = [o.p_true[i] for i in members]
+            assert getattr(details, prefix + "error_proxy") == pytest.approx(sum(1 - v for v in p) / len(p))
+            assert getattr(details, prefix + "boundary_proximity") == pytest.approx(sum(v * (1 - v) for v in p) / len(p))
+            assert getattr(details, prefix + "gini_impurity") == pytest.approx(sum(o.gini[i] for i in members) / len(p))
+            assert getattr(details, prefix + "logit_margin") == pytest.approx(sum(o.margin[i] for i in members) / len(p))
+            matrix = [[0] * 3 for _ in range(3)]
+            for i in members:
+                matrix[o.label[i]][o.pred[i]] += 1
+            assert getattr(details, prefix + "confusion") == matrix
+        to_wrong = sum(1 for i in members if dense.correct[i] and not pruned.correct[i])
+        to_right = sum(1 for i in members if not dense.correct[i] and pruned.correct[i])
+        changed = sum(1 for i in members if dense.pred[i] != pruned.pred[i])
+        assert (details.flips_correct_to_wrong, details.flips_wrong_to_correct, details.flips_any) == (
+            to_wrong, to_right, changed)
+        assert details.flips_any_rate == pytest.approx(changed / len(members))
+        assert details.flips_correct_to_wrong_rate == pytest.approx(to_wrong / len(members))
+        assert details.flips_wrong_to_correct_rate == pytest.approx(to_right / len(members))
+        # Multi-class: the binary rates are undefined, with one reason for the family.
+        assert details.selection_rate is None and "2-class" in details.undefined["binary_rates"]
+    assert result.demographic_parity_difference is None
+    assert "has 3 classes" in result.undefined["demographic_parity_difference"]
+
+
+def _fairlearn_frame(label, pred, sensitive):
+    import sklearn.metrics as skm
+    from fairlearn.metrics import MetricFrame, false_positive_rate, selection_rate, true_positive_rate
+
+    return MetricFrame(
+        metrics={"accuracy": skm.accuracy_score, "selection_rate": selection_rate, "tpr": true_positive_rate,
+                 "fpr": false_positive_rate, "confusion": functools.partial(skm.confusion_matrix, labels=[0, 1])},
+        y_true=label, y_pred=pred, sensitive_features=sensitive,
+    ).by_group
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_binary_metrics_equal_fairlearn(seed: int) -> None:
+    from fairlearn.metrics import demographic_parity_difference, demographic_parity_ratio, equalized_odds_difference
+
+    dense, pruned, codes, names = _random_case(seed)
+    result = attribute_metrics("g", dense, pruned, codes, names)
+    grouped = codes >= 0
+    sensitive = np.array(names)[codes[grouped]]
+    label = dense.label[grouped]
+    assert result.num_classes == 2 and result.caveats == {}
+    for prefix, outcomes in (("dense_", dense), ("", pruned)):
+        pred = outcomes.pred[grouped]
+        frame = _fairlearn_frame(label, pred, sensitive)
+        ours = {g.group: g for g in result.groups}
+        for details in result.group_details:
+            row = frame.loc[details.group]
+            accuracy = ours[details.group].dense_accuracy if prefix else ours[details.group].accuracy
+            assert accuracy == pytest.approx(row["accuracy"], abs=1e-15)
+            assert getattr(details, prefix + "selection_rate") == pytest.approx(row["selection_rate"], abs=1e-15)
+            assert getattr(details, prefix + "true_positive_rate") == pytest.approx(row["tpr"], abs=1e-15)
+            assert getattr(details, prefix + "false_positive_rate") == pytest.approx(row["fpr"], abs=1e-15)
+            assert getattr(details, prefix + "confusion") == row["confusion"].tolist()
+        kwargs = {"y_true": label, "y_pred": pred, "sensitive_features": sensitive}
+        assert getattr(result, prefix + "demographic_parity_difference") == pytest.approx(
+            demographic_parity_difference(**kwargs), abs=1e-15)
+        assert getattr(result, prefix + "demographic_parity_ratio") == pytest.approx(
+            demographic_parity_ratio(**kwargs), abs=1e-15)
+        assert getattr(result, prefix + "equalized_odds_difference") == pytest.approx(
+            equalized_odds_difference(**kwargs), abs=1e-15)
+
+
+def test_a_group_without_positives_has_no_tpr_where_fairlearn_says_zero() -> None:
+    from fairlearn.metrics import false_positive_rate_difference, true_positive_rate_difference
+
+    dense, pruned, codes, names = _random_case(5)
+    label = dense.label.copy()
+    in_c = codes == names.index("c")
+    label[in_c] = 0  # group c: negatives only
+    dense = dataclasses.replace(dense, label=label, correct=dense.pred == label)
+    pruned = dataclasses.replace(pruned, label=label, correct=pruned.pred == label)
+    result = attribute_metrics("g", dense, pruned, codes, names)
+    c = next(d for d in result.group_details if d.group == "c")
+    assert c.true_positive_rate is None and c.dense_true_positive_rate is None
+    assert c.undefined["true_positive_rate"] == "group c has no positive (class 1) examples"
+    assert c.false_positive_rate is not None and c.selection_rate is not None
+    grouped = codes >= 0
+    sensitive = np.array(names)[codes[grouped]]
+    frame = _fairlearn_frame(label[grouped], pruned.pred[grouped], sensitive)
+    assert frame.loc["c", "tpr"] == 0.0  # sklearn's zero-division rule, silently
+    # Ours: the TPR spread over the groups that have positives, the FPR spread over all; said in a caveat.
+    has_positives = grouped & ~in_c
+    tpr_spread = true_positive_rate_difference(label[has_positives], pruned.pred[has_positives],
+                                               sensitive_features=np.array(names)[codes[has_positives]])
+    fpr_spread = false_positive_rate_difference(label[grouped], pruned.pred[grouped], sensitive_features=sensitive)
+    assert result.equalized_odds_difference == pytest.approx(max(tpr_spread, fpr_spread), abs=1e-15)
+    assert "left out" in result.caveats["equalized_odds_difference"] and ": c" in result.caveats["equalized_odds_difference"]
+    json.dumps(dataclasses.asdict(result), allow_nan=False)
+
+
+def test_tpr_defined_for_fewer_than_two_groups_leaves_equalized_odds_undefined() -> None:
+    dense, pruned, codes, names = _random_case(6, names=("a", "b"))
+    label = np.where(codes == 1, 1, np.where(codes == 0, 0, dense.label))  # a: negatives only, b: positives only
+    dense = dataclasses.replace(dense, label=label, correct=dense.pred == label)
+    pruned = dataclasses.replace(pruned, label=label, correct=pruned.pred == label)
+    result = attribute_metrics("g", dense, pruned, codes, names)
+    assert result.equalized_odds_difference is None
+    assert "TPR is defined for fewer than 2 groups" in result.undefined["equalized_odds_difference"]
+    assert "FPR is defined for fewer than 2 groups" in result.undefined["equalized_odds_difference"]
+    assert result.demographic_parity_difference is not None
+    json.dumps(dataclasses.asdict(result), allow_nan=False)
+
+
+def test_no_positive_prediction_leaves_the_parity_ratio_undefined_where_fairlearn_gives_nan() -> None:
+    from fairlearn.metrics import demographic_parity_ratio
+
+    dense, pruned, codes, names = _random_case(7)
+    pred = np.zeros(len(codes), np.int64)
+    pruned = dataclasses.replace(pruned, pred=pred, correct=pred == pruned.label)
+    result = attribute_metrics("g", dense, pruned, codes, names)
+    grouped = codes >= 0
+    assert math.isnan(demographic_parity_ratio(pruned.label[grouped], pred[grouped],
+                                               sensitive_features=codes[grouped]))
+    assert result.demographic_parity_ratio is None
+    assert "no group of g has any positive prediction" in result.undefined["demographic_parity_ratio"]
+    assert result.demographic_parity_difference == 0.0
+    assert result.dense_demographic_parity_ratio is not None
+
+
+def test_binary_labels_are_worked_out_when_the_outcomes_carry_none() -> None:
+    dense, pruned, codes, names = _random_case(8)
+    bare = [Outcomes(pred=o.pred, correct=o.correct, loss=o.loss) for o in (dense, pruned)]
+    with_labels = attribute_metrics("g", dense, pruned, codes, names)
+    without = attribute_metrics("g", *bare, codes, names, num_classes=2)
+    for a, b in zip(with_labels.group_details, without.group_details, strict=True):
+        assert a.confusion == b.confusion and a.true_positive_rate == b.true_positive_rate
+        assert b.error_proxy is None and "no probabilities" in b.undefined["proxies"]
+    assert without.equalized_odds_difference == with_labels.equalized_odds_difference
+
+
+def test_small_groups_are_flagged() -> None:
+    dense, pruned, codes, names = _random_case(9, n=600)
+    sizes = {g.group: g.n for g in attribute_metrics("g", dense, pruned, codes, names).groups}
+    for threshold in (30, 100):
+        result = attribute_metrics("g", dense, pruned, codes, names, min_group_size=threshold)
+        assert result.small_groups == [g for g in names if g in sizes and sizes[g] < threshold]
+        assert [d.small_group for d in result.group_details] == [sizes[d.group] < threshold for d in result.group_details]
+        assert result.min_group_size == threshold
+    assert any(n < 30 for n in sizes.values()) and any(n >= 30 for n in sizes.values())
+
+
+def test_confusion_over_the_cell_limit_is_left_out_with_a_reason() -> None:
+    dense, pruned, codes, names = _random_case(10, num_classes=4, n=400)
+    result = attribute_metrics("g", dense, pruned, codes, names, max_confusion_cells=20)
+    assert all(d.confusion is None and "over the limit of 20" in d.undefined["confusion"] for d in result.group_details)
+
+
+def test_every_none_has_a_reason_and_json_has_no_nan() -> None:
+    cases = [
+        attribute_metrics("race", DENSE, PRUNED, CODES, NAMES),
+        attribute_metrics("race", DENSE, PRUNED, np.full(10, -1), NAMES, bootstrap_resamples=50),
+        attribute_metrics("g", *[Outcomes(pred=o.pred, correct=o.correct, loss=o.loss) for o in _random_case(4)[:2]],
+                          _random_case(4)[2], list("abcde"), num_classes=2, bootstrap_resamples=50),
+        attribute_metrics("g", *_random_case(11, num_classes=3, n=500)[:2], _random_case(11, n=500)[2],
+                          list("abcde"), bootstrap_resamples=50),
+    ]
+    for result in cases:
+        json.dumps(dataclasses.asdict(result), allow_nan=False)
+        assert _none_fields(result) <= set(result.undefined)
+        for details in result.group_details:
+            covered = set(details.undefined)
+            for family in covered & set(GROUP_FIELD_FAMILIES):
+                covered |= set(GROUP_FIELD_FAMILIES[family])
+            none = {f.name for f in dataclasses.fields(details) if getattr(details, f.name) is None}
+            assert none <= covered, none - covered
+
+
+def test_mismatched_labels_and_classes_are_errors() -> None:
+    with pytest.raises(EngineError, match="`correct` is not `pred == label`"):
+        Outcomes(pred=np.array([0, 1]), correct=np.array([True, True]), loss=np.zeros(2), label=np.array([0, 0]))
+    dense, pruned, codes, names = _random_case(12, n=100)
+    with pytest.raises(EngineError, match="number of classes disagrees"):
+        attribute_metrics("g", dense, pruned, codes, names, num_classes=3)
+    with pytest.raises(EngineError, match="different labels"):
+        attribute_metrics("g", dense, dataclasses.replace(pruned, label=1 - pruned.label,
+                                                          correct=pruned.pred == 1 - pruned.label), codes, names)
+
+
+# ---- intersections -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_intersect_matches_a_brute_force_dict(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 2000
+    race_names, sex_names, age_names = ["Asian", "Black", "White", "Other"], ["F", "M"], ["<30", "30-60", ">60"]
+    race = rng.integers(-1, 4, n)
+    sex = rng.integers(-1, 2, n)
+    age = rng.integers(0, 3, n)
+    age[(race == 3) & (sex == 0)] = 2  # some combinations never occur
+    name, codes, names = intersect([("race", race, race_names), ("sex", sex, sex_names), ("age", age, age_names)])
+    assert name == "race&sex&age"
+    combos = {}
+    for i in range(n):
+        if race[i] < 0 or sex[i] < 0 or age[i] < 0:
+            assert codes[i] == -1
+            continue
+        combos.setdefault((race[i], sex[i], age[i]), []).append(i)
+    expected_names = [f"{race_names[r]}&{sex_names[s]}&{age_names[a]}" for r, s, a in sorted(combos)]
+    assert names == expected_names and len(names) < 4 * 2 * 3
+    for code, key in enumerate(sorted(combos)):
+        assert np.flatnonzero(codes == code).tolist() == combos[key]
+    # Row order does not change the codes of a combination.
+    perm = rng.permutation(n)
+    _, permuted, permuted_names = intersect([("race", race[perm], race_names), ("sex", sex[perm], sex_names),
+                                             ("age", age[perm], age_names)])
+    assert permuted_names == names and np.array_equal(permuted, codes[perm])
+    # The intersection feeds attribute_metrics as any attribute; missing rows are counted, not dropped.
+    dense, pruned, _, _ = _random_case(seed, n=n)
+    result = attribute_metrics(name, dense, pruned, codes, names)
+    assert result.n_missing == int(((race < 0) | (sex < 0)).sum())
+    assert sum(g.n for g in result.groups) + result.n_missing == n
+
+
+def test_intersect_of_huge_code_spaces_uses_unique_rows() -> None:
+    big = [f"v{i}" for i in range(1 << 21)]
+    codes = [np.array([5, 5, -1, 7, 5]), np.array([1, 1, 1, 0, 0]), np.array([2, 2, 2, 2, 3]),
+             np.array([9, 9, 9, 9, 9])]
+    name, out, names = intersect([(f"a{k}", c, big) for k, c in enumerate(codes)])
+    assert name == "a0&a1&a2&a3"
+    assert out.tolist() == [1, 1, -1, 2, 0]  # sorted by the codes, first attribute slowest
+    assert names == ["v5&v0&v3&v9", "v5&v1&v2&v9", "v7&v0&v2&v9"]

@@ -77,7 +77,7 @@ class GroupCurvature:
     """Hessian trace and top eigenvalue of each group's mean loss on its capped subsample."""
 
     trace: np.ndarray  # float64 Hutchinson estimate of Tr(H_a) (restricted to the mask)
-    trace_se: np.ndarray  # float64 its standard error, std(ddof=1)/√probes
+    trace_se: np.ndarray  # float64 its standard error, std(ddof=1)/√probes (NaN only when probes == 1)
     top_eigenvalue: np.ndarray  # float64 λ_max(H_a) by power iteration (restricted to the mask)
     eigenvalue_converged: np.ndarray  # bool: the Rayleigh quotient settled within the iteration cap
     examples_used: np.ndarray  # int64 min(n_a, max_examples); 0 = empty group, all figures 0
@@ -171,7 +171,6 @@ def _gradient_pass(
 ) -> None:
     leaves = list(state.leaves.values())
     buffers: dict[int, list[list[torch.Tensor] | None]] = {k: [None] * sizes[k] for k in buffered}
-    deltas = [[d.to(device) for d in delta] for delta in deltas]
 
     def finish(k: int, group: int, total: list[torch.Tensor]) -> None:
         total = state.masked(total)
@@ -187,7 +186,7 @@ def _gradient_pass(
             leaf.grad = None
         for index in batches:
             inputs, labels = _batch(x, y, index, state.dtype, device)
-            F.cross_entropy(state.logits(inputs, index), labels, reduction="sum").backward()
+            state.loss_sum(inputs, labels).backward()
         cell = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         for leaf in leaves:
             leaf.grad = None
@@ -270,12 +269,12 @@ def group_directional(
             cell_first, cell_second = np.zeros(len(directions)), np.zeros(len(directions))
             for index in batches:
                 inputs, labels = _batch(x, y, index, state.dtype, device)
-                loss = F.cross_entropy(state.logits(inputs, index), labels, reduction="sum")
+                loss = state.loss_sum(inputs, labels)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
                 for d, v in enumerate(directions):
                     slope = sum((g * t).sum() for g, t in zip(grads, v, strict=True))
                     hv = torch.autograd.grad(slope, leaves, retain_graph=d < len(directions) - 1)
-                    cell_first[d] += float(slope)
+                    cell_first[d] += float(slope.detach())
                     cell_second[d] += sum(float(torch.vdot(h.flatten().double(), t.flatten().double()))
                                           for h, t in zip(hv, v, strict=True))
             for k, code in enumerate(cell_codes):
@@ -340,12 +339,16 @@ def hutchinson_trace(
     batch_size: int = 512,
     device: Device = "cpu",
 ) -> tuple[float, float]:
-    """(Tr(H), standard error) of the mean loss over (x, y) (one group) restricted to the mask,
+    """(Tr(H), standard error) of the mean loss over (x, y) (one group) restricted to the mask, by
     Hutchinson's estimator (1/m) Σ_j v_jᵀHv_j with m = `probes` Rademacher vectors v_j ⊙ mask, on
-    the `curvature_subsample` of at most `max_examples` examples."""
+    the `curvature_subsample` of at most `max_examples` examples. The first-order graph is built
+    once and reused by every probe when the subsample fits one batch of `batch_size`."""
     _check_probes(probes)
-    operator = _hessian_operator(model, params, x, y, masks, max_examples, seed, batch_size, device)
+    _check_data(x, y)
+    state = _State(model, params, masks)
+    rows = curvature_subsample(len(y), max_examples, seed)
     with _eval_mode(model):
+        operator = _HessianOperator(state, x, y, rows, batch_size, device)
         return _hutchinson(operator, probes, _streams(seed)[1])
 
 
@@ -366,11 +369,15 @@ def top_eigenvalue(
     """λ_max(H) (the largest, signed) of the mean loss over (x, y) restricted to the mask, by power
     iteration on Hessian-vector products (at most `iterations`, stopping once the Rayleigh quotient
     moves less than `tolerance` relatively), on the `curvature_subsample`. Power iteration finds
-    the largest |λ|; if that eigenvalue is negative (or ±λ pairs keep it from settling), it iterates
-    again on H + σI with σ the spectral radius found, and subtracts σ (SCIENCE.md §3.3)."""
+    the largest |λ|; if that eigenvalue is negative (or ±λ of similar size keep it from settling),
+    it iterates again on H + ρI, ρ the spectral radius found, and subtracts ρ (SCIENCE.md §3.3), so
+    the cost is up to 2 × `iterations` products."""
     _check_iterations(iterations, tolerance)
-    operator = _hessian_operator(model, params, x, y, masks, max_examples, seed, batch_size, device)
+    _check_data(x, y)
+    state = _State(model, params, masks)
+    rows = curvature_subsample(len(y), max_examples, seed)
     with _eval_mode(model):
+        operator = _HessianOperator(state, x, y, rows, batch_size, device)
         return _top_eigenvalue(operator, iterations, tolerance, _streams(seed)[2])[0]
 
 
@@ -394,81 +401,61 @@ def group_curvature(
     """Hutchinson trace (± standard error) and top eigenvalue of every group's mean-loss Hessian,
     sharing one subsample and one first-order graph per group. Group a uses seed (seed, a), so
     `hutchinson_trace(model, params, x[codes == a], y[codes == a], seed=(seed, a), ...)` gives the
-    same numbers. Empty groups get zeros and examples_used == 0."""
+    same numbers. Empty groups get zeros and examples_used == 0. Only the subsample is read from x."""
     _check_probes(probes)
     _check_iterations(power_iterations, tolerance)
     (codes,), (size,) = _check_groupings([codes], [n_groups], len(x))
     _check_data(x, y)
+    state = _State(model, params, masks)
     trace, trace_se, top = np.zeros(size), np.zeros(size), np.zeros(size)
     converged = np.zeros(size, dtype=bool)
     used = np.zeros(size, dtype=np.int64)
     counts = np.bincount(codes[codes >= 0], minlength=size).astype(np.int64)
-    for group in np.flatnonzero(counts):
-        members = np.flatnonzero(codes == group)
-        group_seed = (seed, int(group))
-        operator = _hessian_operator(model, params, x[members] if len(members) else x, y[members],
-                                     masks, max_examples, group_seed, batch_size, device, rows=members)
-        _, probe_rng, power_rng = _streams(group_seed)
-        with _eval_mode(model):
+    with _eval_mode(model):
+        for group in np.flatnonzero(counts):
+            members = np.flatnonzero(codes == group)
+            group_seed = (seed, int(group))
+            _, probe_rng, power_rng = _streams(group_seed)
+            rows = members[curvature_subsample(len(members), max_examples, group_seed)]
+            operator = _HessianOperator(state, x, y, rows, batch_size, device)
             trace[group], trace_se[group] = _hutchinson(operator, probes, probe_rng)
             top[group], converged[group] = _top_eigenvalue(operator, power_iterations, tolerance, power_rng)
-        used[group] = operator.n
+            used[group] = len(rows)
+            del operator  # frees the retained graph before the next group builds its own
     return GroupCurvature(trace=trace, trace_se=trace_se, top_eigenvalue=top, eigenvalue_converged=converged,
                           examples_used=used, counts=counts)
 
 
 class _HessianOperator:
-    """v ↦ P H P v for the mean loss over a fixed set of examples, on flat vectors. When the set fits
-    one batch its first-order graph is built once and reused by every product; otherwise each
-    product rebuilds it batch by batch, so memory stays at one batch."""
+    """v ↦ P H P v on flat vectors, H the Hessian of the mean loss over the examples `rows` of
+    (x, y). When they fit one batch, the first-order graph is built once and reused by every
+    product; otherwise each product rebuilds it batch by batch, so memory stays at one batch."""
 
-    def __init__(self, state: _State, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
-        self.state, self.batches, self.n = state, batches, n
+    def __init__(
+        self, state: _State, x: np.ndarray, y: np.ndarray, rows: np.ndarray, batch_size: int, device: Device
+    ) -> None:
+        _check_batch_size(batch_size)
+        if len(rows) == 0:
+            raise EngineError("cannot estimate the curvature of a group with no examples")
+        self.state, self.n = state, len(rows)
         self.leaves = list(state.leaves.values())
-        self.retained = None
-        if len(batches) == 1:
-            self.retained = self._gradient(*batches[0])
+        self.batches = [_batch(x, y, rows[start:start + batch_size], state.dtype, device)
+                        for start in range(0, len(rows), batch_size)]
+        self.retained = self._gradient(*self.batches[0]) if len(self.batches) == 1 else None
 
     def _gradient(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        loss = F.cross_entropy(self.state.logits(inputs), labels, reduction="sum")
-        return torch.autograd.grad(loss, self.leaves, create_graph=True)
+        return torch.autograd.grad(self.state.loss_sum(inputs, labels), self.leaves, create_graph=True)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        v = v * self.state.flat_mask if self.state.flat_mask is not None else v
-        pieces = self.state.unflatten(v)
+        mask = self.state.flat_mask
+        pieces = self.state.unflatten(v * mask if mask is not None else v)
         if self.retained is not None:
             products = [torch.autograd.grad(self.retained, self.leaves, grad_outputs=pieces, retain_graph=True)]
         else:
             products = [torch.autograd.grad(self._gradient(*batch), self.leaves, grad_outputs=pieces)
                         for batch in self.batches]
         hv = torch.cat([sum(parts).flatten() for parts in zip(*products, strict=True)]) / self.n
-        return hv * self.state.flat_mask if self.state.flat_mask is not None else hv
-
-
-def _hessian_operator(
-    model: nn.Module,
-    params: Tensors | None,
-    x: np.ndarray,
-    y: np.ndarray,
-    masks: Tensors | None,
-    max_examples: int,
-    seed: int | Sequence[int],
-    batch_size: int,
-    device: Device,
-    rows: np.ndarray | None = None,
-) -> _HessianOperator:
-    _check_batch_size(batch_size)
-    if rows is None:
-        _check_data(x, y)
-    if len(x) == 0:
-        raise EngineError("cannot estimate the curvature of a group with no examples")
-    state = _State(model, params, masks)
-    chosen = curvature_subsample(len(y), max_examples, seed)
-    batches = []
-    for start in range(0, len(chosen), batch_size):
-        index = chosen[start:start + batch_size]
-        batches.append(_batch(x, y, index, state.dtype, device))
-    return _HessianOperator(state, batches, len(chosen))
+        return hv * mask if mask is not None else hv
 
 
 def _hutchinson(operator: _HessianOperator, probes: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -480,7 +467,9 @@ def _hutchinson(operator: _HessianOperator, probes: int, rng: np.random.Generato
         if state.flat_mask is not None:
             v = v * state.flat_mask
         samples[j] = _vdot(v, operator(v))
-    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(probes))
+    # One probe has no spread to measure: its standard error is unknown (NaN), not 0.
+    se = float(samples.std(ddof=1) / math.sqrt(probes)) if probes > 1 else math.nan
+    return float(samples.mean()), se
 
 
 def _top_eigenvalue(
@@ -628,12 +617,16 @@ class _State:
                           else mask.detach().to(device=self.device, dtype=self.dtype))
         return result
 
-    def logits(self, inputs: torch.Tensor, index: np.ndarray | None = None) -> torch.Tensor:
+    def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the model at this state on one batch."""
         logits = functional_call(self.model, {**self.constants, **self.leaves}, (inputs,))
         n_classes = logits.shape[1]
+        if int(labels.max()) >= n_classes:
+            raise EngineError(f"labels must be class indices in [0, {n_classes}) for this model; "
+                              f"got label {int(labels.max())}")
         if not torch.isfinite(logits).all():
             raise EngineError("the model produced NaN or infinite outputs; check the input scaling and the weights")
-        return logits if n_classes else logits
+        return F.cross_entropy(logits, labels, reduction="sum")
 
     def masked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.masks is None:
@@ -703,13 +696,15 @@ def _check_groupings(
             raise EngineError(f"grouping {k} must be one integer code per example ({n}), got shape {grouping.shape} "
                               f"and dtype {grouping.dtype}")
         grouping = grouping.astype(np.int64)
-        size = (int(grouping.max()) + 1 if n else 0) if n_groups is None else int(n_groups[k])
-        if n and (grouping.min() < -1 or grouping.max() >= max(size, 0)) and grouping.max() >= 0:
-            raise EngineError(f"grouping {k} has codes outside −1..{size - 1}")
+        size = int(grouping.max(initial=-1)) + 1 if n_groups is None else int(n_groups[k])
+        if size < 0:
+            raise EngineError(f"grouping {k} cannot have {size} groups")
         if n and grouping.min() < -1:
             raise EngineError(f"grouping {k} has codes below −1 (−1 means no group)")
+        if n and grouping.max() >= size:
+            raise EngineError(f"grouping {k} has code {int(grouping.max())}, but only {size} groups (0..{size - 1})")
         codes.append(grouping)
-        sizes.append(max(size, 0))
+        sizes.append(size)
     return codes, sizes
 
 
@@ -729,13 +724,13 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _check_probes(probes: int) -> None:
-    if probes < 2:
-        raise EngineError(f"Hutchinson needs at least 2 probes for a standard error, got {probes}")
+    if probes < 1:
+        raise EngineError(f"Hutchinson needs at least 1 probe, got {probes}")
 
 
 def _check_iterations(iterations: int, tolerance: float) -> None:
-    if iterations < 2:
-        raise EngineError(f"power iteration needs at least 2 iterations, got {iterations}")
+    if iterations < 1:
+        raise EngineError(f"power iteration needs at least 1 iteration, got {iterations}")
     if not tolerance > 0:
         raise EngineError(f"the power-iteration tolerance must be positive, got {tolerance}")
 

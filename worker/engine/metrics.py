@@ -162,7 +162,7 @@ class OverallMetrics:
     excessive_loss: float  # J(θs) − J(θd)
 
 
-# Keys of GroupMetrics.undefined that stand for a whole family of fields left None for one reason.
+# Keys of GroupDetails.undefined that stand for a whole family of fields left None for one reason.
 GROUP_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
     "proxies": ("dense_error_proxy", "error_proxy", "dense_boundary_proximity", "boundary_proximity",
                 "dense_gini_impurity", "gini_impurity", "dense_logit_margin", "logit_margin"),
@@ -176,7 +176,7 @@ GROUP_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class GroupMetrics:
-    """One group of one attribute. Unprefixed model metrics are the pruned model's, `dense_` the dense one's."""
+    """The core metrics of one group of one attribute (one row of the report's group table)."""
 
     group: str
     n: int
@@ -188,6 +188,14 @@ class GroupMetrics:
     accuracy_drop: float  # Δa = Acc_a(θd) − Acc_a(θs)
     excess_accuracy_gap: float  # ψa = Δa − Δ
     excessive_loss: float  # R(a) = J_a(θs) − J_a(θd)
+
+
+@dataclass(frozen=True)
+class GroupDetails:
+    """Everything else about the same group (AttributeMetrics.group_details, same order as `groups`).
+    Unprefixed model metrics are the pruned model's, `dense_` ones the dense model's."""
+
+    group: str
     small_group: bool  # n_a < min_group_size: treat every number of this group as unreliable
     # Distance-to-boundary proxies (SCIENCE.md §3.5, §6 rows 9, 11-13), group means per model.
     dense_error_proxy: float | None  # E_a = mean(1 − p_y)
@@ -257,6 +265,7 @@ class AttributeMetrics:
     bootstrap_resamples: int  # 0 = no intervals
     bootstrap_seed: int
     caveats: dict[str, str]  # notes on values that ARE reported but rest on part of the data
+    group_details: list[GroupDetails]  # one per entry of `groups`, same order
 
 
 def overall_metrics(dense: Outcomes, pruned: Outcomes) -> OverallMetrics:
@@ -373,11 +382,12 @@ def attribute_metrics(
     max_confusion_cells: int = DEFAULT_MAX_CONFUSION_CELLS,
 ) -> AttributeMetrics:
     """Metrics per group of one attribute; `codes[i]` is example i's index into `names`, −1 when the
-    example has no group. Groups without examples are left out.
+    example has no group. Groups without examples are left out; examples without a group count in n_missing
+    and in the overall Δ, and are left out of the binary aggregates (as they would be of a Fairlearn frame).
 
     `num_classes` defaults to the outcomes' own (set by `evaluate`). `bootstrap_resamples` > 0 adds 95%
-    bootstrap intervals (1000 is the usual number; 0 leaves them out: the percentile intervals resample
-    every grouped example `bootstrap_resamples` times, which costs more than the rest of this function)."""
+    bootstrap intervals (1000 is the usual number; 0 leaves them out: the intervals redraw every grouped
+    example `bootstrap_resamples` times, which costs far more than the rest of this function)."""
     overall = overall_metrics(dense, pruned)
     codes = _checked_codes(attribute, codes, len(dense), len(names))
     num_classes = _num_classes(dense, pruned, num_classes)
@@ -385,131 +395,21 @@ def attribute_metrics(
         raise EngineError(f"min_group_size must be at least 0, got {min_group_size}")
     if bootstrap_resamples < 0:
         raise EngineError(f"bootstrap_resamples must be at least 0, got {bootstrap_resamples}")
-    has_group = codes >= 0
-    all_grouped = bool(has_group.all())
-    group_codes = codes if all_grouped else codes[has_group]
-    counts = np.bincount(group_codes, minlength=len(names))
-    present = np.flatnonzero(counts)
-    n_present = counts[present]
-
-    def group_sum(values: np.ndarray) -> np.ndarray:
-        values = values if all_grouped else values[has_group]
-        weights = values if values.dtype == np.float64 else values.astype(np.float64)
-        return np.bincount(group_codes, weights=weights, minlength=len(names))[present]
-
-    def group_mean(values: np.ndarray) -> np.ndarray:
-        return group_sum(values) / n_present
-
-    def group_count(flags: np.ndarray) -> np.ndarray:
-        flags = flags if all_grouped else flags[has_group]
-        return np.bincount(group_codes[flags], minlength=len(names))[present]
-
-    dense_accuracy, accuracy = group_mean(dense.correct), group_mean(pruned.correct)
-    dense_loss, loss = group_mean(dense.loss), group_mean(pruned.loss)
+    grouping = _Grouping(codes, len(names))
+    sizes = grouping.sizes
+    dense_accuracy, accuracy = grouping.mean(dense.correct), grouping.mean(pruned.correct)
+    dense_loss, loss = grouping.mean(dense.loss), grouping.mean(pruned.loss)
     accuracy_drop = dense_accuracy - accuracy
     # Δ is over ALL examples, those without a group included, as in Balancing Act; so Σ_a w_a ψ_a = 0
     # only when the groups cover every example.
     excess_accuracy_gap = accuracy_drop - overall.accuracy_drop
     excessive_loss = loss - dense_loss
-    group_names = [names[code] for code in present]
-
-    columns: dict[str, list] = {}  # per-group field → one value per present group
-    group_undefined: list[dict[str, str]] = [{} for _ in present]
-
-    def leave_out(family: str, reason: str) -> None:
-        for field in GROUP_FIELD_FAMILIES[family]:
-            columns[field] = [None] * len(present)
-        for reasons in group_undefined:
-            reasons[family] = reason
-
-    # Distance-to-boundary proxies.
-    if all(o.p_true is not None and o.gini is not None and o.margin is not None for o in (dense, pruned)):
-        for prefix, outcomes in (("dense_", dense), ("", pruned)):
-            p = outcomes.p_true
-            columns[f"{prefix}error_proxy"] = _floats(1.0 - group_mean(p))
-            columns[f"{prefix}boundary_proximity"] = _floats(group_mean(p * (1.0 - p)))
-            columns[f"{prefix}gini_impurity"] = _floats(group_mean(outcomes.gini))
-            columns[f"{prefix}logit_margin"] = _floats(group_mean(outcomes.margin))
-    else:
-        leave_out("proxies", "the outcomes carry no probabilities or logit margins (not made by evaluate())")
-
-    # Flips.
-    flip_counts = {
-        "flips_correct_to_wrong": group_count(dense.correct & ~pruned.correct),
-        "flips_wrong_to_correct": group_count(~dense.correct & pruned.correct),
-        "flips_any": group_count(dense.pred != pruned.pred),
-    }
-    for field, values in flip_counts.items():
-        columns[field] = [int(v) for v in values]
-        columns[f"{field}_rate"] = _floats(values / n_present)
-
-    # Confusion matrices and the binary rates.
-    label, label_reason = _labels(dense, pruned, num_classes)
-    confusions: dict[str, np.ndarray] = {}
-    if label is None:
-        leave_out("confusion", label_reason)
-    elif len(present) * num_classes**2 > max_confusion_cells:
-        leave_out("confusion", f"{len(present)} groups × {num_classes}² classes = {len(present) * num_classes**2} "
-                  f"cells per model, over the limit of {max_confusion_cells}")
-    else:
-        present_index = np.full(len(names), -1, dtype=np.int64)
-        present_index[present] = np.arange(len(present))
-        dense_codes = present_index[codes] if len(codes) else codes
-        for prefix, outcomes in (("dense_", dense), ("", pruned)):
-            confusions[prefix] = group_confusion(label, outcomes.pred, dense_codes, len(present), num_classes)
-            columns[f"{prefix}confusion"] = confusions[prefix].tolist()
-
-    binary_values: dict[str, float | None] = {}
-    attribute_undefined: dict[str, str] = {}
-    caveats: dict[str, str] = {}
-    binary_fields = ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")
-    if num_classes != 2 or not confusions:
-        reason = (label_reason or "the confusion counts were left out") if num_classes == 2 else (
-            "binary metrics need a 2-class task; number of classes unknown (pass num_classes)" if num_classes is None
-            else f"binary metrics need a 2-class task; this one has {num_classes} classes")
-        leave_out("binary_rates", reason)
-        for prefix in ("dense_", ""):
-            for field in binary_fields:
-                binary_values[prefix + field] = None
-                attribute_undefined[prefix + field] = reason
-    else:
-        for prefix in ("dense_", ""):
-            rates = binary_rates(confusions[prefix])
-            columns[f"{prefix}selection_rate"] = _floats(rates.selection_rate)
-            for field, values, denominator, what in (
-                ("true_positive_rate", rates.true_positive_rate, rates.positives, "positive (class 1)"),
-                ("false_positive_rate", rates.false_positive_rate, rates.negatives, "negative (class 0)"),
-            ):
-                columns[prefix + field] = _floats(values)
-                for i in np.flatnonzero(denominator == 0):
-                    group_undefined[i][prefix + field] = f"group {group_names[i]} has no {what} examples"
-            values, undefined, notes = _binary_aggregates(attribute, group_names, rates)
-            binary_values |= {prefix + k: v for k, v in values.items()}
-            attribute_undefined |= {prefix + k: v for k, v in undefined.items()}
-            caveats |= {prefix + k: v for k, v in notes.items()}
-
-    # Bootstrap intervals.
-    max_gap_ci = None
-    if bootstrap_resamples == 0:
-        leave_out("confidence_intervals", "bootstrap not requested (bootstrap_resamples=0)")
-        attribute_undefined["max_excess_accuracy_gap_ci"] = "bootstrap not requested (bootstrap_resamples=0)"
-    elif len(present) == 0:
-        leave_out("confidence_intervals", "no group")
-        attribute_undefined["max_excess_accuracy_gap_ci"] = _too_few_groups(attribute, group_names, 1)
-    else:
-        intervals = bootstrap_group_intervals(
-            dense.correct, pruned.correct, dense.loss, pruned.loss, codes, resamples=bootstrap_resamples, seed=seed
-        )
-        for field in GROUP_FIELD_FAMILIES["confidence_intervals"]:
-            columns[field] = [(float(lo), float(hi)) for lo, hi in getattr(intervals, field.removesuffix("_ci"))]
-        max_gap_ci = (float(intervals.max_excess_accuracy_gap[0]), float(intervals.max_excess_accuracy_gap[1]))
-
-    small = n_present < min_group_size
+    group_names = [names[code] for code in grouping.present]
     groups = [
         GroupMetrics(
             group=group_names[i],
-            n=int(n_present[i]),
-            share=int(n_present[i]) / overall.n,
+            n=int(sizes[i]),
+            share=int(sizes[i]) / overall.n,
             dense_accuracy=float(dense_accuracy[i]),
             accuracy=float(accuracy[i]),
             dense_loss=float(dense_loss[i]),
@@ -517,30 +417,203 @@ def attribute_metrics(
             accuracy_drop=float(accuracy_drop[i]),
             excess_accuracy_gap=float(excess_accuracy_gap[i]),
             excessive_loss=float(excessive_loss[i]),
-            small_group=bool(small[i]),
-            **{field: values[i] for field, values in columns.items()},
-            undefined=group_undefined[i],
         )
-        for i in range(len(present))
+        for i in range(len(group_names))
     ]
     aggregates = _aggregates(
         attribute, group_names, dense_accuracy, accuracy, accuracy_drop, excess_accuracy_gap, excessive_loss
     )
-    aggregates["undefined"] |= attribute_undefined
+
+    table = _DetailsTable(group_names)
+    _add_proxies(table, grouping, dense, pruned)
+    _add_flips(table, grouping, dense, pruned)
+    label, label_reason = _labels(dense, pruned, num_classes)
+    confusions = _add_confusions(table, grouping, label, label_reason, dense, pruned, num_classes, max_confusion_cells)
+    binary, binary_undefined, caveats = _add_binary_rates(table, attribute, num_classes, confusions, label_reason)
+    max_gap_ci, ci_undefined = _add_intervals(table, attribute, codes, dense, pruned, bootstrap_resamples, seed)
+    small = sizes < min_group_size
+    details = [
+        GroupDetails(group=name, small_group=bool(small[i]), **table.row(i), undefined=table.undefined[i])
+        for i, name in enumerate(group_names)
+    ]
+    aggregates["undefined"] |= binary_undefined | ci_undefined
     return AttributeMetrics(
         attribute=attribute,
         groups=groups,
-        n_missing=int(len(codes) - len(group_codes)),
+        n_missing=grouping.n_missing,
         **aggregates,
         num_classes=num_classes,
         min_group_size=min_group_size,
         small_groups=[name for name, is_small in zip(group_names, small, strict=True) if is_small],
-        **binary_values,
+        **binary,
         max_excess_accuracy_gap_ci=max_gap_ci,
         bootstrap_resamples=bootstrap_resamples,
         bootstrap_seed=seed,
         caveats=caveats,
+        group_details=details,
     )
+
+
+class _Grouping:
+    """Group sums and counts of per-example values by bincount, over the groups that have examples."""
+
+    def __init__(self, codes: np.ndarray, n_names: int) -> None:
+        self.codes = codes
+        self.has_group = codes >= 0
+        self.all_grouped = bool(self.has_group.all())
+        self.group_codes = codes if self.all_grouped else codes[self.has_group]
+        self.n_names = n_names
+        counts = np.bincount(self.group_codes, minlength=n_names)
+        self.present = np.flatnonzero(counts)
+        self.sizes = counts[self.present]
+        self.n_missing = len(codes) - len(self.group_codes)
+
+    def _grouped(self, values: np.ndarray) -> np.ndarray:
+        return values if self.all_grouped else values[self.has_group]
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        weights = self._grouped(values)
+        weights = weights if weights.dtype == np.float64 else weights.astype(np.float64)
+        return np.bincount(self.group_codes, weights=weights, minlength=self.n_names)[self.present] / self.sizes
+
+    def count(self, flags: np.ndarray) -> np.ndarray:
+        return np.bincount(self.group_codes[self._grouped(flags)], minlength=self.n_names)[self.present]
+
+    def present_codes(self) -> np.ndarray:
+        """Codes renumbered 0..len(present)−1 over the groups with examples; −1 stays −1."""
+        index = np.zeros(self.n_names, dtype=np.int64)
+        index[self.present] = np.arange(len(self.present))
+        out = np.full(len(self.codes), -1, dtype=np.int64)
+        out[self.has_group] = index[self.group_codes]
+        return out
+
+
+class _DetailsTable:
+    """The GroupDetails fields as columns (one value per group), and the reasons for the None ones."""
+
+    def __init__(self, group_names: list[str]) -> None:
+        self.group_names = group_names
+        self.size = len(group_names)
+        self.columns: dict[str, list] = {}
+        self.undefined: list[dict[str, str]] = [{} for _ in group_names]
+
+    def leave_out(self, family: str, reason: str) -> None:
+        for field in GROUP_FIELD_FAMILIES[family]:
+            self.columns[field] = [None] * self.size
+        for reasons in self.undefined:
+            reasons[family] = reason
+
+    def row(self, i: int) -> dict:
+        return {field: values[i] for field, values in self.columns.items()}
+
+
+def _add_proxies(table: _DetailsTable, grouping: _Grouping, dense: Outcomes, pruned: Outcomes) -> None:
+    if not all(o.p_true is not None and o.gini is not None and o.margin is not None for o in (dense, pruned)):
+        table.leave_out("proxies", "the outcomes carry no probabilities or logit margins (not made by evaluate())")
+        return
+    for prefix, outcomes in (("dense_", dense), ("", pruned)):
+        p = outcomes.p_true
+        table.columns[f"{prefix}error_proxy"] = _floats(1.0 - grouping.mean(p))
+        table.columns[f"{prefix}boundary_proximity"] = _floats(grouping.mean(p * (1.0 - p)))
+        table.columns[f"{prefix}gini_impurity"] = _floats(grouping.mean(outcomes.gini))
+        table.columns[f"{prefix}logit_margin"] = _floats(grouping.mean(outcomes.margin))
+
+
+def _add_flips(table: _DetailsTable, grouping: _Grouping, dense: Outcomes, pruned: Outcomes) -> None:
+    for field, flags in (
+        ("flips_correct_to_wrong", dense.correct & ~pruned.correct),
+        ("flips_wrong_to_correct", ~dense.correct & pruned.correct),
+        ("flips_any", dense.pred != pruned.pred),
+    ):
+        counts = grouping.count(flags)
+        table.columns[field] = [int(v) for v in counts]
+        table.columns[f"{field}_rate"] = _floats(counts / grouping.sizes)
+
+
+def _add_confusions(
+    table: _DetailsTable, grouping: _Grouping, label: np.ndarray | None, label_reason: str | None,
+    dense: Outcomes, pruned: Outcomes, num_classes: int | None, max_cells: int,
+) -> dict[str, np.ndarray]:
+    """Confusion counts per model, keyed by field prefix ("dense_", ""); empty when they cannot be had."""
+    if label is None:
+        table.leave_out("confusion", label_reason)
+        return {}
+    cells = table.size * num_classes**2
+    if cells > max_cells:
+        table.leave_out("confusion", f"{table.size} groups × {num_classes}² classes = {cells} cells per model, "
+                                     f"over the limit of {max_cells}")
+        return {}
+    codes = grouping.present_codes()
+    confusions = {}
+    for prefix, outcomes in (("dense_", dense), ("", pruned)):
+        confusions[prefix] = group_confusion(label, outcomes.pred, codes, table.size, num_classes)
+        table.columns[f"{prefix}confusion"] = confusions[prefix].tolist()
+    return confusions
+
+
+_BINARY_AGGREGATES = ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")
+
+
+def _add_binary_rates(
+    table: _DetailsTable, attribute: str, num_classes: int | None, confusions: dict[str, np.ndarray],
+    label_reason: str | None,
+) -> tuple[dict[str, float | None], dict[str, str], dict[str, str]]:
+    """Per-group selection rate, TPR and FPR of each model, and the attribute's binary aggregates:
+    (values, reasons for the None ones, caveats)."""
+    values: dict[str, float | None] = {}
+    undefined: dict[str, str] = {}
+    caveats: dict[str, str] = {}
+    if num_classes != 2 or not confusions:
+        if num_classes is None:
+            reason = "binary metrics need a 2-class task; number of classes unknown (pass num_classes)"
+        elif num_classes != 2:
+            reason = f"binary metrics need a 2-class task; this one has {num_classes} classes"
+        else:
+            reason = label_reason or "the confusion counts were left out (too many groups)"
+        table.leave_out("binary_rates", reason)
+        for prefix in ("dense_", ""):
+            for field in _BINARY_AGGREGATES:
+                values[prefix + field] = None
+                undefined[prefix + field] = reason
+        return values, undefined, caveats
+    group_names = table.group_names
+    for prefix in ("dense_", ""):
+        rates = binary_rates(confusions[prefix])
+        table.columns[f"{prefix}selection_rate"] = _floats(rates.selection_rate)
+        for field, rate, denominator, what in (
+            ("true_positive_rate", rates.true_positive_rate, rates.positives, "positive (class 1)"),
+            ("false_positive_rate", rates.false_positive_rate, rates.negatives, "negative (class 0)"),
+        ):
+            table.columns[prefix + field] = _floats(rate)
+            for i in np.flatnonzero(denominator == 0):
+                table.undefined[i][prefix + field] = f"group {group_names[i]} has no {what} examples"
+        model_values, model_undefined, model_caveats = _binary_aggregates(attribute, group_names, rates)
+        values |= {prefix + k: v for k, v in model_values.items()}
+        undefined |= {prefix + k: v for k, v in model_undefined.items()}
+        caveats |= {prefix + k: v for k, v in model_caveats.items()}
+    return values, undefined, caveats
+
+
+def _add_intervals(
+    table: _DetailsTable, attribute: str, codes: np.ndarray, dense: Outcomes, pruned: Outcomes, resamples: int,
+    seed: int,
+) -> tuple[tuple[float, float] | None, dict[str, str]]:
+    """Per-group bootstrap intervals into the table; returns the interval of max ψa (or None and its reason)."""
+    if resamples == 0:
+        reason = "bootstrap not requested (bootstrap_resamples=0)"
+    elif table.size == 0:
+        reason = _too_few_groups(attribute, table.group_names, 1)
+    else:
+        intervals = bootstrap_group_intervals(
+            dense.correct, pruned.correct, dense.loss, pruned.loss, codes, resamples=resamples, seed=seed
+        )
+        for field in GROUP_FIELD_FAMILIES["confidence_intervals"]:
+            bounds = getattr(intervals, field.removesuffix("_ci"))
+            table.columns[field] = [(float(low), float(high)) for low, high in bounds]
+        low, high = intervals.max_excess_accuracy_gap
+        return (float(low), float(high)), {}
+    table.leave_out("confidence_intervals", reason)
+    return None, {"max_excess_accuracy_gap_ci": reason}
 
 
 def _floats(values: np.ndarray) -> list[float | None]:
@@ -559,10 +632,7 @@ def _binary_aggregates(
     caveats: dict[str, str] = {}
     if len(group_names) < 2:
         reason = _too_few_groups(attribute, group_names, 2)
-        return ({k: None for k in ("demographic_parity_difference", "demographic_parity_ratio",
-                                   "equalized_odds_difference")},
-                {k: reason for k in ("demographic_parity_difference", "demographic_parity_ratio",
-                                     "equalized_odds_difference")}, {})
+        return dict.fromkeys(_BINARY_AGGREGATES), dict.fromkeys(_BINARY_AGGREGATES, reason), {}
     selection = rates.selection_rate
     values["demographic_parity_difference"] = _spread(selection)
     if selection.max() > 0:
@@ -572,21 +642,20 @@ def _binary_aggregates(
         undefined["demographic_parity_ratio"] = f"no group of {attribute} has any positive prediction (0/0)"
     spreads: dict[str, float] = {}
     problems: list[str] = []
+    notes: list[str] = []
     for short, rate, what in (("TPR", rates.true_positive_rate, "positive"),
                               ("FPR", rates.false_positive_rate, "negative")):
         defined = ~np.isnan(rate)
-        left_out = [group_names[i] for i in np.flatnonzero(~defined)]
+        left_out = ", ".join(group_names[i] for i in np.flatnonzero(~defined))
         if defined.sum() < 2:
-            problems.append(f"{short} is defined for fewer than 2 groups (groups without {what} examples: "
-                            f"{', '.join(left_out)})")
-            continue
-        spreads[short] = _spread(rate[defined])
-        if left_out:
-            caveats["equalized_odds_difference"] = (
-                caveats.get("equalized_odds_difference", "") + ("; " if "equalized_odds_difference" in caveats else "")
-                + f"{short} spread over {int(defined.sum())} of {len(group_names)} groups; left out (no {what} "
-                f"examples, Fairlearn would count their {short} as 0): {', '.join(left_out)}"
-            )
+            problems.append(f"{short} is defined for fewer than 2 groups (groups without {what} examples: {left_out})")
+        else:
+            spreads[short] = _spread(rate[defined])
+            if left_out:
+                notes.append(f"{short} spread over {int(defined.sum())} of {len(group_names)} groups; left out "
+                             f"(no {what} examples; Fairlearn would count their {short} as 0): {left_out}")
+    if notes:
+        caveats["equalized_odds_difference"] = "; ".join(notes)
     if problems:
         values["equalized_odds_difference"] = None
         undefined["equalized_odds_difference"] = "; ".join(problems)
