@@ -16,8 +16,15 @@ from service.schemas.reports import (
     AttributeAggregates,
     AttributeReport,
     AuditReport,
+    BinaryRates,
+    BoundaryProxies,
+    ConfidenceIntervals,
+    Confusion,
     DatasetRef,
+    Flips,
+    GroupDiagnostics,
     GroupRow,
+    MechanismDiagnostics,
     ModelRef,
     OverallReport,
     RunReport,
@@ -102,6 +109,14 @@ def _run_report(run: Run) -> RunReport:
                 accuracy_drop=row.accuracy_drop,
                 excess_accuracy_gap=row.excess_accuracy_gap,
                 excessive_loss=row.excessive_loss,
+                small_group=row.small_group,
+                confidence_intervals=ConfidenceIntervals.model_validate(row.details),
+                boundary=BoundaryProxies.model_validate(row.details),
+                flips=Flips.model_validate(row.details),
+                confusion=Confusion.model_validate(row.details),
+                binary=BinaryRates.model_validate(row.details),
+                diagnostics=GroupDiagnostics.model_validate(row.details),
+                undefined=row.details.get("undefined", {}),
             )
         )
     attributes = [
@@ -111,6 +126,8 @@ def _run_report(run: Run) -> RunReport:
             groups=rows_by_attribute.get(attribute, []),
             aggregates=AttributeAggregates(**summary["aggregates"]),
             undefined=summary["undefined"],
+            caveats=summary["caveats"],
+            diagnostics=MechanismDiagnostics(**summary["diagnostics"]),
         )
         for attribute, summary in run.attributes.items()
     ]
@@ -122,6 +139,8 @@ def _run_report(run: Run) -> RunReport:
         achieved_sparsity=run.achieved_sparsity,
         layer_sparsity=run.layer_sparsity,
         seconds=run.seconds,
+        delta_norm=run.delta_norm,
+        notes=run.notes,
         overall=OverallReport(**run.overall),
         attributes=attributes,
     )

@@ -7,7 +7,7 @@ import enum
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -103,6 +103,8 @@ class Run(Base):
     seconds: Mapped[float] = mapped_column(Float)
     overall: Mapped[dict] = mapped_column(JSON)
     attributes: Mapped[dict] = mapped_column(JSON)
+    delta_norm: Mapped[float | None] = mapped_column(Float)
+    notes: Mapped[dict] = mapped_column(JSON, default=dict)
 
     audit: Mapped[Audit] = relationship(back_populates="runs")
     group_metrics: Mapped[list[GroupMetric]] = relationship(
@@ -128,5 +130,11 @@ class GroupMetric(Base):
     accuracy_drop: Mapped[float] = mapped_column(Float)
     excess_accuracy_gap: Mapped[float] = mapped_column(Float)
     excessive_loss: Mapped[float] = mapped_column(Float)
+    small_group: Mapped[bool] = mapped_column(Boolean, default=False)
+    dense_gradient_norm: Mapped[float | None] = mapped_column(Float)
+    gradient_norm: Mapped[float | None] = mapped_column(Float)
+    predicted_excessive_loss: Mapped[float | None] = mapped_column(Float)
+    # Everything else per group (proxies, flips, confusion, binary rates, CIs, curvature), as the report shows it.
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
 
     run: Mapped[Run] = relationship(back_populates="group_metrics")

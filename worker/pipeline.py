@@ -1,22 +1,36 @@
 """One audit, start to finish, on plain values: load → dense baseline → for each ratio: prune → evaluate
-per group. No database, no Celery: `worker.tasks` feeds it and stores what it returns."""
+per group → diagnose why (gradient norms, curvature, predicted excessive loss). No database, no Celery:
+`worker.tasks` feeds it and stores what it returns."""
 
 from __future__ import annotations
 
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from worker.engine import diagnostics
 from worker.engine.architectures import build_model, load_weights
 from worker.engine.errors import EngineError
-from worker.engine.metrics import AttributeMetrics, OverallMetrics, Outcomes, attribute_metrics, evaluate, overall_metrics
+from worker.engine.metrics import (
+    AttributeMetrics,
+    OverallMetrics,
+    Outcomes,
+    attribute_metrics,
+    evaluate,
+    intersect,
+    overall_metrics,
+)
 from worker.engine.pruning import MagnitudePruner, apply_masks, sparsity
+from worker.engine.statistics import spearman
+
+# Curvature costs HVPs over every group for every model; "auto" skips it above this size and says so.
+AUTO_CURVATURE_MAX_PARAMETERS = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,26 @@ class AuditInputs:
     ignored_layers: list[str]
     seed: int
     batch_size: int
+    diagnostics: dict
+    statistics: dict
     device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """One attribute (or the intersection of several) as integer codes (−1 = missing) and names."""
+
+    attribute: str
+    codes: np.ndarray
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class ModelDiagnostics:
+    """Per grouping, per group code: the model's gradient norms and (optionally) curvature."""
+
+    gradient_norms: list[np.ndarray] | None
+    curvature: list[diagnostics.GroupCurvature] | None
 
 
 @dataclass(frozen=True)
@@ -44,6 +77,10 @@ class RunResult:
     seconds: float
     overall: OverallMetrics
     attributes: list[AttributeMetrics]
+    group_diagnostics: dict[str, dict[str, dict]]  # attribute → group → diagnostic figures
+    attribute_diagnostics: dict[str, dict]  # attribute → Spearman summaries
+    delta_norm: float | None  # ‖θs − θd‖ over trainable parameters; None for the dense baseline
+    notes: dict[str, str] = field(default_factory=dict)  # what was not computed, and why
 
 
 @dataclass(frozen=True)
@@ -58,15 +95,21 @@ def select_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def load_arrays(inputs: AuditInputs) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def load_arrays(inputs: AuditInputs) -> tuple[np.ndarray, np.ndarray, list[Grouping]]:
     # Memory-mapped: the worker holds one copy of the dataset, the page cache's.
     x = np.load(inputs.dataset_dir / "x.npy", mmap_mode="r")
     y = np.load(inputs.dataset_dir / "y.npy", mmap_mode="r")
-    codes = {a: np.load(inputs.dataset_dir / f"group_{a}.npy", mmap_mode="r") for a in inputs.group_by}
-    return x, y, codes
+    groupings = [
+        Grouping(a, np.asarray(np.load(inputs.dataset_dir / f"group_{a}.npy", mmap_mode="r")), inputs.group_names[a])
+        for a in inputs.group_by
+    ]
+    if len(groupings) > 1:
+        name, codes, names = intersect([(g.attribute, g.codes, g.names) for g in groupings])
+        groupings.append(Grouping(name, codes, names))
+    return x, y, groupings
 
 
-def check_inputs_fit(model: torch.nn.Module, architecture: dict, x: np.ndarray, y: np.ndarray) -> None:
+def check_inputs_fit(architecture: dict, x: np.ndarray, y: np.ndarray) -> None:
     num_classes = architecture["num_classes"]
     if y.size and int(y.max()) >= num_classes:
         raise EngineError(f"labels go up to {int(y.max())} but the model has {num_classes} outputs")
@@ -81,10 +124,117 @@ def check_inputs_fit(model: torch.nn.Module, architecture: dict, x: np.ndarray, 
         )
 
 
-def measure(
+def curvature_decision(options: dict, parameter_count: int) -> tuple[bool, str | None]:
+    if options["curvature"] == "off":
+        return False, "curvature was turned off in the spec (diagnostics.curvature = 'off')"
+    if options["curvature"] == "auto" and parameter_count > AUTO_CURVATURE_MAX_PARAMETERS:
+        return False, (
+            f"curvature skipped: the model has {parameter_count} parameters, above the automatic limit of "
+            f"{AUTO_CURVATURE_MAX_PARAMETERS}; set diagnostics.curvature = 'on' to compute it"
+        )
+    return True, None
+
+
+def diagnose_model(model, x, y, groupings: list[Grouping], inputs: AuditInputs, device, *, masks=None,
+                   with_curvature: bool) -> ModelDiagnostics:
+    options = inputs.diagnostics
+    norms = None
+    if options["gradient_norms"]:
+        gradients = diagnostics.group_gradients(
+            model, None, x, y, [g.codes for g in groupings], n_groups=[len(g.names) for g in groupings],
+            masks=masks, device=device,
+        )
+        norms = [g.norms for g in gradients]
+    curvature = None
+    if with_curvature:
+        curvature = [
+            diagnostics.group_curvature(
+                model, None, x, y, g.codes, len(g.names), masks=masks, probes=options["hutchinson_probes"],
+                power_iterations=options["power_iterations"], max_examples=options["max_examples_per_group"],
+                seed=inputs.seed, device=device,
+            )
+            for g in groupings
+        ]
+    return ModelDiagnostics(norms, curvature)
+
+
+def figures_by_group(
+    groupings: list[Grouping], dense: ModelDiagnostics, pruned: ModelDiagnostics,
+    directional: list[diagnostics.GroupDirectional] | None, delta_norm: float | None,
+) -> dict[str, dict[str, dict]]:
+    """Attribute → group name → the diagnostic figures of that group (None where not computed)."""
+    result: dict[str, dict[str, dict]] = {}
+    for k, grouping in enumerate(groupings):
+        per_group = {}
+        for code, name in enumerate(grouping.names):
+            figures: dict[str, float | bool | int | None] = {}
+            for prefix, model_diagnostics in (("dense_", dense), ("", pruned)):
+                norms, curvature = model_diagnostics.gradient_norms, model_diagnostics.curvature
+                figures[f"{prefix}gradient_norm"] = float(norms[k][code]) if norms else None
+                figures[f"{prefix}hessian_trace"] = float(curvature[k].trace[code]) if curvature else None
+                figures[f"{prefix}hessian_trace_se"] = float(curvature[k].trace_se[code]) if curvature else None
+                figures[f"{prefix}hessian_top_eigenvalue"] = (
+                    float(curvature[k].top_eigenvalue[code]) if curvature else None
+                )
+                figures[f"{prefix}eigenvalue_converged"] = (
+                    bool(curvature[k].eigenvalue_converged[code]) if curvature else None
+                )
+            figures["curvature_examples"] = int(dense.curvature[k].examples_used[code]) if dense.curvature else None
+            if directional is not None:
+                dot, quadratic = float(directional[k].dot[code]), float(directional[k].quadratic[code])
+                figures["gradient_dot_delta"] = dot
+                figures["delta_hessian_delta"] = quadratic
+                figures["predicted_excessive_loss"] = dot + 0.5 * quadratic
+            else:
+                figures["gradient_dot_delta"] = figures["delta_hessian_delta"] = None
+                figures["predicted_excessive_loss"] = None
+            norm, top = figures["dense_gradient_norm"], figures["dense_hessian_top_eigenvalue"]
+            figures["bound_gradient_term"] = norm * delta_norm if norm is not None and delta_norm is not None else None
+            figures["bound_curvature_term"] = (
+                0.5 * top * delta_norm**2 if top is not None and delta_norm is not None else None
+            )
+            per_group[name] = figures
+        result[grouping.attribute] = per_group
+    return result
+
+
+def spearman_summaries(attribute: AttributeMetrics, figures: dict[str, dict]) -> dict:
+    """Does the paper's mechanism explain this model's disparity? Rank correlations over the groups."""
+    groups = attribute.groups
+
+    def column(name: str) -> list:
+        return [figures[g.group][name] for g in groups]
+
+    pairs = {
+        "size_vs_dense_gradient_norm": ([g.n for g in groups], column("dense_gradient_norm")),
+        "dense_gradient_norm_vs_dense_hessian_trace": (column("dense_gradient_norm"), column("dense_hessian_trace")),
+        "dense_accuracy_vs_accuracy_drop": ([g.dense_accuracy for g in groups], [g.accuracy_drop for g in groups]),
+        "predicted_vs_excessive_loss": (column("predicted_excessive_loss"), [g.excessive_loss for g in groups]),
+    }
+    summaries = {}
+    for name, (a, b) in pairs.items():
+        if any(v is None for v in a) or any(v is None for v in b):
+            summaries[name] = {"rho": None, "reason": "an input was not computed for this audit"}
+            continue
+        rho, reason = spearman(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+        summaries[name] = {"rho": rho, "reason": reason}
+    return summaries
+
+
+def measure_run(
     method: str, scope: str | None, ratio: float, started: float, dense: Outcomes, pruned: Outcomes,
-    codes: dict[str, np.ndarray], inputs: AuditInputs, layer_report: dict,
+    groupings: list[Grouping], inputs: AuditInputs, num_classes: int, layer_report: dict,
+    figures: dict[str, dict[str, dict]], notes: dict[str, str], delta_norm: float | None = None,
 ) -> RunResult:
+    statistics = inputs.statistics
+    attributes = [
+        attribute_metrics(
+            g.attribute, dense, pruned, g.codes, g.names, num_classes=num_classes,
+            min_group_size=statistics["min_group_size"], bootstrap_resamples=statistics["bootstrap_resamples"],
+            seed=inputs.seed,
+        )
+        for g in groupings
+    ]
     return RunResult(
         method=method,
         scope=scope,
@@ -93,9 +243,11 @@ def measure(
         layer_sparsity=layer_report["per_layer"],
         seconds=time.perf_counter() - started,
         overall=overall_metrics(dense, pruned),
-        attributes=[
-            attribute_metrics(a, dense, pruned, np.asarray(codes[a]), inputs.group_names[a]) for a in inputs.group_by
-        ],
+        attributes=attributes,
+        group_diagnostics=figures,
+        attribute_diagnostics={a.attribute: spearman_summaries(a, figures[a.attribute]) for a in attributes},
+        delta_norm=delta_norm,
+        notes=notes,
     )
 
 
@@ -105,17 +257,24 @@ def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], 
     model = build_model(inputs.architecture)
     load_weights(model, inputs.weights_path)
     model.to(device)
-    x, y, codes = load_arrays(inputs)
-    check_inputs_fit(model, inputs.architecture, x, y)
+    x, y, groupings = load_arrays(inputs)
+    check_inputs_fit(inputs.architecture, x, y)
+    num_classes = inputs.architecture["num_classes"]
+    parameter_count = sum(p.numel() for p in model.parameters())
+    with_curvature, curvature_note = curvature_decision(inputs.diagnostics, parameter_count)
+    notes = {"curvature": curvature_note} if curvature_note else {}
     # Kept once to restore between ratios: the worker holds the dense copy and the pruned working model.
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dense_params = {name: dense_state[name] for name, _ in model.named_parameters()}
     pruner = MagnitudePruner(scope=inputs.scope, ignored_layers=inputs.ignored_layers)
     total_steps = len(inputs.ratios) + 1
 
     started = time.perf_counter()
     dense = evaluate(model, x, y, batch_size=inputs.batch_size, device=device)
-    no_masks = pruner.compute_masks(model, 0.0)
-    runs = [measure("dense", None, 0.0, started, dense, dense, codes, inputs, sparsity(model, no_masks))]
+    dense_diagnostics = diagnose_model(model, x, y, groupings, inputs, device, with_curvature=with_curvature)
+    figures = figures_by_group(groupings, dense_diagnostics, dense_diagnostics, None, None)
+    runs = [measure_run("dense", None, 0.0, started, dense, dense, groupings, inputs, num_classes,
+                        sparsity(model, pruner.compute_masks(model, 0.0)), figures, notes)]
     on_progress(1 / total_steps, "dense baseline evaluated")
 
     for step, ratio in enumerate(inputs.ratios, start=2):
@@ -124,8 +283,18 @@ def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], 
         masks = pruner.compute_masks(model, ratio)
         apply_masks(model, masks)
         pruned = evaluate(model, x, y, batch_size=inputs.batch_size, device=device)
-        runs.append(measure("magnitude", inputs.scope, ratio, started, dense, pruned, codes, inputs,
-                            sparsity(model, masks)))
+        pruned_diagnostics = diagnose_model(model, x, y, groupings, inputs, device, masks=masks,
+                                            with_curvature=with_curvature)
+        delta = diagnostics.parameter_delta(dense_params, dict(model.named_parameters()))
+        # R̂(a) = g_a·δ + ½ δᵀH_aδ at the dense parameters (Tran Eq. 4), one pass for all groups.
+        directional = diagnostics.group_directional(
+            model, dense_state, x, y, [g.codes for g in groupings], delta,
+            n_groups=[len(g.names) for g in groupings], device=device,
+        )
+        delta_norm = diagnostics.delta_norm(delta)
+        figures = figures_by_group(groupings, dense_diagnostics, pruned_diagnostics, directional, delta_norm)
+        runs.append(measure_run("magnitude", inputs.scope, ratio, started, dense, pruned, groupings, inputs,
+                                num_classes, sparsity(model, masks), figures, notes, delta_norm))
         on_progress(step / total_steps, f"ratio {ratio:g} evaluated")
 
     environment = {

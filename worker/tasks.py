@@ -64,8 +64,40 @@ def pipeline_inputs(audit: Audit):
         ignored_layers=spec["pruning"]["ignored_layers"],
         seed=spec["seed"],
         batch_size=spec["batch_size"],
+        diagnostics=spec["diagnostics"],
+        statistics=spec["statistics"],
         device=get_settings().device,
     )
+
+
+def attribute_summary(attribute) -> dict:
+    """An engine AttributeMetrics as stored on the run: aggregates, and why any of them is null."""
+    summary = dataclasses.asdict(attribute)
+    for key in ("attribute", "groups", "group_details"):
+        summary.pop(key)
+    return {
+        "n_missing": summary.pop("n_missing"),
+        "undefined": summary.pop("undefined"),
+        "caveats": summary.pop("caveats"),
+        "aggregates": summary,
+    }
+
+
+def group_rows(attribute, figures: dict[str, dict]) -> list[GroupMetric]:
+    rows = []
+    for group, details in zip(attribute.groups, attribute.group_details, strict=True):
+        extra = {k: v for k, v in dataclasses.asdict(details).items() if k != "group"}
+        diagnostics = figures[group.group]
+        rows.append(GroupMetric(
+            attribute=attribute.attribute,
+            **dataclasses.asdict(group),
+            small_group=details.small_group,
+            dense_gradient_norm=diagnostics["dense_gradient_norm"],
+            gradient_norm=diagnostics["gradient_norm"],
+            predicted_excessive_loss=diagnostics["predicted_excessive_loss"],
+            details={**extra, **diagnostics},
+        ))
+    return rows
 
 
 def store_results(audit_id: str, result) -> None:
@@ -75,22 +107,16 @@ def store_results(audit_id: str, result) -> None:
             row = Run(
                 audit_id=audit_id, position=position, method=run.method, scope=run.scope, ratio=run.ratio,
                 achieved_sparsity=run.achieved_sparsity, layer_sparsity=run.layer_sparsity, seconds=run.seconds,
-                overall=dataclasses.asdict(run.overall), attributes={},
+                overall=dataclasses.asdict(run.overall), delta_norm=run.delta_norm, notes=run.notes,
+                attributes={
+                    a.attribute: {**attribute_summary(a), "diagnostics": run.attribute_diagnostics[a.attribute]}
+                    for a in run.attributes
+                },
             )
-            attributes = {}
-            group_position = 0
             for attribute in run.attributes:
-                summary = dataclasses.asdict(attribute)
-                groups = summary.pop("groups")
-                attributes[attribute.attribute] = {
-                    "n_missing": summary.pop("n_missing"),
-                    "undefined": summary.pop("undefined"),
-                    "aggregates": {k: v for k, v in summary.items() if k != "attribute"},
-                }
-                for group in groups:
-                    row.group_metrics.append(GroupMetric(position=group_position, attribute=attribute.attribute, **group))
-                    group_position += 1
-            row.attributes = attributes
+                row.group_metrics.extend(group_rows(attribute, run.group_diagnostics[attribute.attribute]))
+            for group_position, group_row in enumerate(row.group_metrics):
+                group_row.position = group_position
             session.add(row)
         audit.environment = result.environment
         session.flush()

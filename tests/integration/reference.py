@@ -41,3 +41,31 @@ def per_group(state: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, groups
         members = groups == group
         result[str(group)] = (correct[members].mean(), losses[members].mean())
     return result
+
+
+def group_gradients(state: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                    kept: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Each group's mean-loss gradient, by autograd on the whole group at once (float64), masked to the
+    kept entries when `kept` is given."""
+    import torch
+
+    result = {}
+    for group in np.unique(groups):
+        members = groups == group
+        params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in state.items()}
+        layers = sorted({k.rsplit(".", 1)[0] for k in state}, key=lambda k: int(k.split(".")[1]))
+        h = torch.tensor(x[members].reshape(int(members.sum()), -1), dtype=torch.float64)
+        for position, layer in enumerate(layers):
+            h = h @ params[f"{layer}.weight"].T + params[f"{layer}.bias"]
+            if position < len(layers) - 1:
+                h = torch.relu(h)
+        loss = torch.nn.functional.cross_entropy(h, torch.tensor(y[members]))
+        loss.backward()
+        grads = []
+        for key, param in params.items():
+            grad = param.grad.numpy()
+            if kept is not None and key in kept:
+                grad = grad * kept[key]
+            grads.append(grad.reshape(-1))
+        result[str(group)] = np.concatenate(grads)
+    return result

@@ -4,9 +4,10 @@ brute-force numpy reference, not against the engine."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tests.integration.reference import per_group, prune_reference
+from tests.integration.reference import group_gradients, per_group, prune_reference
 from tests.integration.stack import start_stack, wait_for_audit
 
 
@@ -54,6 +55,7 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
 
     assert [run["ratio"] for run in report["runs"]] == sorted(ratios)
     dense_reference = per_group(digits_case.state, digits_case.x, digits_case.y, digits_case.y)
+    dense_gradients = group_gradients(digits_case.state, digits_case.x, digits_case.y, digits_case.y)
     for run in report["runs"]:
         pruned_state = prune_reference(digits_case.state, run["ratio"], scope)
         reference = per_group(pruned_state, digits_case.x, digits_case.y, digits_case.y)
@@ -75,6 +77,26 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
             assert group["excess_accuracy_gap"] == pytest.approx(dense_accuracy - accuracy - overall_drop, abs=1e-12)
             assert group["excessive_loss"] == pytest.approx(loss - dense_loss, rel=1e-3, abs=1e-5)
             excessive.append(loss - dense_loss)
+        # Diagnostics on by default: exact gradient norms (dense and pruned, unmasked entries only) and
+        # g_a·δ against autograd on each whole group; curvature present with its subsample size.
+        kept = {k: (v != 0).astype(np.float64) for k, v in pruned_state.items() if k in weights}
+        pruned_gradients = group_gradients(pruned_state, digits_case.x, digits_case.y, digits_case.y, kept)
+        delta = np.concatenate([(pruned_state[k] - digits_case.state[k]).reshape(-1) for k in digits_case.state])
+        assert run["delta_norm"] == pytest.approx(np.linalg.norm(delta), rel=1e-5)
+        for group in digit["groups"]:
+            diagnostics = group["diagnostics"]
+            dense_gradient = dense_gradients[group["group"]]
+            assert diagnostics["dense_gradient_norm"] == pytest.approx(np.linalg.norm(dense_gradient), rel=1e-4)
+            assert diagnostics["gradient_norm"] == pytest.approx(
+                np.linalg.norm(pruned_gradients[group["group"]]), rel=1e-4)
+            assert diagnostics["gradient_dot_delta"] == pytest.approx(dense_gradient @ delta, rel=1e-3, abs=1e-6)
+            assert diagnostics["hessian_trace"] is not None and diagnostics["curvature_examples"] == group["n"]
+            assert diagnostics["predicted_excessive_loss"] == pytest.approx(
+                diagnostics["gradient_dot_delta"] + 0.5 * diagnostics["delta_hessian_delta"])
+            low, high = group["confidence_intervals"]["accuracy_ci"]
+            assert low <= group["accuracy"] <= high
+        assert set(digit["diagnostics"]) == {"size_vs_dense_gradient_norm", "dense_gradient_norm_vs_dense_hessian_trace",
+                                             "dense_accuracy_vs_accuracy_drop", "predicted_vs_excessive_loss"}
         aggregates = digit["aggregates"]
         assert aggregates["loss_fairness_violation"] == pytest.approx(max(excessive) - min(excessive), rel=1e-3, abs=1e-5)
         assert aggregates["max_excess_accuracy_gap"] == pytest.approx(max(g["excess_accuracy_gap"] for g in digit["groups"]))
@@ -175,11 +197,14 @@ def test_csv_dataset_with_string_groups_through_the_worker(embedded_stack, digit
         assert dataset["groups"]["parity"]["names"] == ["even", "odd"]
         assert dataset["groups"]["parity"]["missing"] == 1
         created = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
-                                                  "group_by": ["parity"], "pruning": {"ratios": [0.8]}}).json()
+                                                  "group_by": ["parity", "source"], "pruning": {"ratios": [0.8]}}).json()
         audit = wait_for_audit(client, created["id"])
         assert audit["status"] == "succeeded", audit
         (run,) = client.get(f"/v1/audits/{audit['id']}/report").json()["runs"]
-    (parity,) = run["attributes"]
+    parity, source, both = run["attributes"]
+    assert [parity["attribute"], source["attribute"], both["attribute"]] == ["parity", "source", "parity&source"]
+    assert [g["group"] for g in both["groups"]] == ["even&scan", "odd&scan"]
+    assert both["n_missing"] == 1 and source["n_missing"] == 0
     assert parity["n_missing"] == 1
     sizes = {g["group"]: g["n"] for g in parity["groups"]}
     expected_even = int((digits_case.y[1:] % 2 == 0).sum())
