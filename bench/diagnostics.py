@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import emit
+from bench.common import emit, interleaved_seconds, median_ratio
 from worker.engine.architectures import build_model
 from worker.engine.diagnostics import group_curvature, group_gradients, hutchinson_trace
 
@@ -26,24 +24,6 @@ REPEATS = 5
 PROBES = 32
 MAX_EXAMPLES = 512
 HESSIAN_TARGET_S = 1.0
-
-
-def _interleaved(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
-    """Seconds of each function per repeat, run back to back within a repeat (after one warm-up
-    round), so a change in machine load hits all of them alike; ratios are taken per repeat."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times, strict=True):
-            started = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - started)
-    return times
-
-
-def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def _data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -78,12 +58,12 @@ def bench_grad_norms_cost() -> None:
     race, sex = _unequal_groups(rng, 5), rng.integers(0, 2, ROWS)
     intersection = race * 2 + sex
 
-    plain, ours, three = _interleaved([
+    plain, ours, three = interleaved_seconds([
         lambda: _plain_pass(model, x, y, rng),
         lambda: group_gradients(model, None, x, y, [groups], batch_size=BATCH),
         lambda: group_gradients(model, None, x, y, [race, sex, intersection], batch_size=BATCH),
     ], REPEATS)
-    ratio = _median_ratio(ours, plain)
+    ratio = median_ratio(ours, plain)
     plain_s, ours_s = statistics.median(plain), statistics.median(ours)
     emit("grad_norms_cost", ratio, "ratio", "<= 1.5", ratio <= 1.5, {
         "meaning": f"exact gradient norms of the mean loss of {GROUPS} groups (group_gradients) time / one plain "
@@ -92,7 +72,7 @@ def bench_grad_norms_cost() -> None:
         "batch": BATCH, "group_sizes": np.bincount(groups).tolist(), "x": "float32 .npy, memory-mapped",
         "repeats": REPEATS, "plain_s": round(plain_s, 4), "ours_s": round(ours_s, 4),
         "value_is": "median over repeats of the per-repeat ratio, the three runs interleaved",
-        "race_sex_intersection_17_groups_ratio": round(_median_ratio(three, plain), 4),
+        "race_sex_intersection_17_groups_ratio": round(median_ratio(three, plain), 4),
         "threads": torch.get_num_threads(),
     })
 
@@ -112,7 +92,7 @@ def bench_hessian_cost() -> None:
         F.cross_entropy(model(torch.from_numpy(np.asarray(x[index]))),
                         torch.from_numpy(np.asarray(y[index], dtype=np.int64))).backward()
 
-    reference, trace, both = _interleaved([
+    reference, trace, both = interleaved_seconds([
         gradient_of_subsample,
         lambda: hutchinson_trace(model, None, xg, yg, probes=PROBES, max_examples=MAX_EXAMPLES, seed=0),
         lambda: group_curvature(model, None, x, y, groups, 4, probes=PROBES, max_examples=MAX_EXAMPLES, seed=0),
@@ -125,7 +105,7 @@ def bench_hessian_cost() -> None:
         "model": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()),
         "subsample": MAX_EXAMPLES, "probes": PROBES, "repeats": REPEATS,
         "plain_gradient_of_subsample_s": round(reference_s, 4),
-        "trace_in_plain_gradients": round(_median_ratio(trace, reference), 1),
+        "trace_in_plain_gradients": round(median_ratio(trace, reference), 1),
         "trace_and_top_eigenvalue_s_per_group": round(both_s, 4),
         "threads": torch.get_num_threads(),
     })

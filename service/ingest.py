@@ -619,7 +619,6 @@ def read_csv_dataset(
     try:
         with fh:
             reader = csv.reader(fh, strict=True)
-            line = 0
             try:
                 header = next(reader, None)
                 if header is None:

@@ -5,7 +5,6 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest

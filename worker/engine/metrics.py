@@ -74,6 +74,11 @@ class Outcomes:
         return len(self.loss)
 
 
+# Per-example figures are computed on blocks of this many rows of logits, not per forward batch: a
+# dozen small tensor ops per batch cost more than the forward pass's margin allows (eval_overhead bench).
+POSTPROCESS_ROWS = 65_536
+
+
 def evaluate(
     model: nn.Module,
     x: np.ndarray,
@@ -91,48 +96,53 @@ def evaluate(
         raise EngineError(f"labels must be integer class indices, got dtype {y.dtype}")
     if batch_size < 1:
         raise EngineError(f"batch size must be at least 1, got {batch_size}")
+    labels = np.array(y, dtype=np.int64)
+    if len(labels) == 0:
+        empty_f, empty_i = np.empty(0, np.float64), np.empty(0, np.int64)
+        return Outcomes(pred=empty_i, correct=np.empty(0, bool), loss=empty_f, label=empty_i,
+                        p_true=empty_f, gini=empty_f, margin=empty_f)
+    input_dtype = _input_dtype(model)
+    blocks, pending, pending_start = [], [], 0
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            batches = [
-                _evaluate_batch(model, x, y, start, min(start + batch_size, len(x)), device)
-                for start in range(0, len(x), batch_size)
-            ]
+            for start in range(0, len(x), batch_size):
+                # np.array copies the slice: a writable float32 batch even when x is a read-only memmap.
+                batch = torch.from_numpy(np.array(x[start:start + batch_size], dtype=np.float32))
+                # Kept as a float64 copy: holding the model's own output buffers across batches slowed the
+                # forward pass by ~4% here (measured), and float64 is what the losses need anyway.
+                pending.append(model(batch.to(device=device, dtype=input_dtype)).double())
+                num_classes = int(pending[-1].shape[1])
+                rows = start + len(batch) - pending_start
+                if rows >= POSTPROCESS_ROWS or start + batch_size >= len(x):
+                    blocks.append(_per_example(torch.cat(pending), labels[pending_start:pending_start + rows],
+                                               pending_start))
+                    pending, pending_start = [], pending_start + rows
     finally:
         model.train(was_training)
-    if not batches:
-        empty_f, empty_i = np.empty(0, np.float64), np.empty(0, np.int64)
-        return Outcomes(pred=empty_i, correct=np.empty(0, bool), loss=empty_f, label=empty_i,
-                        p_true=empty_f, gini=empty_f, margin=empty_f)
-    pred, correct, loss, label, p_true, gini, margin = (
-        np.concatenate(parts) for parts in zip(*(batch[:-1] for batch in batches), strict=True)
-    )
-    return Outcomes(pred=pred, correct=correct, loss=loss, label=label, p_true=p_true, gini=gini, margin=margin,
-                    num_classes=batches[0][-1])
+    pred, correct, loss, p_true, gini, margin = (np.concatenate(parts) for parts in zip(*blocks, strict=True))
+    return Outcomes(pred=pred, correct=correct, loss=loss, label=labels, p_true=p_true, gini=gini, margin=margin,
+                    num_classes=num_classes)
 
 
-def _evaluate_batch(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, start: int, stop: int, device: torch.device | str
-) -> tuple:
-    # np.array copies the slice: a writable float32 batch even when x is a read-only memmap.
-    inputs = torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device=device, dtype=_input_dtype(model))
-    labels_np = np.array(y[start:stop], dtype=np.int64)
-    labels = torch.from_numpy(labels_np).to(device)
-    logits = model(inputs).double()  # float64 losses: group means of small differences stay exact
+def _per_example(logits: torch.Tensor, labels_np: np.ndarray, offset: int) -> tuple:
+    """float64 logits (group means of small loss differences stay exact) → per-example figures."""
     n_classes = logits.shape[1]
+    stop = offset + len(labels_np) - 1
     if n_classes < 2:
         raise EngineError(f"the model has {n_classes} output; a classifier needs at least 2 classes")
-    if labels.min() < 0 or labels.max() >= n_classes:
+    if labels_np.min() < 0 or labels_np.max() >= n_classes:
         raise EngineError(
-            f"labels must be class indices in [0, {n_classes}) for this model; examples {start}..{stop - 1} "
-            f"contain labels from {int(labels.min())} to {int(labels.max())}"
+            f"labels must be class indices in [0, {n_classes}) for this model; examples {offset}..{stop} "
+            f"contain labels from {int(labels_np.min())} to {int(labels_np.max())}"
         )
     if not torch.isfinite(logits).all():
         raise EngineError(
-            f"the model produced NaN or infinite outputs on examples {start}..{stop - 1}; "
+            f"the model produced NaN or infinite outputs on examples {offset}..{stop}; "
             "check the input scaling and the weights"
         )
+    labels = torch.from_numpy(labels_np).to(logits.device)
     pred = logits.argmax(dim=1)
     column = labels[:, None]
     log_probs = torch.log_softmax(logits, dim=1)
@@ -143,8 +153,7 @@ def _evaluate_batch(
     others = logits.scatter(1, column, float("-inf")).amax(dim=1)
     margin = logits.gather(1, column).squeeze(1) - others
     p_true = torch.exp(-loss)
-    host = [t.cpu().numpy() for t in (pred, pred == labels, loss, p_true, gini, margin)]
-    return host[0], host[1], host[2], labels_np, host[3], host[4], host[5], n_classes
+    return tuple(t.cpu().numpy() for t in (pred, pred == labels, loss, p_true, gini, margin))
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:
