@@ -40,42 +40,62 @@ def prunable_layers(model: Model) -> list[str]:
     ]
 
 
-def check_compatible(spec: AuditSpec, model: Model, dataset: Dataset) -> None:
+def check_dataset_fits(model: Model, dataset: Dataset, role: str) -> None:
     expected = model.input_shape
     actual = dataset.feature_shape
     fits = math.prod(actual) == math.prod(expected) if model.architecture_name == "mlp" else actual == expected
     if not fits:
-        raise InvalidInput(f"model expects input {expected} per example; dataset x has {actual}")
+        raise InvalidInput(f"model expects input {expected} per example; {role} dataset x has {actual}")
     if len(dataset.classes) > model.num_classes:
         raise InvalidInput(
-            f"dataset has {len(dataset.classes)} classes but the model has {model.num_classes} outputs"
+            f"{role} dataset has {len(dataset.classes)} classes but the model has {model.num_classes} outputs"
         )
-    unknown = [attribute for attribute in spec.group_by if attribute not in dataset.groups]
-    if unknown:
-        raise InvalidInput(
-            f"group attribute(s) {unknown} not in dataset; it has {sorted(dataset.groups)}"
-        )
+
+
+def check_methods(spec: AuditSpec, model: Model, train_dataset: Dataset | None) -> None:
     layers = prunable_layers(model)
-    unknown_layers = [layer for layer in spec.pruning.ignored_layers if layer not in layers]
-    if unknown_layers:
-        raise InvalidInput(f"ignored_layers {unknown_layers} are not prunable layers of this model: {layers}")
-    if set(layers) <= set(spec.pruning.ignored_layers):
-        raise InvalidInput("ignored_layers keeps every layer dense: nothing left to prune")
+    for method in spec.pruning.methods:
+        named = [*(method.ignored_layers or []), *method.layer_ratios]
+        unknown_layers = [layer for layer in named if layer not in layers]
+        if unknown_layers:
+            raise InvalidInput(f"method {method.label}: {unknown_layers} are not prunable layers of this model: {layers}")
+        if method.ignored_layers is not None and set(layers) <= set(method.ignored_layers):
+            raise InvalidInput(f"method {method.label}: ignored_layers keeps every layer dense: nothing left to prune")
+        if method.fine_tuning is not None and train_dataset is None:
+            raise InvalidInput(
+                f"method {method.label} fine-tunes the pruned model, which needs a train dataset: set "
+                "train_dataset_id (without one, only one-shot pruning without fine-tuning runs)"
+            )
 
 
-def create_audit(session: Session, spec: AuditSpec, max_ratios: int) -> Audit:
-    if len(spec.pruning.ratios) > max_ratios:
-        raise InvalidInput(f"at most {max_ratios} ratios per audit; got {len(spec.pruning.ratios)}")
+def create_audit(session: Session, spec: AuditSpec, max_runs: int) -> Audit:
+    runs = len(spec.pruning.ratios) * len(spec.pruning.methods)
+    if runs > max_runs:
+        raise InvalidInput(f"at most {max_runs} runs (ratios × methods) per audit; this spec asks for {runs}")
     try:
         model = catalog.get_model(session, spec.model_id)
         dataset = catalog.get_dataset(session, spec.dataset_id)
+        train_dataset = catalog.get_dataset(session, spec.train_dataset_id) if spec.train_dataset_id else None
     except NotFound as exc:
         raise InvalidInput(exc.detail) from None
-    check_compatible(spec, model, dataset)
+    check_dataset_fits(model, dataset, "evaluation")
+    if train_dataset is not None:
+        check_dataset_fits(model, train_dataset, "train")
+    unknown = [attribute for attribute in spec.group_by if attribute not in dataset.groups]
+    if unknown:
+        raise InvalidInput(f"group attribute(s) {unknown} not in dataset; it has {sorted(dataset.groups)}")
+    check_methods(spec, model, train_dataset)
     audit = Audit(model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"))
     session.add(audit)
     session.flush()
     return audit
+
+
+def get_run(session: Session, audit_id: str, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.audit_id != audit_id:
+        raise NotFound(f"run {run_id} of audit {audit_id} does not exist")
+    return run
 
 
 def get_audit(session: Session, audit_id: str) -> Audit:
@@ -94,7 +114,7 @@ def list_audits(session: Session, *, status: AuditStatus | None, limit: int, off
     return list(items), total
 
 
-def _run_report(run: Run) -> RunReport:
+def _run_report(run: Run, weights_url) -> RunReport:
     rows_by_attribute: dict[str, list[GroupRow]] = {}
     for row in run.group_metrics:
         rows_by_attribute.setdefault(row.attribute, []).append(
@@ -133,6 +153,7 @@ def _run_report(run: Run) -> RunReport:
     ]
     return RunReport(
         id=run.id,
+        label=run.label,
         method=run.method,
         scope=run.scope,
         ratio=run.ratio,
@@ -140,13 +161,17 @@ def _run_report(run: Run) -> RunReport:
         layer_sparsity=run.layer_sparsity,
         seconds=run.seconds,
         delta_norm=run.delta_norm,
+        compression=run.compression,
+        recipe=run.recipe,
+        weights_url=weights_url(run) if run.weights_sha256 else None,
         notes=run.notes,
         overall=OverallReport(**run.overall),
         attributes=attributes,
     )
 
 
-def build_report(session: Session, audit_id: str) -> AuditReport:
+def build_report(session: Session, audit_id: str, weights_url) -> AuditReport:
+    """`weights_url(run)` gives the download address of a run's pruned weights."""
     audit = session.scalars(
         select(Audit)
         .where(Audit.id == audit_id)
@@ -157,7 +182,7 @@ def build_report(session: Session, audit_id: str) -> AuditReport:
     if audit.status != AuditStatus.succeeded:
         reason = f": {audit.error}" if audit.error else f" (progress {audit.progress:.0%})"
         raise Conflict(f"the report exists once the audit has succeeded; audit {audit.id} is {audit.status.value}{reason}")
-    dense, *pruned = (_run_report(run) for run in audit.runs)
+    dense, *pruned = (_run_report(run, weights_url) for run in audit.runs)
     model, dataset = audit.model, audit.dataset
     return AuditReport(
         audit_id=audit.id,

@@ -95,6 +95,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
     position: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(64), default="dense")
     method: Mapped[str] = mapped_column(String(32))
     scope: Mapped[str | None] = mapped_column(String(16))
     ratio: Mapped[float] = mapped_column(Float)
@@ -105,6 +106,9 @@ class Run(Base):
     attributes: Mapped[dict] = mapped_column(JSON)
     delta_norm: Mapped[float | None] = mapped_column(Float)
     notes: Mapped[dict] = mapped_column(JSON, default=dict)
+    recipe: Mapped[dict] = mapped_column(JSON, default=dict)
+    compression: Mapped[dict] = mapped_column(JSON, default=dict)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
 
     audit: Mapped[Audit] = relationship(back_populates="runs")
     group_metrics: Mapped[list[GroupMetric]] = relationship(

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     queue_name: str = "pruneaudit"
     max_upload_bytes: int = 512 * 1024 * 1024
     audit_time_limit_s: int = 3600
-    max_ratios: int = 50
+    max_runs: int = Field(50, description="Most runs (ratios × methods) one audit may ask for.")
     max_parameters: int = Field(200_000_000, description="Largest model (trainable parameters) accepted for upload.")
     device: str = Field("auto", description="Torch device for workers: auto (CUDA when present), cpu, cuda.")
     host: str = "127.0.0.1"

@@ -65,6 +65,16 @@ class BlobStore:
         os.replace(staged.path, target)
         return target
 
+    def add_file(self, path: Path) -> str:
+        """Move a file the server wrote itself (e.g. pruned weights) into the store; returns its sha256."""
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+        staged = StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=path.stat().st_size)
+        self.commit(staged)
+        return staged.sha256
+
     def discard(self, staged: StagedUpload) -> None:
         staged.path.unlink(missing_ok=True)
 

@@ -22,6 +22,8 @@ class DigitsCase:
     state: dict[str, np.ndarray]
     x: np.ndarray
     y: np.ndarray
+    x_train: np.ndarray
+    y_train: np.ndarray
 
     def npz(self, **extra) -> bytes:
         buffer = io.BytesIO()
@@ -47,14 +49,16 @@ def digits_case() -> DigitsCase:
 
     from worker.demo import ARCHITECTURE, train_digits_model
 
-    model, x_eval, y_eval = train_digits_model(seed=0)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    splits = train_digits_model(seed=0)
+    state = {k: v.detach().contiguous() for k, v in splits.model.state_dict().items()}
     return DigitsCase(
         architecture=ARCHITECTURE,
         weights=save(state),
         state={k: v.numpy().copy() for k, v in state.items()},
-        x=x_eval,
-        y=y_eval,
+        x=splits.x_eval,
+        y=splits.y_eval,
+        x_train=splits.x_train,
+        y_train=splits.y_train,
     )
 
 

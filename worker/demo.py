@@ -11,6 +11,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,16 @@ ARCHITECTURE = {"name": "mlp", "in_features": 64, "hidden": [64, 32], "num_class
 RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95]
 
 
-def train_digits_model(seed: int = 0) -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class DigitsSplits:
+    model: torch.nn.Module
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_eval: np.ndarray
+    y_eval: np.ndarray
+
+
+def train_digits_model(seed: int = 0) -> DigitsSplits:
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     x_train, x_eval, y_train, y_eval = train_test_split(
@@ -43,7 +53,7 @@ def train_digits_model(seed: int = 0) -> tuple[torch.nn.Module, np.ndarray, np.n
             torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
             optimizer.step()
     model.eval()
-    return model, x_eval, y_eval.astype(np.int64)
+    return DigitsSplits(model, x_train, y_train.astype(np.int64), x_eval, y_eval.astype(np.int64))
 
 
 def check(response: httpx.Response) -> dict:
@@ -54,7 +64,8 @@ def check(response: httpx.Response) -> dict:
 
 def run(url: str, timeout_s: float) -> int:
     started = time.perf_counter()
-    model, x_eval, y_eval = train_digits_model()
+    splits = train_digits_model()
+    model, x_eval, y_eval = splits.model, splits.x_eval, splits.y_eval
     print(f"demo: trained an MLP on scikit-learn digits in {time.perf_counter() - started:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=url, timeout=60) as client:
         weights = Path(tmp) / "digits-mlp.safetensors"
@@ -74,7 +85,8 @@ def run(url: str, timeout_s: float) -> int:
         ))
         audit = check(client.post("/v1/audits", json={
             "model_id": uploaded_model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-            "pruning": {"method": "magnitude", "scope": "global", "ratios": RATIOS}, "seed": 0,
+            "pruning": {"ratios": RATIOS, "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}]},
+            "seed": 0,
         }))
         deadline = time.monotonic() + timeout_s
         while audit["status"] in ("queued", "running"):

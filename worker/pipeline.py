@@ -4,6 +4,7 @@ per group → diagnose why (gradient norms, curvature, predicted excessive loss)
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 from collections.abc import Callable
@@ -26,8 +27,12 @@ from worker.engine.metrics import (
     intersect,
     overall_metrics,
 )
-from worker.engine.pruning import MagnitudePruner, apply_masks, sparsity
+from safetensors.torch import save_file
+
+from worker.engine.finetune import finetune, gradual_magnitude_prune
+from worker.engine.pruning import MagnitudePruner, RandomPruner, apply_masks, default_dense_layers, sparsity
 from worker.engine.statistics import spearman
+from worker.engine.structured import ChannelPruner, model_cost
 
 # Curvature costs HVPs over every group for every model; "auto" skips it above this size and says so.
 AUTO_CURVATURE_MAX_PARAMETERS = 5_000_000
@@ -40,9 +45,10 @@ class AuditInputs:
     dataset_dir: Path
     group_by: list[str]
     group_names: dict[str, list[str]]
-    scope: str
     ratios: list[float]
-    ignored_layers: list[str]
+    methods: list[dict]  # MethodSpec dumps, each with its "label"
+    train_dataset_dir: Path | None
+    output_dir: Path  # pruned weights of every run are written here
     seed: int
     batch_size: int
     diagnostics: dict
@@ -68,7 +74,18 @@ class ModelDiagnostics:
 
 
 @dataclass(frozen=True)
+class PrunedRun:
+    """A pruned (and maybe fine-tuned) working model and what was done to get it."""
+
+    model: torch.nn.Module
+    masks: dict[str, torch.Tensor] | None  # None for physically pruned (channel) models
+    recipe: dict
+    layer_report: dict
+
+
+@dataclass(frozen=True)
 class RunResult:
+    label: str
     method: str
     scope: str | None
     ratio: float
@@ -80,6 +97,9 @@ class RunResult:
     group_diagnostics: dict[str, dict[str, dict]]  # attribute → group → diagnostic figures
     attribute_diagnostics: dict[str, dict]  # attribute → Spearman summaries
     delta_norm: float | None  # ‖θs − θd‖ over trainable parameters; None for the dense baseline
+    recipe: dict = field(default_factory=dict)  # method, ratio, dense layers, architecture: how to redo it
+    compression: dict = field(default_factory=dict)  # parameters, MACs, file size of the model evaluated
+    weights_path: Path | None = None  # safetensors of the pruned model, under inputs.output_dir
     notes: dict[str, str] = field(default_factory=dict)  # what was not computed, and why
 
 
@@ -222,9 +242,9 @@ def spearman_summaries(attribute: AttributeMetrics, figures: dict[str, dict]) ->
 
 
 def measure_run(
-    method: str, scope: str | None, ratio: float, started: float, dense: Outcomes, pruned: Outcomes,
+    label: str, method: str, scope: str | None, ratio: float, started: float, dense: Outcomes, pruned: Outcomes,
     groupings: list[Grouping], inputs: AuditInputs, num_classes: int, layer_report: dict,
-    figures: dict[str, dict[str, dict]], notes: dict[str, str], delta_norm: float | None = None,
+    figures: dict[str, dict[str, dict]], notes: dict[str, str], delta_norm: float | None = None, **outputs,
 ) -> RunResult:
     statistics = inputs.statistics
     attributes = [
@@ -236,6 +256,7 @@ def measure_run(
         for g in groupings
     ]
     return RunResult(
+        label=label,
         method=method,
         scope=scope,
         ratio=ratio,
@@ -248,54 +269,123 @@ def measure_run(
         attribute_diagnostics={a.attribute: spearman_summaries(a, figures[a.attribute]) for a in attributes},
         delta_norm=delta_norm,
         notes=notes,
+        **outputs,
     )
+
+
+def load_train_arrays(inputs: AuditInputs) -> tuple[np.ndarray, np.ndarray] | None:
+    if inputs.train_dataset_dir is None:
+        return None
+    return (np.load(inputs.train_dataset_dir / "x.npy", mmap_mode="r"),
+            np.load(inputs.train_dataset_dir / "y.npy", mmap_mode="r"))
+
+
+def prune_model(dense_model: torch.nn.Module, method: dict, ratio: float, inputs: AuditInputs,
+                train: tuple[np.ndarray, np.ndarray] | None, device, on_epoch) -> PrunedRun:
+    """A pruned working copy of the dense model (the dense one is left as it was), fine-tuned if asked."""
+    ignored = method["ignored_layers"] if method["ignored_layers"] is not None else default_dense_layers(dense_model)
+    recipe = {"method": method, "ratio": ratio, "ignored_layers": ignored, "seed": inputs.seed,
+              "architecture": inputs.architecture}
+    fine_tuning = method["fine_tuning"]
+    training = {k: fine_tuning[k] for k in ("lr", "batch_size", "optimizer", "momentum", "weight_decay")} \
+        if fine_tuning else {}
+    if method["method"] == "channel":
+        pruner = ChannelPruner(norm=method["norm"], scope=method["scope"], ignored_layers=ignored,
+                               layer_ratios=method["layer_ratios"])
+        pruned = pruner.prune(dense_model, ratio)
+        recipe["architecture"] = {"name": "pruned", **pruned.architecture}
+        if fine_tuning:
+            finetune(pruned.model, *train, epochs=fine_tuning["epochs"], seed=inputs.seed, device=device,
+                     on_epoch=on_epoch, **training)
+        dense_count = sum(p.numel() for p in dense_model.parameters())
+        removed = 1 - sum(p.numel() for p in pruned.model.parameters()) / dense_count
+        layer_report = {"overall": removed, "all_parameters": removed,
+                        "per_layer": {name: {"removed_channels": len(indices)}
+                                      for name, indices in pruned.removed_channels.items()}}
+        return PrunedRun(pruned.model, None, recipe, layer_report)
+    model = copy.deepcopy(dense_model)
+    if method["schedule"] == "gradual":
+        masks = gradual_magnitude_prune(
+            model, *train, final_ratio=ratio, pruning_steps=method["pruning_steps"],
+            epochs_per_step=fine_tuning["epochs"], scope=method["scope"], ignored_layers=ignored,
+            layer_ratios=method["layer_ratios"], seed=inputs.seed, device=device, on_epoch=on_epoch, **training,
+        )
+    else:
+        pruner_class = MagnitudePruner if method["method"] == "magnitude" else RandomPruner
+        options = {"seed": inputs.seed} if method["method"] == "random" else {}
+        pruner = pruner_class(scope=method["scope"], ignored_layers=ignored, layer_ratios=method["layer_ratios"],
+                              **options)
+        masks = pruner.compute_masks(model, ratio)
+        apply_masks(model, masks)
+        if fine_tuning:
+            finetune(model, *train, epochs=fine_tuning["epochs"], seed=inputs.seed, masks=masks, device=device,
+                     on_epoch=on_epoch, **training)
+    return PrunedRun(model, masks, recipe, sparsity(model, masks))
 
 
 def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], None]) -> AuditResult:
     torch.manual_seed(inputs.seed)
     device = select_device(inputs.device)
-    model = build_model(inputs.architecture)
-    load_weights(model, inputs.weights_path)
-    model.to(device)
+    dense_model = build_model(inputs.architecture)
+    load_weights(dense_model, inputs.weights_path)
+    dense_model.to(device)
     x, y, groupings = load_arrays(inputs)
     check_inputs_fit(inputs.architecture, x, y)
+    train = load_train_arrays(inputs)
+    if train is not None:
+        check_inputs_fit(inputs.architecture, *train)
     num_classes = inputs.architecture["num_classes"]
-    parameter_count = sum(p.numel() for p in model.parameters())
+    parameter_count = sum(p.numel() for p in dense_model.parameters())
     with_curvature, curvature_note = curvature_decision(inputs.diagnostics, parameter_count)
     notes = {"curvature": curvature_note} if curvature_note else {}
-    # Kept once to restore between ratios: the worker holds the dense copy and the pruned working model.
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dense_params = {name: dense_state[name] for name, _ in model.named_parameters()}
-    pruner = MagnitudePruner(scope=inputs.scope, ignored_layers=inputs.ignored_layers)
-    total_steps = len(inputs.ratios) + 1
+    input_shape = list(x.shape[1:])
+    total_steps = len(inputs.ratios) * len(inputs.methods) + 1
 
     started = time.perf_counter()
-    dense = evaluate(model, x, y, batch_size=inputs.batch_size, device=device)
-    dense_diagnostics = diagnose_model(model, x, y, groupings, inputs, device, with_curvature=with_curvature)
+    dense = evaluate(dense_model, x, y, batch_size=inputs.batch_size, device=device)
+    dense_diagnostics = diagnose_model(dense_model, x, y, groupings, inputs, device, with_curvature=with_curvature)
     figures = figures_by_group(groupings, dense_diagnostics, dense_diagnostics, None, None)
-    runs = [measure_run("dense", None, 0.0, started, dense, dense, groupings, inputs, num_classes,
-                        sparsity(model, pruner.compute_masks(model, 0.0)), figures, notes)]
+    runs = [measure_run("dense", "dense", None, 0.0, started, dense, dense, groupings, inputs, num_classes,
+                        sparsity(dense_model, {}), figures, notes,
+                        compression=model_cost(dense_model, input_shape))]
     on_progress(1 / total_steps, "dense baseline evaluated")
 
-    for step, ratio in enumerate(inputs.ratios, start=2):
-        started = time.perf_counter()
-        model.load_state_dict(dense_state)
-        masks = pruner.compute_masks(model, ratio)
-        apply_masks(model, masks)
-        pruned = evaluate(model, x, y, batch_size=inputs.batch_size, device=device)
-        pruned_diagnostics = diagnose_model(model, x, y, groupings, inputs, device, masks=masks,
-                                            with_curvature=with_curvature)
-        delta = diagnostics.parameter_delta(dense_params, dict(model.named_parameters()))
-        # R̂(a) = g_a·δ + ½ δᵀH_aδ at the dense parameters (Tran Eq. 4), one pass for all groups.
-        directional = diagnostics.group_directional(
-            model, dense_state, x, y, [g.codes for g in groupings], delta,
-            n_groups=[len(g.names) for g in groupings], device=device,
-        )
-        delta_norm = diagnostics.delta_norm(delta)
-        figures = figures_by_group(groupings, dense_diagnostics, pruned_diagnostics, directional, delta_norm)
-        runs.append(measure_run("magnitude", inputs.scope, ratio, started, dense, pruned, groupings, inputs,
-                                num_classes, sparsity(model, masks), figures, notes, delta_norm))
-        on_progress(step / total_steps, f"ratio {ratio:g} evaluated")
+    step = 1
+    for method in inputs.methods:
+        for ratio in inputs.ratios:
+            started = time.perf_counter()
+            message = f"{method['label']} at ratio {ratio:g}"
+            pruned_run = prune_model(dense_model, method, ratio, inputs, train, device,
+                                     lambda epoch, loss: on_progress(step / total_steps, f"{message}: epoch {epoch}"))
+            model = pruned_run.model
+            pruned = evaluate(model, x, y, batch_size=inputs.batch_size, device=device)
+            pruned_diagnostics = diagnose_model(model, x, y, groupings, inputs, device, masks=pruned_run.masks,
+                                                with_curvature=with_curvature)
+            run_notes = dict(notes)
+            if pruned_run.masks is None:
+                directional, norm = None, None
+                run_notes["predicted_excessive_loss"] = (
+                    "channel pruning removes parameters, so δ = θs − θd and R̂ are not defined for this run"
+                )
+            else:
+                delta = diagnostics.parameter_delta(dict(dense_model.named_parameters()), dict(model.named_parameters()))
+                # R̂(a) = g_a·δ + ½ δᵀH_aδ at the dense parameters (Tran Eq. 4), one pass for all groups.
+                directional = diagnostics.group_directional(
+                    dense_model, None, x, y, [g.codes for g in groupings], delta,
+                    n_groups=[len(g.names) for g in groupings], device=device,
+                )
+                norm = diagnostics.delta_norm(delta)
+            figures = figures_by_group(groupings, dense_diagnostics, pruned_diagnostics, directional, norm)
+            weights_path = inputs.output_dir / f"run-{step}.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
+            runs.append(measure_run(
+                method["label"], method["method"], method["scope"], ratio, started, dense, pruned, groupings,
+                inputs, num_classes, pruned_run.layer_report, figures, run_notes, norm,
+                recipe=pruned_run.recipe, compression=model_cost(model, input_shape), weights_path=weights_path,
+            ))
+            del model, pruned_run  # the worker holds the dense model and one working copy at a time
+            step += 1
+            on_progress(step / total_steps, f"{message} evaluated")
 
     environment = {
         "pruneaudit": version("pruneaudit"),

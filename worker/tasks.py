@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
+from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
@@ -12,6 +14,7 @@ from sqlalchemy import update
 from service.db import session_scope
 from service.models import Audit, AuditStatus, GroupMetric, Run, utcnow
 from service.queue import RUN_AUDIT_TASK
+from service.schemas.audits import MethodSpec
 from service.settings import get_settings
 from service.storage import get_store
 from worker.celery_app import app
@@ -48,7 +51,7 @@ def finish(audit_id: str, status: AuditStatus, *, error: str | None = None) -> N
         )
 
 
-def pipeline_inputs(audit: Audit):
+def pipeline_inputs(audit: Audit, output_dir: Path):
     from worker.pipeline import AuditInputs
 
     spec, dataset = audit.spec, audit.dataset
@@ -59,9 +62,10 @@ def pipeline_inputs(audit: Audit):
         dataset_dir=store.dataset_dir(dataset.id),
         group_by=spec["group_by"],
         group_names={a: dataset.groups[a]["names"] for a in spec["group_by"]},
-        scope=spec["pruning"]["scope"],
         ratios=spec["pruning"]["ratios"],
-        ignored_layers=spec["pruning"]["ignored_layers"],
+        methods=[{**method, "label": MethodSpec(**method).label} for method in spec["pruning"]["methods"]],
+        train_dataset_dir=store.dataset_dir(spec["train_dataset_id"]) if spec["train_dataset_id"] else None,
+        output_dir=output_dir,
         seed=spec["seed"],
         batch_size=spec["batch_size"],
         diagnostics=spec["diagnostics"],
@@ -101,11 +105,14 @@ def group_rows(attribute, figures: dict[str, dict]) -> list[GroupMetric]:
 
 
 def store_results(audit_id: str, result) -> None:
+    store = get_store()
     with session_scope() as session:
         audit = session.get(Audit, audit_id)
         for position, run in enumerate(result.runs):
+            weights_sha256 = store.add_file(run.weights_path) if run.weights_path is not None else None
             row = Run(
-                audit_id=audit_id, position=position, method=run.method, scope=run.scope, ratio=run.ratio,
+                audit_id=audit_id, position=position, label=run.label, method=run.method, scope=run.scope,
+                ratio=run.ratio, recipe=run.recipe, compression=run.compression, weights_sha256=weights_sha256,
                 achieved_sparsity=run.achieved_sparsity, layer_sparsity=run.layer_sparsity, seconds=run.seconds,
                 overall=dataclasses.asdict(run.overall), delta_norm=run.delta_norm, notes=run.notes,
                 attributes={
@@ -142,10 +149,11 @@ def run_audit(audit_id: str) -> None:
     from worker.pipeline import run_audit_pipeline
 
     try:
-        with session_scope() as session:
-            inputs = pipeline_inputs(session.get(Audit, audit_id))
-        result = run_audit_pipeline(inputs, lambda fraction, message: report_progress(audit_id, fraction, message))
-        store_results(audit_id, result)
+        with tempfile.TemporaryDirectory(dir=get_store().root / "tmp") as output_dir:
+            with session_scope() as session:
+                inputs = pipeline_inputs(session.get(Audit, audit_id), Path(output_dir))
+            result = run_audit_pipeline(inputs, lambda fraction, message: report_progress(audit_id, fraction, message))
+            store_results(audit_id, result)
     except EngineError as exc:
         finish(audit_id, AuditStatus.failed, error=str(exc))
     except SoftTimeLimitExceeded:

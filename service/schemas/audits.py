@@ -3,25 +3,85 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.models import AuditStatus
+
+
+class FineTuningSpec(BaseModel):
+    """Fine-tuning of the pruned model on the audit's train dataset (masks kept after every step)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1, le=1000, description="Epochs after one-shot pruning; per pruning step when gradual.")
+    lr: float = Field(0.01, gt=0, le=10)
+    batch_size: int = Field(128, ge=1, le=65536)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+
+
+class MethodSpec(BaseModel):
+    """One pruning method; every method runs at every ratio of the sweep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["magnitude", "random", "channel"] = Field(
+        "magnitude",
+        description="magnitude / random: unstructured (masks); channel: filters and hidden units removed "
+        "physically by L1/L2 norm with Torch-Pruning (real compression).",
+    )
+    scope: Literal["global", "layerwise"] = Field(
+        "global", description="global: one threshold over all prunable weights; layerwise: the same ratio per layer."
+    )
+    norm: Literal["l1", "l2"] = Field("l1", description="channel only: the filter norm that ranks channels.")
+    schedule: Literal["one_shot", "gradual"] = Field(
+        "one_shot", description="gradual: cubic schedule (Zhu & Gupta 2017) interleaved with fine-tuning (magnitude only)."
+    )
+    pruning_steps: int = Field(4, ge=1, le=100, description="gradual only: mask updates before the final sparsity.")
+    fine_tuning: FineTuningSpec | None = Field(None, description="Needs train_dataset_id; required for gradual.")
+    ignored_layers: list[str] | None = Field(
+        None,
+        description="Module names kept dense. Default (null): the first conv (or first linear) and the last linear "
+        "layer, as Balancing Act does; [] prunes every layer.",
+    )
+    layer_ratios: dict[str, float] = Field(default_factory=dict, description="Per-layer ratios overriding the sweep's.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodSpec:
+        if self.schedule == "gradual" and self.method != "magnitude":
+            raise ValueError("gradual pruning is magnitude pruning on a schedule; use method 'magnitude'")
+        if self.schedule == "gradual" and self.fine_tuning is None:
+            raise ValueError("gradual pruning interleaves fine-tuning: give fine_tuning (and train_dataset_id)")
+        for layer, ratio in self.layer_ratios.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"layer_ratios[{layer!r}] must lie in [0, 1); got {ratio}")
+        return self
+
+    @property
+    def label(self) -> str:
+        parts = [self.method, self.scope]
+        if self.method == "channel":
+            parts.append(self.norm)
+        if self.schedule == "gradual":
+            parts.append("gradual")
+        elif self.fine_tuning is not None:
+            parts.append("finetuned")
+        return "-".join(parts)
 
 
 class PruningSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["magnitude"] = Field("magnitude", description="Unstructured magnitude pruning.")
-    scope: Literal["global", "layerwise"] = Field(
-        "global", description="global: one threshold over all prunable weights; layerwise: the same ratio per layer."
-    )
     ratios: list[float] = Field(
         default_factory=lambda: [0.5, 0.7, 0.9],
         min_length=1,
-        description="Fractions of prunable weights to remove; each run is compared with the dense model.",
+        description="Fractions of prunable weights (channels, for 'channel') to remove; each run is compared with "
+        "the dense model.",
     )
-    ignored_layers: list[str] = Field(
-        default_factory=list, description="Module names kept dense, e.g. ['layers.0'] (their weights are not pruned)."
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: [MethodSpec()], min_length=1, max_length=8,
+        description="Methods to compare at the same ratios, e.g. global vs layer-wise magnitude vs channel L1.",
     )
 
     @field_validator("ratios")
@@ -33,6 +93,13 @@ class PruningSpec(BaseModel):
         if len(set(ratios)) != len(ratios):
             raise ValueError("ratios must not repeat")
         return sorted(ratios)
+
+    @model_validator(mode="after")
+    def _distinct_methods(self) -> PruningSpec:
+        labels = [method.label for method in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"methods must differ; these repeat: {sorted({l for l in labels if labels.count(l) > 1})}")
+        return self
 
 
 class DiagnosticsSpec(BaseModel):
@@ -69,7 +136,11 @@ class AuditSpec(BaseModel):
                     "model_id": "0f6c0c3c5f3e4a0c9f51b0a1d2c3e4f5",
                     "dataset_id": "7a1b2c3d4e5f40718293a4b5c6d7e8f9",
                     "group_by": ["digit"],
-                    "pruning": {"method": "magnitude", "scope": "global", "ratios": [0.5, 0.7, 0.9]},
+                    "pruning": {"ratios": [0.5, 0.7, 0.9], "methods": [
+                        {"method": "magnitude", "scope": "global"},
+                        {"method": "magnitude", "scope": "layerwise"},
+                        {"method": "channel", "norm": "l1", "scope": "layerwise"},
+                    ]},
                     "seed": 0,
                 }
             ]
@@ -78,6 +149,9 @@ class AuditSpec(BaseModel):
 
     model_id: str = Field(description="Id returned by POST /v1/models.")
     dataset_id: str = Field(description="Evaluation dataset id returned by POST /v1/datasets.")
+    train_dataset_id: str | None = Field(
+        None, description="Train dataset for fine-tuning and gradual pruning; without it only one-shot pruning runs."
+    )
     group_by: list[str] = Field(
         min_length=1, max_length=4,
         description="Group attributes of the dataset to report on; with several, their intersection is reported too.",

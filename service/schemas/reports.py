@@ -168,6 +168,7 @@ class OverallReport(BaseModel):
 
 class RunReport(BaseModel):
     id: str
+    label: str = Field(description="The method as configured, e.g. 'magnitude-global' or 'channel-layerwise-l1'.")
     method: str = Field(description="'dense' for the baseline, else the pruning method.")
     scope: str | None
     ratio: float = Field(description="Requested fraction of prunable weights removed.")
@@ -175,6 +176,9 @@ class RunReport(BaseModel):
     layer_sparsity: dict[str, dict]
     seconds: float
     delta_norm: float | None = Field(description="‖θs − θd‖ over trainable parameters; null for the dense baseline.")
+    compression: dict = Field(description="parameters, nonzero_parameters, MACs and safetensors file_bytes of this model.")
+    recipe: dict = Field(description="How the run was made: method, ratio, dense layers, seed, architecture.")
+    weights_url: str | None = Field(description="The pruned weights (safetensors); upload with recipe.architecture.")
     notes: dict[str, str] = Field(description="What was not computed for this run, and why.")
     overall: OverallReport
     attributes: list[AttributeReport] = Field(

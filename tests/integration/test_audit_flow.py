@@ -42,7 +42,8 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
 
         created = client.post("/v1/audits", json={
             "model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-            "pruning": {"method": "magnitude", "scope": scope, "ratios": ratios}, "seed": 3,
+            "pruning": {"ratios": ratios, "methods": [{"method": "magnitude", "scope": scope, "ignored_layers": []}]},
+            "seed": 3,
         })
         assert created.status_code == 202, created.text
         assert created.headers["location"].endswith(f"/v1/audits/{created.json()['id']}")
@@ -209,3 +210,75 @@ def test_csv_dataset_with_string_groups_through_the_worker(embedded_stack, digit
     sizes = {g["group"]: g["n"] for g in parity["groups"]}
     expected_even = int((digits_case.y[1:] % 2 == 0).sum())
     assert sizes == {"even": expected_even, "odd": len(digits_case.y) - 1 - expected_even}
+
+
+def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded_stack, digits_case):
+    """One spec compares global vs layer-wise magnitude vs channel L1 (+ fine-tuned and gradual magnitude);
+    each run reports its achieved compression, and a downloaded pruned model re-uploads and evaluates to
+    the same per-group metrics."""
+    methods = [
+        {"method": "magnitude", "scope": "global"},
+        {"method": "magnitude", "scope": "layerwise"},
+        {"method": "channel", "norm": "l1", "scope": "layerwise"},
+        {"method": "magnitude", "scope": "global", "fine_tuning": {"epochs": 2, "lr": 0.01}},
+        {"method": "magnitude", "scope": "global", "schedule": "gradual", "pruning_steps": 2,
+         "fine_tuning": {"epochs": 1, "lr": 0.01}},
+    ]
+    with embedded_stack.client() as client:
+        model = digits_case.upload_model(client).json()
+        dataset = digits_case.upload_dataset(client).json()
+        train = digits_case.upload_dataset(client, digits_case.npz(x=digits_case.x_train, y=digits_case.y_train,
+                                                                   group_digit=digits_case.y_train)).json()
+        created = client.post("/v1/audits", json={
+            "model_id": model["id"], "dataset_id": dataset["id"], "train_dataset_id": train["id"],
+            "group_by": ["digit"], "pruning": {"ratios": [0.5, 0.8], "methods": methods},
+            "diagnostics": {"curvature": "off"}, "statistics": {"bootstrap_resamples": 0},
+        })
+        assert created.status_code == 202, created.text
+        audit = wait_for_audit(client, created.json()["id"], timeout_s=300)
+        assert audit["status"] == "succeeded", (audit, embedded_stack.log("worker"))
+        report = client.get(f"/v1/audits/{audit['id']}/report").json()
+        labels = [run["label"] for run in report["runs"]]
+        assert labels == [label for label in ["magnitude-global", "magnitude-layerwise", "channel-layerwise-l1",
+                                              "magnitude-global-finetuned", "magnitude-global-gradual"]
+                          for _ratio in (0.5, 0.8)]
+        dense_parameters = report["dense"]["compression"]["parameters"]
+        by_label = {(run["label"], run["ratio"]): run for run in report["runs"]}
+        for (label, ratio), run in by_label.items():
+            assert run["recipe"]["ratio"] == ratio and run["recipe"]["method"]["method"] == run["method"]
+            assert len(run["attributes"][0]["groups"]) == 10
+            if label.startswith("channel"):
+                # Physically smaller: fewer parameters and MACs, R̂ undefined and said so.
+                assert run["compression"]["parameters"] < dense_parameters
+                assert run["compression"]["macs"] < report["dense"]["compression"]["macs"]
+                assert run["delta_norm"] is None and "predicted_excessive_loss" in run["notes"]
+            else:
+                # Default dense layers (first and last linear) are untouched; the rest hits the ratio.
+                assert run["recipe"]["ignored_layers"] == ["layers.0", "layers.4"]
+                assert set(run["layer_sparsity"]) == {"layers.2.weight"}
+                layer = run["layer_sparsity"]["layers.2.weight"]
+                assert layer["zeros"] == round(ratio * layer["numel"])
+                assert run["compression"]["nonzero_parameters"] < dense_parameters
+        # Fine-tuning on the train split recovers accuracy the one-shot pruned model lost at 80%.
+        assert (by_label[("magnitude-global-finetuned", 0.8)]["overall"]["accuracy"]
+                >= by_label[("magnitude-global", 0.8)]["overall"]["accuracy"])
+
+        chosen = by_label[("magnitude-global-finetuned", 0.8)]
+        weights = client.get(chosen["weights_url"])
+        assert weights.status_code == 200
+        recipe = client.get(chosen["weights_url"].replace("/weights", "/recipe")).json()
+        assert recipe == chosen["recipe"]
+        again = digits_case.upload_model(client, weights=weights.content, architecture=recipe["architecture"]).json()
+        rerun = client.post("/v1/audits", json={
+            "model_id": again["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
+            "pruning": {"ratios": [0.1]}, "diagnostics": {"curvature": "off"},
+        }).json()
+        rerun = wait_for_audit(client, rerun["id"])
+        assert rerun["status"] == "succeeded", rerun
+        dense_again = client.get(f"/v1/audits/{rerun['id']}/report").json()["dense"]
+    assert dense_again["overall"]["accuracy"] == chosen["overall"]["accuracy"]
+    before = {g["group"]: (g["accuracy"], g["loss"]) for g in chosen["attributes"][0]["groups"]}
+    after = {g["group"]: (g["dense_accuracy"], g["dense_loss"]) for g in dense_again["attributes"][0]["groups"]}
+    assert before.keys() == after.keys()
+    for group, (accuracy, loss) in before.items():
+        assert after[group][0] == accuracy and after[group][1] == pytest.approx(loss, rel=1e-9)

@@ -92,10 +92,15 @@ def test_spec_errors(api, digits_case):
     assert_problem(client.post("/v1/audits", json=dict(base, group_by=["race"])), 422, "race", "digit")
     assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": [1.5]})), 422, "between 0 and 1")
     assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": []})), 422)
-    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"method": "random"})), 422, "method")
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"methods": [{"method": "pca"}]})), 422, "method")
+    finetuned = {"methods": [{"method": "magnitude", "fine_tuning": {"epochs": 1}}]}
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning=finetuned)), 422, "train dataset")
+    gradual = {"methods": [{"method": "channel", "schedule": "gradual", "fine_tuning": {}}]}
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning=gradual)), 422, "magnitude")
     assert_problem(client.post("/v1/audits", json=dict(base, colour="red")), 422, "colour")
     assert_problem(client.post("/v1/audits", json=dict(base, model_id="nope")), 422, "model nope does not exist")
-    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ignored_layers": ["layers.9"]})), 422, "layers.9")
+    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"methods": [{"ignored_layers": ["layers.9"]}]})),
+                   422, "layers.9")
     assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": [i / 100 for i in range(1, 80)]})),
                    422, "at most")
     assert_problem(client.post("/v1/audits", content=b"{", headers={"content-type": "application/json"}), 422)
