@@ -242,23 +242,24 @@ class PrunedSpec(BaseModel):
     def num_classes(self) -> int:
         return self.base.num_classes
 
+    # AttributeError where the base has no such field, so hasattr() and getattr(spec, key, default) work.
     @property
     def in_features(self) -> int:
-        if not isinstance(self.base, MLPSpec):
-            raise AttributeError(f"a pruned {self.base.name} has no in_features")
-        return self.base.in_features
+        if isinstance(self.base, MLPSpec):
+            return self.base.in_features
+        raise AttributeError(f"a pruned {self.base.name} has no in_features")
 
     @property
     def in_channels(self) -> int:
-        if isinstance(self.base, MLPSpec):
-            raise AttributeError("a pruned mlp has no in_channels")
-        return self.base.in_channels
+        if not isinstance(self.base, MLPSpec):
+            return self.base.in_channels
+        raise AttributeError("a pruned mlp has no in_channels")
 
     @property
     def image_size(self) -> int:
-        if isinstance(self.base, MLPSpec):
-            raise AttributeError("a pruned mlp has no image_size")
-        return self.base.image_size
+        if not isinstance(self.base, MLPSpec):
+            return self.base.image_size
+        raise AttributeError("a pruned mlp has no image_size")
 
     def base_fields(self) -> dict[str, int]:
         """num_classes and the input fields of the base (in_features, or in_channels and image_size)."""
@@ -310,47 +311,84 @@ REGISTRY: dict[str, type[BaseModel]] = {
 }
 
 
-def _linear(prefix: str, in_features: int, out_features: int) -> StateDictLayout:
-    return {
-        f"{prefix}.weight": ((out_features, in_features), "float"),
-        f"{prefix}.bias": ((out_features,), "float"),
-    }
+@dataclass(frozen=True)
+class _Layer:
+    """A Conv2d, Linear or BatchNorm2d of a registry architecture: its widths under the names
+    `worker.engine.structured` records them with, and what else fixes its tensors' shapes."""
+
+    kind: Literal["conv", "linear", "bn"]
+    widths: dict[str, int]
+    kernel: int = 0
+    bias: bool = False
+
+    def tensors(self, prefix: str, widths: Mapping[str, int] | None = None) -> StateDictLayout:
+        """The layer's state_dict entries in Module.state_dict() order (parameters, then buffers)."""
+        w = self.widths if widths is None else widths
+        if self.kind == "conv":
+            c_out = w["out_channels"]
+            layout: StateDictLayout = {
+                f"{prefix}.weight": ((c_out, w["in_channels"] // w["groups"], self.kernel, self.kernel), "float")
+            }
+            if self.bias:
+                layout[f"{prefix}.bias"] = ((c_out,), "float")
+            return layout
+        if self.kind == "linear":
+            return {
+                f"{prefix}.weight": ((w["out_features"], w["in_features"]), "float"),
+                f"{prefix}.bias": ((w["out_features"],), "float"),
+            }
+        n = w["num_features"]
+        return {
+            f"{prefix}.weight": ((n,), "float"),
+            f"{prefix}.bias": ((n,), "float"),
+            f"{prefix}.running_mean": ((n,), "float"),
+            f"{prefix}.running_var": ((n,), "float"),
+            f"{prefix}.num_batches_tracked": ((), "int"),
+        }
 
 
-def _conv(prefix: str, c_in: int, c_out: int, kernel: int, *, groups: int = 1, bias: bool = False) -> StateDictLayout:
-    layout: StateDictLayout = {f"{prefix}.weight": ((c_out, c_in // groups, kernel, kernel), "float")}
-    if bias:
-        layout[f"{prefix}.bias"] = ((c_out,), "float")
-    return layout
+class _Layers(dict[str, _Layer]):
+    """The stateful layers of an architecture by module name, in registration order (which is the
+    order of the module's state_dict)."""
+
+    def linear(self, prefix: str, in_features: int, out_features: int) -> None:
+        self[prefix] = _Layer("linear", {"in_features": in_features, "out_features": out_features})
+
+    def conv(self, prefix: str, c_in: int, c_out: int, kernel: int, *, groups: int = 1, bias: bool = False) -> None:
+        self[prefix] = _Layer("conv", {"in_channels": c_in, "out_channels": c_out, "groups": groups}, kernel, bias)
+
+    def bn(self, prefix: str, channels: int) -> None:
+        self[prefix] = _Layer("bn", {"num_features": channels})
+
+    def conv_bn_act(self, prefix: str, c_in: int, c_out: int, kernel: int, *, groups: int = 1) -> None:
+        """torchvision's Conv2dNormActivation: Sequential(Conv2d without bias, BatchNorm2d, ReLU6)."""
+        self.conv(f"{prefix}.0", c_in, c_out, kernel, groups=groups)
+        self.bn(f"{prefix}.1", c_out)
+
+    def layout(self, widths: Mapping[str, Mapping[str, int]] | None = None) -> StateDictLayout:
+        layout: StateDictLayout = {}
+        for prefix, layer in self.items():
+            layout |= layer.tensors(prefix, (widths or {}).get(prefix))
+        return layout
 
 
-def _bn(prefix: str, channels: int) -> StateDictLayout:
-    """BatchNorm2d: parameters first, then buffers, as Module.state_dict() orders them."""
-    return {
-        f"{prefix}.weight": ((channels,), "float"),
-        f"{prefix}.bias": ((channels,), "float"),
-        f"{prefix}.running_mean": ((channels,), "float"),
-        f"{prefix}.running_var": ((channels,), "float"),
-        f"{prefix}.num_batches_tracked": ((), "int"),
-    }
-
-
-def _mlp_state_dict(spec: MLPSpec) -> StateDictLayout:
+def _mlp_layers(spec: MLPSpec) -> _Layers:
     widths = [spec.in_features, *spec.hidden, spec.num_classes]
-    layout: StateDictLayout = {}
+    layers = _Layers()
     # Linear layers sit at even indices of `layers`; the ReLUs between them hold no state.
     for i, (fan_in, fan_out) in enumerate(pairwise(widths)):
-        layout |= _linear(f"layers.{2 * i}", fan_in, fan_out)
-    return layout
+        layers.linear(f"layers.{2 * i}", fan_in, fan_out)
+    return layers
 
 
-def _cnn_state_dict(spec: CNNSpec) -> StateDictLayout:
-    layout: StateDictLayout = {}
+def _cnn_layers(spec: CNNSpec) -> _Layers:
+    layers = _Layers()
     # Each block is 4 modules (conv, bn, relu, pool); only conv and bn hold state.
     for i, (c_in, c_out) in enumerate(pairwise([spec.in_channels, *spec.channels])):
-        layout |= _conv(f"features.{4 * i}", c_in, c_out, 3)
-        layout |= _bn(f"features.{4 * i + 1}", c_out)
-    return layout | _linear("classifier", spec.channels[-1], spec.num_classes)
+        layers.conv(f"features.{4 * i}", c_in, c_out, 3)
+        layers.bn(f"features.{4 * i + 1}", c_out)
+    layers.linear("classifier", spec.channels[-1], spec.num_classes)
+    return layers
 
 
 ResNetBlock = Literal["basic", "bottleneck"]
@@ -365,31 +403,38 @@ RESNET_CONFIGS: dict[str, tuple[ResNetBlock, tuple[int, ...], tuple[int, ...], R
 }
 
 
-def _resnet_state_dict(name: str, in_channels: int, num_classes: int) -> StateDictLayout:
+def _resnet_layers(name: str, in_channels: int, num_classes: int) -> _Layers:
     """torchvision's ResNet (stem conv 7×7/2 + maxpool) or the CIFAR ResNet of
     chenyaofo/pytorch-cifar-models (stem conv 3×3/1): `_make_layer` adds a 1×1 conv + BN
     `downsample` to a stage's first block when the stride or the width changes."""
     block, depths, widths, stem = RESNET_CONFIGS[name]
     expansion = 4 if block == "bottleneck" else 1
     inplanes = widths[0]
-    layout = _conv("conv1", in_channels, inplanes, 7 if stem == "imagenet" else 3) | _bn("bn1", inplanes)
+    layers = _Layers()
+    layers.conv("conv1", in_channels, inplanes, 7 if stem == "imagenet" else 3)
+    layers.bn("bn1", inplanes)
     for stage, (planes, depth) in enumerate(zip(widths, depths, strict=True), start=1):
         stride = 1 if stage == 1 else 2
         for index in range(depth):
             prefix = f"layer{stage}.{index}"
             if block == "bottleneck":
-                layout |= _conv(f"{prefix}.conv1", inplanes, planes, 1) | _bn(f"{prefix}.bn1", planes)
-                layout |= _conv(f"{prefix}.conv2", planes, planes, 3) | _bn(f"{prefix}.bn2", planes)
-                layout |= _conv(f"{prefix}.conv3", planes, planes * expansion, 1)
-                layout |= _bn(f"{prefix}.bn3", planes * expansion)
+                layers.conv(f"{prefix}.conv1", inplanes, planes, 1)
+                layers.bn(f"{prefix}.bn1", planes)
+                layers.conv(f"{prefix}.conv2", planes, planes, 3)
+                layers.bn(f"{prefix}.bn2", planes)
+                layers.conv(f"{prefix}.conv3", planes, planes * expansion, 1)
+                layers.bn(f"{prefix}.bn3", planes * expansion)
             else:
-                layout |= _conv(f"{prefix}.conv1", inplanes, planes, 3) | _bn(f"{prefix}.bn1", planes)
-                layout |= _conv(f"{prefix}.conv2", planes, planes, 3) | _bn(f"{prefix}.bn2", planes)
+                layers.conv(f"{prefix}.conv1", inplanes, planes, 3)
+                layers.bn(f"{prefix}.bn1", planes)
+                layers.conv(f"{prefix}.conv2", planes, planes, 3)
+                layers.bn(f"{prefix}.bn2", planes)
             if index == 0 and (stride != 1 or inplanes != planes * expansion):
-                layout |= _conv(f"{prefix}.downsample.0", inplanes, planes * expansion, 1)
-                layout |= _bn(f"{prefix}.downsample.1", planes * expansion)
+                layers.conv(f"{prefix}.downsample.0", inplanes, planes * expansion, 1)
+                layers.bn(f"{prefix}.downsample.1", planes * expansion)
             inplanes = planes * expansion
-    return layout | _linear("fc", inplanes, num_classes)
+    layers.linear("fc", inplanes, num_classes)
+    return layers
 
 
 # torchvision's cfgs["D"]: output channels of each 3×3 conv, "M" for a 2×2 max pool.
@@ -398,20 +443,22 @@ VGG16_CONFIG: tuple[int | Literal["M"], ...] = (
 )
 
 
-def _vgg16_bn_state_dict(in_channels: int, num_classes: int) -> StateDictLayout:
+def _vgg16_bn_layers(in_channels: int, num_classes: int) -> _Layers:
     """`features` is conv (with bias), BN, ReLU per conv and one MaxPool per "M", so a conv at
     index i has its BN at i + 1; the classifier's Linears are at 0, 3 and 6 (ReLU, Dropout between)."""
-    layout: StateDictLayout = {}
+    layers = _Layers()
     index, c_in = 0, in_channels
     for item in VGG16_CONFIG:
         if item == "M":
             index += 1
             continue
-        layout |= _conv(f"features.{index}", c_in, item, 3, bias=True) | _bn(f"features.{index + 1}", item)
+        layers.conv(f"features.{index}", c_in, item, 3, bias=True)
+        layers.bn(f"features.{index + 1}", item)
         index, c_in = index + 3, item
-    layout |= _linear("classifier.0", 512 * 7 * 7, 4096)
-    layout |= _linear("classifier.3", 4096, 4096)
-    return layout | _linear("classifier.6", 4096, num_classes)
+    layers.linear("classifier.0", 512 * 7 * 7, 4096)
+    layers.linear("classifier.3", 4096, 4096)
+    layers.linear("classifier.6", 4096, num_classes)
+    return layers
 
 
 # torchvision's inverted_residual_setting: expansion t, output channels c, repeats n, stride s.
@@ -427,48 +474,106 @@ MOBILENET_V2_SETTING: tuple[tuple[int, int, int, int], ...] = (
 MOBILENET_V2_STEM, MOBILENET_V2_LAST = 32, 1280
 
 
-def _conv_bn_act(prefix: str, c_in: int, c_out: int, kernel: int, *, groups: int = 1) -> StateDictLayout:
-    """torchvision's Conv2dNormActivation: Sequential(Conv2d without bias, BatchNorm2d, ReLU6)."""
-    return _conv(f"{prefix}.0", c_in, c_out, kernel, groups=groups) | _bn(f"{prefix}.1", c_out)
-
-
-def _mobilenet_v2_state_dict(in_channels: int, num_classes: int) -> StateDictLayout:
+def _mobilenet_v2_layers(in_channels: int, num_classes: int) -> _Layers:
     """Width multiplier 1.0 (every channel count is already a multiple of 8). Each InvertedResidual
     is `conv` = [1×1 expand (absent when t = 1)], 3×3 depthwise, 1×1 project conv, BN."""
-    layout = _conv_bn_act("features.0", in_channels, MOBILENET_V2_STEM, 3)
+    layers = _Layers()
+    layers.conv_bn_act("features.0", in_channels, MOBILENET_V2_STEM, 3)
     index, c_in = 1, MOBILENET_V2_STEM
     for t, c, n, _s in MOBILENET_V2_SETTING:
         for _ in range(n):
             hidden = int(round(c_in * t))
             prefix, part = f"features.{index}.conv", 0
             if t != 1:
-                layout |= _conv_bn_act(f"{prefix}.{part}", c_in, hidden, 1)
+                layers.conv_bn_act(f"{prefix}.{part}", c_in, hidden, 1)
                 part += 1
-            layout |= _conv_bn_act(f"{prefix}.{part}", hidden, hidden, 3, groups=hidden)
-            layout |= _conv(f"{prefix}.{part + 1}", hidden, c, 1) | _bn(f"{prefix}.{part + 2}", c)
+            layers.conv_bn_act(f"{prefix}.{part}", hidden, hidden, 3, groups=hidden)
+            layers.conv(f"{prefix}.{part + 1}", hidden, c, 1)
+            layers.bn(f"{prefix}.{part + 2}", c)
             index, c_in = index + 1, c
-    layout |= _conv_bn_act(f"features.{index}", c_in, MOBILENET_V2_LAST, 1)
-    return layout | _linear("classifier.1", MOBILENET_V2_LAST, num_classes)
+    layers.conv_bn_act(f"features.{index}", c_in, MOBILENET_V2_LAST, 1)
+    layers.linear("classifier.1", MOBILENET_V2_LAST, num_classes)
+    return layers
+
+
+def _base_layers(spec: BaseSpec) -> _Layers:
+    if isinstance(spec, MLPSpec):
+        return _mlp_layers(spec)
+    if isinstance(spec, CNNSpec):
+        return _cnn_layers(spec)
+    if spec.name in RESNET_CONFIGS:
+        return _resnet_layers(spec.name, spec.in_channels, spec.num_classes)
+    if isinstance(spec, VGG16BNSpec):
+        return _vgg16_bn_layers(spec.in_channels, spec.num_classes)
+    if isinstance(spec, MobileNetV2Spec):
+        return _mobilenet_v2_layers(spec.in_channels, spec.num_classes)
+    raise TypeError(f"no state-dict layout for architecture {spec.name!r}")
+
+
+def _pruned_layers(spec: PrunedSpec) -> tuple[_Layers, dict[str, dict[str, int]]]:
+    """The base's layers and the widths `spec` gives them, checked the way
+    `worker.engine.structured.rebuild_structured` checks them, as far as that goes without torch:
+    known layer names, the right fields, widths from 1 up to the base's, groups that fit, each
+    BatchNorm as wide as the conv before it, the input and the classes unchanged. (Whether the
+    channels flow from layer to layer is left to the worker, which runs the rebuilt model once.)
+    Raises ValueError with the reason."""
+    base = _base_layers(spec.base)
+    arch = spec.base.name
+    for name, given in spec.layers.items():
+        layer = base.get(name)
+        if layer is None:
+            known = ", ".join(list(base)[:MISMATCHES_LISTED])
+            raise ValueError(f"layers: {name!r} is not a Conv, Linear or BatchNorm layer of {arch} "
+                             f"(its layers are named like {known}, …)")
+        if set(given) != set(layer.widths):
+            raise ValueError(f"layers: {name} must give exactly {', '.join(sorted(layer.widths))}, "
+                             f"got {', '.join(sorted(given)) or 'nothing'}")
+        for field, value in given.items():
+            if field != "groups" and value > layer.widths[field]:  # groups: checked below
+                raise ValueError(f"layers: {name}.{field} is {value}, more than the {layer.widths[field]} of {arch}; "
+                                 "pruning only removes channels")
+        if layer.kind == "conv":
+            groups, c_in, c_out = given["groups"], given["in_channels"], given["out_channels"]
+            depthwise = layer.widths["groups"] > 1 and layer.widths["groups"] == layer.widths["in_channels"]
+            if depthwise and not groups == c_in == c_out:
+                raise ValueError(f"layers: {name} is a depthwise convolution, so groups, in_channels and "
+                                 f"out_channels must be equal; got {groups}, {c_in} and {c_out}")
+            if not depthwise and groups != layer.widths["groups"]:
+                raise ValueError(f"layers: {name} has groups {layer.widths['groups']} in {arch}, got {groups}")
+            if c_in % groups or c_out % groups:
+                raise ValueError(f"layers: groups {groups} of {name} do not divide {c_in} input and {c_out} "
+                                 "output channels")
+    widths = {name: layer.widths | spec.layers.get(name, {}) for name, layer in base.items()}
+    names = list(base)
+    first, last = names[0], names[-1]
+    input_field = "in_features" if base[first].kind == "linear" else "in_channels"
+    if widths[first][input_field] != base[first].widths[input_field]:
+        raise ValueError(f"layers: {first}.{input_field} must stay {base[first].widths[input_field]}: "
+                         "the input of the model cannot be pruned")
+    if widths[last]["out_features"] != base[last].widths["out_features"]:
+        raise ValueError(f"layers: {last}.out_features must stay {base[last].widths['out_features']}: "
+                         "the classifier's outputs (num_classes) cannot be pruned")
+    for before, name in pairwise(names):
+        if base[name].kind == "bn" and base[before].kind == "conv" \
+                and widths[name]["num_features"] != widths[before]["out_channels"]:
+            raise ValueError(f"layers: {name}.num_features is {widths[name]['num_features']} but the convolution "
+                             f"before it, {before}, has {widths[before]['out_channels']} output channels")
+    return base, widths
 
 
 def expected_state_dict(spec: AnySpec) -> StateDictLayout:
     """Names of the torch module's state_dict() in order (parameters and buffers), each mapped to
-    (shape, dtype kind)."""
-    if isinstance(spec, MLPSpec):
-        return _mlp_state_dict(spec)
-    if isinstance(spec, CNNSpec):
-        return _cnn_state_dict(spec)
-    if spec.name in RESNET_CONFIGS:
-        return _resnet_state_dict(spec.name, spec.in_channels, spec.num_classes)
-    if isinstance(spec, VGG16BNSpec):
-        return _vgg16_bn_state_dict(spec.in_channels, spec.num_classes)
-    if isinstance(spec, MobileNetV2Spec):
-        return _mobilenet_v2_state_dict(spec.in_channels, spec.num_classes)
-    raise TypeError(f"no state-dict layout for architecture {spec.name!r}")
+    (shape, dtype kind). A pruned spec has its base's names with the pruned layers' shapes."""
+    if isinstance(spec, PrunedSpec):
+        base, widths = _pruned_layers(spec)
+        return base.layout(widths)
+    return _base_layers(spec).layout()
 
 
 def input_shape(spec: AnySpec) -> list[int]:
-    """Shape of one input example, without the batch dimension."""
+    """Shape of one input example, without the batch dimension (a pruned model takes its base's)."""
+    if isinstance(spec, PrunedSpec):
+        return input_shape(spec.base)
     if isinstance(spec, MLPSpec):
         return [spec.in_features]
     return [spec.in_channels, spec.image_size, spec.image_size]

@@ -43,7 +43,8 @@ def prunable_layers(model: Model) -> list[str]:
 def check_dataset_fits(model: Model, dataset: Dataset, role: str) -> None:
     expected = model.input_shape
     actual = dataset.feature_shape
-    fits = math.prod(actual) == math.prod(expected) if model.architecture_name == "mlp" else actual == expected
+    # An MLP (plain or channel-pruned) flattens each example, so only the number of features must match.
+    fits = math.prod(actual) == math.prod(expected) if len(expected) == 1 else actual == expected
     if not fits:
         raise InvalidInput(f"model expects input {expected} per example; {role} dataset x has {actual}")
     if len(dataset.classes) > model.num_classes:

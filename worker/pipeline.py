@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from worker.engine.finetune import finetune, gradual_magnitude_prune
 from worker.engine.pruning import MagnitudePruner, RandomPruner, apply_masks, default_dense_layers, sparsity
 from worker.engine.statistics import spearman
-from worker.engine.structured import ChannelPruner, model_cost
+from worker.engine.structured import ChannelPruner, compare_models, model_cost
 
 # Curvature costs HVPs over every group for every model; "auto" skips it above this size and says so.
 AUTO_CURVATURE_MAX_PARAMETERS = 5_000_000
@@ -133,7 +133,7 @@ def check_inputs_fit(architecture: dict, x: np.ndarray, y: np.ndarray) -> None:
     num_classes = architecture["num_classes"]
     if y.size and int(y.max()) >= num_classes:
         raise EngineError(f"labels go up to {int(y.max())} but the model has {num_classes} outputs")
-    if architecture["name"] == "mlp":
+    if "in_features" in architecture:  # an MLP, or a channel-pruned one: inputs are flattened
         features = int(np.prod(x.shape[1:]))
         if features != architecture["in_features"]:
             raise EngineError(f"model expects {architecture['in_features']} input features, dataset x has {features}")
@@ -323,6 +323,17 @@ def prune_model(dense_model: torch.nn.Module, method: dict, ratio: float, inputs
     return PrunedRun(model, masks, recipe, sparsity(model, masks))
 
 
+def compression_report(dense_model, dense_cost: dict, model, input_shape: list[int], physically_pruned: bool) -> dict:
+    """Parameters, MACs and file size, dense vs pruned; CPU latency (batch 1 and 64) only where channels were
+    removed: masked zeros run on the same dense kernels, so their latency is the dense model's."""
+    if physically_pruned:
+        return compare_models(dense_model, model, input_shape, batch_sizes=(1, 64), repeats=5)
+    pruned_cost = model_cost(model, input_shape)
+    ratios = {key: dense_cost[key] / pruned_cost[key] for key in ("parameters", "nonzero_parameters", "macs",
+                                                                  "file_bytes") if pruned_cost[key]}
+    return {"dense": dense_cost, "pruned": pruned_cost, "ratios": ratios}
+
+
 def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], None]) -> AuditResult:
     torch.manual_seed(inputs.seed)
     device = select_device(inputs.device)
@@ -339,6 +350,7 @@ def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], 
     with_curvature, curvature_note = curvature_decision(inputs.diagnostics, parameter_count)
     notes = {"curvature": curvature_note} if curvature_note else {}
     input_shape = list(x.shape[1:])
+    dense_cost = model_cost(dense_model, input_shape)
     total_steps = len(inputs.ratios) * len(inputs.methods) + 1
 
     started = time.perf_counter()
@@ -347,7 +359,7 @@ def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], 
     figures = figures_by_group(groupings, dense_diagnostics, dense_diagnostics, None, None)
     runs = [measure_run("dense", "dense", None, 0.0, started, dense, dense, groupings, inputs, num_classes,
                         sparsity(dense_model, {}), figures, notes,
-                        compression=model_cost(dense_model, input_shape))]
+                        compression={"dense": dense_cost})]
     on_progress(1 / total_steps, "dense baseline evaluated")
 
     step = 1
@@ -381,7 +393,8 @@ def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], 
             runs.append(measure_run(
                 method["label"], method["method"], method["scope"], ratio, started, dense, pruned, groupings,
                 inputs, num_classes, pruned_run.layer_report, figures, run_notes, norm,
-                recipe=pruned_run.recipe, compression=model_cost(model, input_shape), weights_path=weights_path,
+                recipe=pruned_run.recipe, weights_path=weights_path,
+                compression=compression_report(dense_model, dense_cost, model, input_shape, pruned_run.masks is None),
             ))
             del model, pruned_run  # the worker holds the dense model and one working copy at a time
             step += 1

@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 
 from service import audits
 from service.dependencies import SessionDep, SettingsDep, StoreDep
+from service.errors import NotFound
 from service.models import Audit, AuditStatus
 from service.queue import enqueue_audit
 from service.schemas.audits import AuditOut, AuditPage, AuditSpec

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
+from pydantic import ValidationError
 
 from service import architectures, catalog
 from service.dependencies import SessionDep, SettingsDep, StoreDep
@@ -69,4 +70,19 @@ def read_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
 @router.get("/architectures", response_model=list[ArchitectureOut], tags=["models"])
 def list_architectures() -> list[ArchitectureOut]:
     """The architectures the server can build, with the JSON schema of their spec."""
-    return [ArchitectureOut(name=name, json_schema=spec.model_json_schema()) for name, spec in architectures.REGISTRY.items()]
+    return [
+        ArchitectureOut(
+            name=name,
+            description=" ".join((spec.__doc__ or "").split()),
+            json_schema=spec.model_json_schema(),
+            default_input_shape=_default_input_shape(name, spec),
+        )
+        for name, spec in architectures.REGISTRY.items()
+    ]
+
+
+def _default_input_shape(name: str, spec) -> list[int] | None:
+    try:
+        return architectures.input_shape(spec.model_validate({"name": name}))
+    except ValidationError:
+        return None

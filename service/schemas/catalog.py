@@ -42,4 +42,8 @@ class DatasetOut(BaseModel):
 
 class ArchitectureOut(BaseModel):
     name: str
+    description: str
     json_schema: dict
+    default_input_shape: list[int] | None = Field(
+        description="Input shape of one example with the spec's defaults; null when the spec has required sizes."
+    )

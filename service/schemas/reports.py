@@ -176,7 +176,10 @@ class RunReport(BaseModel):
     layer_sparsity: dict[str, dict]
     seconds: float
     delta_norm: float | None = Field(description="‖θs − θd‖ over trainable parameters; null for the dense baseline.")
-    compression: dict = Field(description="parameters, nonzero_parameters, MACs and safetensors file_bytes of this model.")
+    compression: dict = Field(
+        description="'dense' and 'pruned': parameters, nonzero_parameters, MACs, safetensors file_bytes (and CPU "
+        "latency at batch 1 and 64 for channel-pruned runs); 'ratios' = dense / pruned."
+    )
     recipe: dict = Field(description="How the run was made: method, ratio, dense layers, seed, architecture.")
     weights_url: str | None = Field(description="The pruned weights (safetensors); upload with recipe.architecture.")
     notes: dict[str, str] = Field(description="What was not computed for this run, and why.")

@@ -242,15 +242,17 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
         assert labels == [label for label in ["magnitude-global", "magnitude-layerwise", "channel-layerwise-l1",
                                               "magnitude-global-finetuned", "magnitude-global-gradual"]
                           for _ratio in (0.5, 0.8)]
-        dense_parameters = report["dense"]["compression"]["parameters"]
+        dense_parameters = report["dense"]["compression"]["dense"]["parameters"]
         by_label = {(run["label"], run["ratio"]): run for run in report["runs"]}
         for (label, ratio), run in by_label.items():
             assert run["recipe"]["ratio"] == ratio and run["recipe"]["method"]["method"] == run["method"]
             assert len(run["attributes"][0]["groups"]) == 10
             if label.startswith("channel"):
                 # Physically smaller: fewer parameters and MACs, R̂ undefined and said so.
-                assert run["compression"]["parameters"] < dense_parameters
-                assert run["compression"]["macs"] < report["dense"]["compression"]["macs"]
+                assert run["compression"]["pruned"]["parameters"] < dense_parameters
+                assert run["compression"]["pruned"]["macs"] < run["compression"]["dense"]["macs"]
+                assert run["compression"]["pruned"]["latency_s_batch_64"] > 0
+                assert run["compression"]["ratios"]["parameters"] > 1
                 assert run["delta_norm"] is None and "predicted_excessive_loss" in run["notes"]
             else:
                 # Default dense layers (first and last linear) are untouched; the rest hits the ratio.
@@ -258,11 +260,14 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
                 assert set(run["layer_sparsity"]) == {"layers.2.weight"}
                 layer = run["layer_sparsity"]["layers.2.weight"]
                 assert layer["zeros"] == round(ratio * layer["numel"])
-                assert run["compression"]["nonzero_parameters"] < dense_parameters
+                assert run["compression"]["pruned"]["nonzero_parameters"] < dense_parameters
         # Fine-tuning on the train split recovers accuracy the one-shot pruned model lost at 80%.
         assert (by_label[("magnitude-global-finetuned", 0.8)]["overall"]["accuracy"]
                 >= by_label[("magnitude-global", 0.8)]["overall"]["accuracy"])
 
+        dense_weights = client.get(f"/v1/audits/{audit['id']}/runs/{report['dense']['id']}/weights")
+        assert dense_weights.status_code == 404 and "dense baseline" in dense_weights.json()["detail"]
+        assert client.get(f"/v1/audits/{audit['id']}/runs/nope/recipe").status_code == 404
         chosen = by_label[("magnitude-global-finetuned", 0.8)]
         weights = client.get(chosen["weights_url"])
         assert weights.status_code == 200
@@ -276,9 +281,23 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
         rerun = wait_for_audit(client, rerun["id"])
         assert rerun["status"] == "succeeded", rerun
         dense_again = client.get(f"/v1/audits/{rerun['id']}/report").json()["dense"]
-    assert dense_again["overall"]["accuracy"] == chosen["overall"]["accuracy"]
-    before = {g["group"]: (g["accuracy"], g["loss"]) for g in chosen["attributes"][0]["groups"]}
-    after = {g["group"]: (g["dense_accuracy"], g["dense_loss"]) for g in dense_again["attributes"][0]["groups"]}
-    assert before.keys() == after.keys()
-    for group, (accuracy, loss) in before.items():
-        assert after[group][0] == accuracy and after[group][1] == pytest.approx(loss, rel=1e-9)
+        # The channel-pruned model re-uploads with its recipe's "pruned" architecture as well.
+        channel = by_label[("channel-layerwise-l1", 0.8)]
+        channel_model = digits_case.upload_model(client, weights=client.get(channel["weights_url"]).content,
+                                                 architecture=channel["recipe"]["architecture"])
+        assert channel_model.status_code == 201, channel_model.text
+        assert channel_model.json()["parameter_count"] == channel["compression"]["pruned"]["parameters"]
+        channel_rerun = client.post("/v1/audits", json={
+            "model_id": channel_model.json()["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
+            "pruning": {"ratios": [0.1], "methods": [{"method": "channel"}]}, "diagnostics": {"curvature": "off"},
+        }).json()
+        channel_rerun = wait_for_audit(client, channel_rerun["id"])
+        assert channel_rerun["status"] == "succeeded", channel_rerun
+        channel_again = client.get(f"/v1/audits/{channel_rerun['id']}/report").json()["dense"]
+    for original, again in ((chosen, dense_again), (channel, channel_again)):
+        assert again["overall"]["accuracy"] == original["overall"]["accuracy"]
+        before = {g["group"]: (g["accuracy"], g["loss"]) for g in original["attributes"][0]["groups"]}
+        after = {g["group"]: (g["dense_accuracy"], g["dense_loss"]) for g in again["attributes"][0]["groups"]}
+        assert before.keys() == after.keys()
+        for group, (accuracy, loss) in before.items():
+            assert after[group][0] == accuracy and after[group][1] == pytest.approx(loss, rel=1e-9)

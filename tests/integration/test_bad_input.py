@@ -134,4 +134,4 @@ def test_openapi_documents_the_api(api):
     assert "AuditReport" in document["components"]["schemas"]
     assert client.get("/docs").status_code == 200
     names = [a["name"] for a in client.get("/v1/architectures").json()]
-    assert names == ["mlp", "cnn", "resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "resnet20", "resnet56"]
+    assert names == ["mlp", "cnn", "resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "resnet20", "resnet56", "pruned"]

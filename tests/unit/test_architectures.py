@@ -17,6 +17,7 @@ from service.architectures import (
     REGISTRY,
     CNNSpec,
     MLPSpec,
+    PrunedSpec,
     ResNet20Spec,
     architecture_adapter,
     expected_state_dict,
@@ -106,7 +107,7 @@ def test_invalid_specs_are_rejected(spec: dict) -> None:
 
 
 def test_registry_lists_every_spec_with_a_json_schema() -> None:
-    assert list(REGISTRY) == ["mlp", "cnn", *NAMED]
+    assert list(REGISTRY) == ["mlp", "cnn", *NAMED, "pruned"]
     for name, spec_class in REGISTRY.items():
         schema = spec_class.model_json_schema()
         assert schema["properties"]["name"]["const"] == name
@@ -523,6 +524,110 @@ def test_named_specs_defaults_and_image_fields(name: str) -> None:
 )
 def test_invalid_named_specs_are_rejected(spec: dict) -> None:
     with pytest.raises(ValidationError):
+        architecture_adapter.validate_python(spec)
+    with pytest.raises(EngineError, match="architecture spec is invalid"):
+        build_model(spec)
+
+
+# A CNN with half its channels pruned, as ChannelPruner records it (every Conv, BatchNorm and Linear).
+PRUNED_CNN_BASE = {"name": "cnn", "in_channels": 3, "image_size": 8, "channels": [6, 8], "num_classes": 4}
+PRUNED_CNN = {
+    "name": "pruned",
+    "version": 1,
+    "base": PRUNED_CNN_BASE,
+    "layers": {
+        "features.0": {"in_channels": 3, "out_channels": 3, "groups": 1},
+        "features.1": {"num_features": 3},
+        "features.4": {"in_channels": 3, "out_channels": 4, "groups": 1},
+        "features.5": {"num_features": 4},
+        "classifier": {"in_features": 4, "out_features": 4},
+    },
+}
+
+
+def _with_layer(spec: dict, name: str, widths: dict) -> dict:
+    return {**spec, "layers": {**spec["layers"], name: widths}}
+
+
+def test_pruned_spec_layout_shrinks_the_named_layers() -> None:
+    spec = architecture_adapter.validate_python(PRUNED_CNN)
+    layout = expected_state_dict(spec)
+    base = expected_state_dict(architecture_adapter.validate_python(PRUNED_CNN_BASE))
+    assert list(layout) == list(base)  # the base's names, in the base's order
+    assert layout["features.0.weight"] == ((3, 3, 3, 3), "float")
+    assert layout["features.1.running_var"] == ((3,), "float")
+    assert layout["features.1.num_batches_tracked"] == ((), "int")
+    assert layout["features.4.weight"] == ((4, 3, 3, 3), "float")
+    assert layout["classifier.weight"] == ((4, 4), "float") and layout["classifier.bias"] == ((4,), "float")
+    assert parameter_count(spec) == (3 * 3 * 9 + 2 * 3) + (4 * 3 * 9 + 2 * 4) + (4 * 4 + 4)
+    assert input_shape(spec) == [3, 8, 8]
+    # Unlisted layers keep the base's widths.
+    partial = {**PRUNED_CNN, "layers": {"features.4": {"in_channels": 6, "out_channels": 8, "groups": 1}}}
+    assert expected_state_dict(architecture_adapter.validate_python(partial)) == base
+    # The dense model's weights do not fit the pruned architecture, and the mismatch says where.
+    mismatch = state_dict_mismatch("pruned", layout, base)
+    assert mismatch is not None and "features.0.weight has shape [6, 3, 3, 3]" in mismatch.message
+
+
+def test_pruned_spec_exposes_and_dumps_its_base_fields() -> None:
+    spec = architecture_adapter.validate_python(PRUNED_CNN)
+    assert isinstance(spec, PrunedSpec)
+    assert (spec.num_classes, spec.in_channels, spec.image_size) == (4, 3, 8)
+    assert not hasattr(spec, "in_features")
+    dumped = spec.model_dump()
+    # worker.pipeline.check_inputs_fit and service.catalog read these from any stored architecture.
+    assert {key: dumped[key] for key in ("name", "num_classes", "in_channels", "image_size")} == {
+        "name": "pruned", "num_classes": 4, "in_channels": 3, "image_size": 8}
+    assert architecture_adapter.validate_python(dumped) == spec
+    assert architecture_adapter.validate_json(spec.model_dump_json()) == spec
+
+    mlp = architecture_adapter.validate_python({
+        "name": "pruned", "version": 1,
+        "base": {"name": "mlp", "in_features": 64, "hidden": [16], "num_classes": 10},
+        "layers": {"layers.0": {"in_features": 64, "out_features": 8}, "layers.2": {"in_features": 8, "out_features": 10}},
+    })
+    assert (mlp.num_classes, mlp.in_features) == (10, 64) and input_shape(mlp) == [64]
+    assert not hasattr(mlp, "in_channels") and "image_size" not in mlp.model_dump()
+    assert mlp.model_dump()["in_features"] == 64 and parameter_count(mlp) == (64 * 8 + 8) + (8 * 10 + 10)
+    assert architecture_adapter.validate_python(mlp.model_dump()) == mlp
+
+
+DEPTHWISE = "features.1.conv.0.0"  # MobileNetV2's first depthwise conv: 32 channels, groups 32
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (_with_layer(PRUNED_CNN, "features.9", {"num_features": 2}), "'features.9' is not a Conv, Linear or BatchNorm"),
+        (_with_layer(PRUNED_CNN, "features.2", {"num_features": 2}), "'features.2' is not a Conv"),  # the ReLU
+        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 7, "groups": 1}),
+         "features.0.out_channels is 7, more than the 6 of cnn"),
+        (_with_layer(PRUNED_CNN, "features.1", {"num_features": 0}), "greater than or equal to 1"),
+        (_with_layer(PRUNED_CNN, "features.1", {"num_features": True}), "valid integer"),
+        (_with_layer(PRUNED_CNN, "features.1", {"num_features": 3, "eps": 1}), "must give exactly num_features"),
+        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 3}), "must give exactly groups"),
+        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 3, "groups": 3}),
+         "features.0 has groups 1 in cnn, got 3"),
+        (_with_layer(PRUNED_CNN, "features.1", {"num_features": 2}),
+         "features.1.num_features is 2 but the convolution before it, features.0, has 3 output channels"),
+        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 2, "out_channels": 3, "groups": 1}),
+         "the input of the model cannot be pruned"),
+        (_with_layer(PRUNED_CNN, "classifier", {"in_features": 4, "out_features": 3}),
+         "the classifier's outputs \\(num_classes\\) cannot be pruned"),
+        ({"name": "pruned", "version": 1, "base": {"name": "mobilenet_v2", "image_size": 32},
+          "layers": {DEPTHWISE: {"in_channels": 16, "out_channels": 16, "groups": 8}}},
+         "depthwise convolution, so groups, in_channels and out_channels must be equal"),
+        ({**PRUNED_CNN, "base": PRUNED_CNN}, "does not match any of the expected tags"),  # no nesting
+        ({**PRUNED_CNN, "version": 2}, "version"),
+        ({**PRUNED_CNN, "width": 0.5}, "Extra inputs are not permitted"),
+        ({**PRUNED_CNN, "num_classes": 5}, "num_classes is 5 but the base architecture has 4"),
+        ({**PRUNED_CNN, "in_features": 3}, "in_features is not a field of a pruned cnn architecture"),
+        ({**PRUNED_CNN, "layers": {f"features.{i}": {"num_features": 1} for i in range(1025)}}, "at most 1024"),
+        ({**PRUNED_CNN, "base": {**PRUNED_CNN_BASE, "channels": []}}, "base.cnn.channels"),
+    ],
+)
+def test_invalid_pruned_specs_are_rejected_with_the_reason(spec: dict, reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason):
         architecture_adapter.validate_python(spec)
     with pytest.raises(EngineError, match="architecture spec is invalid"):
         build_model(spec)

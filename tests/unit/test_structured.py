@@ -12,10 +12,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.architectures import input_shape
+from service.architectures import (
+    PrunedSpec,
+    architecture_adapter,
+    expected_state_dict,
+    input_shape,
+    parameter_count,
+)
 from worker.engine.architectures import build_model, load_weights
 from worker.engine.errors import EngineError
-from worker.engine.structured import ChannelPruner, compare_models, measure_latency, model_cost, rebuild_structured
+from worker.engine.structured import (
+    ChannelPruner,
+    compare_models,
+    measure_latency,
+    model_cost,
+    rebuild_structured,
+)
 
 MLP_SPEC = {"name": "mlp", "in_features": 12, "hidden": [10, 8], "num_classes": 3}
 CNN_SPEC = {"name": "cnn", "in_channels": 3, "image_size": 8, "channels": [6, 8], "num_classes": 4}
@@ -185,3 +197,49 @@ def test_latency_and_side_by_side_comparison() -> None:
     assert report["ratios"]["parameters"] > 1 and report["ratios"]["macs"] > 1
     assert {"latency_s_batch_1", "latency_s_batch_8"} <= set(report["pruned"])
     json.dumps(report)
+
+
+def _pruned(pruned_zoo, name: str):
+    if name == "mlp":
+        dense = _model(MLP_SPEC)
+        return dense, MLP_SPEC, ChannelPruner("l1", "layerwise").prune(dense, 0.5)
+    return pruned_zoo[name]
+
+
+def _layout(model: nn.Module) -> dict:
+    return {key: (tuple(t.shape), "float" if t.is_floating_point() else "int") for key, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20", "mobilenet_v2"])
+def test_a_recipe_architecture_uploads_as_a_pruned_spec(pruned_zoo, tmp_path, name: str) -> None:
+    """The recipe's {"name": "pruned", **architecture} validates in the web process, describes the pruned
+    model's state dict exactly, and builds (from the stored dump) a model its weights load into strictly."""
+    dense, spec, result = _pruned(pruned_zoo, name)
+    upload = json.dumps({"name": "pruned", **result.architecture})  # as the worker writes it into the recipe
+    pruned_spec = architecture_adapter.validate_json(upload)
+    assert isinstance(pruned_spec, PrunedSpec)
+    actual, expected = _layout(result.model), expected_state_dict(pruned_spec)
+    assert list(actual) == list(expected) and actual == expected  # names in order, shapes, dtype kinds
+    assert parameter_count(pruned_spec) == sum(p.numel() for p in result.model.parameters())
+    assert input_shape(pruned_spec) == input_shape(dense.spec)
+    assert pruned_spec.num_classes == dense.spec.num_classes
+
+    path = tmp_path / "pruned.safetensors"
+    save_file(result.model.state_dict(), path)
+    rebuilt = build_model(pruned_spec.model_dump())  # the stored architecture, as the worker reads it
+    assert rebuilt.spec == pruned_spec
+    load_weights(rebuilt, path)  # key, shape and dtype check, then load_state_dict(strict=True)
+    rebuilt.load_state_dict(result.model.state_dict(), strict=True)
+    x = _inputs(spec)
+    assert torch.equal(rebuilt(x), result.model(x))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_pruning_a_pruned_model_again_describes_it_over_the_registry_base(pruned_zoo, name: str) -> None:
+    result = _pruned(pruned_zoo, name)[2]
+    rebuilt = build_model({"name": "pruned", **result.architecture})
+    rebuilt.load_state_dict(result.model.state_dict(), strict=True)
+    again = ChannelPruner().prune(rebuilt, 0.5)
+    assert again.architecture["base"] == result.architecture["base"]  # never a nested "pruned" base
+    assert parameter_count(architecture_adapter.validate_python({"name": "pruned", **again.architecture})) \
+        == sum(p.numel() for p in again.model.parameters()) < sum(p.numel() for p in result.model.parameters())

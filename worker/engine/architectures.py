@@ -1,7 +1,7 @@
 """Torch modules for the architectures in `service.architectures`, and safe weight loading.
 
 The JSON-spec networks (mlp, cnn) are here; the named torchvision-compatible ones (resnet18, …,
-resnet56) are in `worker.engine.zoo`.
+resnet56) are in `worker.engine.zoo`; a "pruned" spec is rebuilt by `worker.engine.structured`.
 
 Weights are read only as safetensors (tensors, never pickled code) and checked key by key against
 the module before anything is copied in.
@@ -19,7 +19,13 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from service.architectures import CNNSpec, MLPSpec, architecture_adapter, state_dict_mismatch
+from service.architectures import (
+    CNNSpec,
+    MLPSpec,
+    PrunedSpec,
+    architecture_adapter,
+    state_dict_mismatch,
+)
 from worker.engine import zoo
 from worker.engine.errors import EngineError
 
@@ -66,7 +72,15 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     except ValidationError as error:
         raise EngineError(f"architecture spec is invalid: {_describe_validation_error(error)}") from error
     model: nn.Module
-    if isinstance(validated, MLPSpec):
+    if isinstance(validated, PrunedSpec):
+        # The base's module with its layers shrunk to the recorded widths (checked again there, and
+        # run once); imported here because structured.py builds its base models with this function.
+        from worker.engine.structured import rebuild_structured
+
+        base = validated.base.model_dump(mode="json")
+        model = rebuild_structured(base, {"version": validated.version, "base": base, "layers": validated.layers})
+        model.spec = validated  # input_shape, error messages and re-pruning see the pruned spec
+    elif isinstance(validated, MLPSpec):
         model = MLP(validated)
     elif isinstance(validated, CNNSpec):
         model = CNN(validated)

@@ -32,7 +32,7 @@ import torch_pruning as tp
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from service.architectures import architecture_adapter, input_shape
+from service.architectures import PrunedSpec, architecture_adapter, input_shape
 from worker.engine.architectures import build_model
 from worker.engine.errors import EngineError
 from worker.engine.pruning import Scope, check_layer_names, check_ratio, prunable_layers
@@ -234,7 +234,9 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
         validated = architecture_adapter.validate_python(spec.model_dump() if hasattr(spec, "model_dump") else spec)
     except Exception as error:  # pydantic's ValidationError; its message says which field
         raise EngineError(f"architecture spec is invalid: {error}") from error
-    return validated.model_dump(mode="json")
+    # A re-uploaded pruned model is described over the registry architecture it came from (its
+    # layer table lists every layer), so pruning it again never nests "pruned" specs.
+    return (validated.base if isinstance(validated, PrunedSpec) else validated).model_dump(mode="json")
 
 
 def _layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
