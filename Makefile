@@ -17,7 +17,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pruneaudit serve --demo
 
-test: $(STAMP)
+# The browser test (tests/integration/test_report_browser.py) drives Debian's chromium. Installed once, as root,
+# only when missing: the target is the binary itself, so later runs of `make test` do nothing here.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import PruneauditError
-from service.routes import audits, catalog, health
+from service.routes import audits, catalog, compare, health
 
 log = logging.getLogger(__name__)
 PROBLEM_BASE = "https://pruneaudit.dev/problems/"
@@ -62,4 +62,5 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(catalog.router)
     app.include_router(audits.router)
+    app.include_router(compare.router)
     return app

@@ -3,6 +3,9 @@ report from the stored runs and per-group rows."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import math
 
 from sqlalchemy import func, select
@@ -11,8 +14,10 @@ from sqlalchemy.orm import Session, selectinload
 from service import architectures, catalog
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run
-from service.schemas.audits import AuditSpec
+from service.policy import audit_verdict, run_verdict
+from service.schemas.audits import AuditSpec, PolicySpec
 from service.schemas.reports import (
+    REPORT_VERSION,
     AttributeAggregates,
     AttributeReport,
     AuditReport,
@@ -116,6 +121,7 @@ def list_audits(session: Session, *, status: AuditStatus | None, limit: int, off
 
 
 def _run_report(run: Run, weights_url) -> RunReport:
+    """`verdict` is left null here; assemble_report applies the policy."""
     rows_by_attribute: dict[str, list[GroupRow]] = {}
     for row in run.group_metrics:
         rows_by_attribute.setdefault(row.attribute, []).append(
@@ -167,12 +173,13 @@ def _run_report(run: Run, weights_url) -> RunReport:
         weights_url=weights_url(run) if run.weights_sha256 else None,
         notes=run.notes,
         overall=OverallReport(**run.overall),
+        verdict=None,
         attributes=attributes,
     )
 
 
-def build_report(session: Session, audit_id: str, weights_url) -> AuditReport:
-    """`weights_url(run)` gives the download address of a run's pruned weights."""
+def succeeded_audit(session: Session, audit_id: str) -> Audit:
+    """The audit with its runs and group rows loaded; 409 unless it has succeeded (reports are final then)."""
     audit = session.scalars(
         select(Audit)
         .where(Audit.id == audit_id)
@@ -183,7 +190,25 @@ def build_report(session: Session, audit_id: str, weights_url) -> AuditReport:
     if audit.status != AuditStatus.succeeded:
         reason = f": {audit.error}" if audit.error else f" (progress {audit.progress:.0%})"
         raise Conflict(f"the report exists once the audit has succeeded; audit {audit.id} is {audit.status.value}{reason}")
+    return audit
+
+
+def report_etag(audit: Audit) -> str:
+    """Reports never change once written, so the audit id, its finish time and the report version identify one."""
+    digest = hashlib.sha256(f"{audit.id}|{audit.finished_at}|{REPORT_VERSION}".encode()).hexdigest()[:32]
+    return f'"{digest}"'
+
+
+def weights_path_url(run: Run) -> str:
+    return f"/v1/audits/{run.audit_id}/runs/{run.id}/weights"
+
+
+def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
+    """The report of an audit whose runs are stored; `weights_url(run)` gives a run's weights address."""
+    policy = PolicySpec(**audit.spec.get("policy", {}))
     dense, *pruned = (_run_report(run, weights_url) for run in audit.runs)
+    for run in pruned:
+        run.verdict = run_verdict(run, policy)
     model, dataset = audit.model, audit.dataset
     return AuditReport(
         audit_id=audit.id,
@@ -195,6 +220,40 @@ def build_report(session: Session, audit_id: str, weights_url) -> AuditReport:
         dataset=DatasetRef(id=dataset.id, sha256=dataset.sha256, rows=dataset.rows, classes=dataset.classes,
                            groups=dataset.groups),
         environment=audit.environment or {},
+        policy=policy.model_dump(),
+        verdict=audit_verdict(pruned),
         dense=dense,
         runs=pruned,
     )
+
+
+CSV_COLUMNS = (
+    "run_id", "label", "method", "scope", "ratio", "achieved_sparsity", "run_passed", "attribute", "group", "n",
+    "share", "small_group", "dense_accuracy", "accuracy", "accuracy_drop", "excess_accuracy_gap", "dense_loss",
+    "loss", "excessive_loss", "dense_gradient_norm", "gradient_norm", "dense_hessian_trace",
+    "predicted_excessive_loss",
+)
+
+
+def report_csv(report: AuditReport) -> str:
+    """One row per run × attribute × group, every number exactly as in the JSON report (repr of floats)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for run in [report.dense, *report.runs]:
+        for attribute in run.attributes:
+            for group in attribute.groups:
+                values = {
+                    **group.model_dump(include={"group", "n", "share", "small_group", "dense_accuracy", "accuracy",
+                                                "accuracy_drop", "excess_accuracy_gap", "dense_loss", "loss",
+                                                "excessive_loss"}),
+                    **group.diagnostics.model_dump(include={"dense_gradient_norm", "gradient_norm",
+                                                            "dense_hessian_trace", "predicted_excessive_loss"}),
+                    "run_id": run.id, "label": run.label, "method": run.method, "scope": run.scope,
+                    "ratio": run.ratio, "achieved_sparsity": run.achieved_sparsity,
+                    "run_passed": None if run.verdict is None else run.verdict.passed,
+                    "attribute": attribute.attribute,
+                }
+                writer.writerow(["" if values[c] is None else repr(values[c]) if isinstance(values[c], float)
+                                 else values[c] for c in CSV_COLUMNS])
+    return buffer.getvalue()

@@ -117,6 +117,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.url)
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Exit 0 when the policy passes, 1 when it fails, 2 when there is no verdict (audit not succeeded, bad id)."""
+    try:
+        response = httpx.get(f"{args.url}/v1/audits/{args.audit_id}/report", timeout=60)
+    except httpx.HTTPError as exc:
+        print(f"gate: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code != 200:
+        print(f"gate: no verdict: {response.json().get('detail', response.text)}", file=sys.stderr)
+        return 2
+    report = response.json()
+    if args.method is None and args.ratio is None:
+        verdict = report["verdict"]
+        print(f"gate: {verdict['summary']}")
+        return 0 if verdict["passed"] else 1
+    chosen = [run for run in report["runs"]
+              if (args.method is None or run["label"] == args.method)
+              and (args.ratio is None or abs(run["ratio"] - args.ratio) < 1e-9)]
+    if len(chosen) != 1:
+        runs = ", ".join(f"{run['label']}@{run['ratio']:g}" for run in report["runs"])
+        print(f"gate: --method/--ratio must pick exactly one run; this audit has: {runs}", file=sys.stderr)
+        return 2
+    (run,) = chosen
+    verdict = run["verdict"]
+    outcome = "passes" if verdict["passed"] else "fails: " + "; ".join(verdict["reasons"])
+    print(f"gate: {run['label']} at {run['ratio']:.0%} sparsity {outcome}")
+    return 0 if verdict["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="pruneaudit", description=__doc__)
@@ -139,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=settings.port)
     serve.add_argument("--demo", action="store_true", help="once up, run the demo audit on real data")
     serve.set_defaults(func=cmd_serve)
+
+    gate = commands.add_parser("gate", help="exit non-zero when an audit's policy verdict fails (for CI pipelines)")
+    gate.add_argument("audit_id")
+    gate.add_argument("--url", default=f"http://{settings.host}:{settings.port}")
+    gate.add_argument("--method", help="a run label, e.g. magnitude-global (default: the audit's overall verdict)")
+    gate.add_argument("--ratio", type=float, help="the pruning ratio of the run to gate on")
+    gate.set_defaults(func=cmd_gate)
 
     demo = commands.add_parser("demo", help="run the demo audit against a running API")
     demo.add_argument("--url", default=f"http://{settings.host}:{settings.port}")

@@ -81,6 +81,7 @@ class Audit(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
     environment: Mapped[dict | None] = mapped_column(JSON)
+    report_html_sha256: Mapped[str | None] = mapped_column(String(64))
 
     model: Mapped[Model] = relationship()
     dataset: Mapped[Dataset] = relationship()

@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 from worker.engine.architectures import build_model
 
 ARCHITECTURE = {"name": "mlp", "in_features": 64, "hidden": [64, 32], "num_classes": 10}
-RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95]
+RATIOS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ def run(url: str, timeout_s: float) -> int:
         report = check(client.get(f"/v1/audits/{audit['id']}/report"))
     print_summary(report)
     print(f"demo: finished in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"verdict (max ψ ≤ 1 point, no group loses > 5 points): {report['verdict']['summary']}", flush=True)
+    print(f"report for people: {audit['report_url']}.html", flush=True)
     print(f"demo audit succeeded; report: {audit['report_url']}", flush=True)
     return 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
+from service.audits import assemble_report
 from service.db import session_scope
 from service.models import Audit, AuditStatus, GroupMetric, Run, utcnow
 from service.queue import RUN_AUDIT_TASK
@@ -104,6 +105,21 @@ def group_rows(attribute, figures: dict[str, dict]) -> list[GroupMetric]:
     return rows
 
 
+def render_html(audit: Audit, store) -> str | None:
+    """The HTML report, rendered once from the same report the API serves; the JSON stays complete if this fails."""
+    from worker.report_html import render_report_html
+
+    try:
+        html = render_report_html(assemble_report(audit).model_dump(mode="json"))
+    except Exception:
+        log.exception("audit %s: the HTML report could not be rendered", audit.id)
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".html", dir=store.root / "tmp", delete=False,
+                                     encoding="utf-8") as handle:
+        handle.write(html)
+    return store.add_file(Path(handle.name))
+
+
 def store_results(audit_id: str, result) -> None:
     store = get_store()
     with session_scope() as session:
@@ -127,11 +143,15 @@ def store_results(audit_id: str, result) -> None:
             session.add(row)
         audit.environment = result.environment
         session.flush()
+        session.expire(audit, ["runs"])
+        finished_at = utcnow()
+        audit.finished_at = finished_at  # the HTML shows the same finish time as the JSON
+        audit.report_html_sha256 = render_html(audit, store)
         # Results and the final state land in one transaction: a report is never half-written.
         finished = session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.running)
-            .values(status=AuditStatus.succeeded, progress=1.0, progress_message="done", finished_at=utcnow(),
+            .values(status=AuditStatus.succeeded, progress=1.0, progress_message="done", finished_at=finished_at,
                     heartbeat_at=utcnow())
         )
         if finished.rowcount != 1:

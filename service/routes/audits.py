@@ -4,7 +4,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from service import audits
 from service.dependencies import SessionDep, SettingsDep, StoreDep
@@ -57,13 +57,50 @@ def read_audit(audit_id: str, session: SessionDep, request: Request) -> AuditOut
     return audit_out(audits.get_audit(session, audit_id), request)
 
 
-@router.get("/{audit_id}/report", response_model=AuditReport)
-def read_report(audit_id: str, session: SessionDep, request: Request) -> AuditReport:
-    """The fairness report; 409 until the audit has succeeded."""
-    return audits.build_report(
-        session, audit_id,
-        lambda run: str(request.url_for("download_run_weights", audit_id=audit_id, run_id=run.id)),
+def not_modified(request: Request, etag: str) -> Response | None:
+    if request.headers.get("if-none-match") in (etag, "*"):
+        return Response(status_code=304, headers={"ETag": etag})
+    return None
+
+
+@router.get("/{audit_id}/report", response_model=AuditReport, responses={304: {"description": "Not modified"}})
+def read_report(audit_id: str, session: SessionDep, request: Request, response: Response):
+    """The fairness report with the policy verdict; 409 until the audit has succeeded. Immutable once
+    written: send `If-None-Match` with the ETag to get 304."""
+    audit = audits.succeeded_audit(session, audit_id)
+    etag = audits.report_etag(audit)
+    if cached := not_modified(request, etag):
+        return cached
+    response.headers["ETag"] = etag
+    return audits.assemble_report(
+        audit, lambda run: str(request.url_for("download_run_weights", audit_id=audit_id, run_id=run.id))
     )
+
+
+@router.get("/{audit_id}/report.csv", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}})
+def read_report_csv(audit_id: str, session: SessionDep, request: Request) -> Response:
+    """The per-group table, one row per run × attribute × group, numbers exactly as in the JSON."""
+    audit = audits.succeeded_audit(session, audit_id)
+    etag = audits.report_etag(audit)
+    if cached := not_modified(request, etag):
+        return cached
+    return Response(audits.report_csv(audits.assemble_report(audit)), media_type="text/csv",
+                    headers={"ETag": etag, "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'})
+
+
+@router.get("/{audit_id}/report.html", response_class=HTMLResponse,
+            responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}})
+def read_report_html(audit_id: str, session: SessionDep, store: StoreDep, request: Request) -> Response:
+    """The report for people: verdict, per-group curves and diagnostics plots, self-contained (no outside requests)."""
+    audit = audits.succeeded_audit(session, audit_id)
+    if audit.report_html_sha256 is None:
+        raise NotFound(f"audit {audit_id} has no HTML report (it was not rendered); the JSON report is complete")
+    etag = audits.report_etag(audit)
+    if cached := not_modified(request, etag):
+        return cached
+    return FileResponse(store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8",
+                        headers={"ETag": etag})
 
 
 @router.get(

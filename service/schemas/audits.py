@@ -127,6 +127,26 @@ class StatisticsSpec(BaseModel):
     min_group_size: int = Field(30, ge=1, description="Groups smaller than this are flagged as unreliable.")
 
 
+class PolicySpec(BaseModel):
+    """Release thresholds; a run passes when every check holds on every reported attribute. Accuracies are
+    fractions, so 0.01 is one percentage point."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_excess_accuracy_gap: float = Field(
+        0.01, ge=0, le=1, description="max ψa ≤ ε (Balancing Act's tolerance, default 0.01)."
+    )
+    max_worst_group_drop: float | None = Field(
+        0.05, ge=0, le=1, description="max Δa ≤ this: no group loses more accuracy (null = no check)."
+    )
+    max_accuracy_fairness_violation: float | None = Field(
+        None, ge=0, le=1, description="max − min group accuracy of the pruned model ≤ this (null = no check)."
+    )
+    min_group_size: int = Field(
+        30, ge=1, description="Groups smaller than this are reported but do not decide the verdict."
+    )
+
+
 class AuditSpec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -166,6 +186,7 @@ class AuditSpec(BaseModel):
 
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
     statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     batch_size: int = Field(512, ge=1, le=65536, description="Evaluation batch size.")
 

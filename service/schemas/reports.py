@@ -166,6 +166,29 @@ class OverallReport(BaseModel):
     excessive_loss: float
 
 
+class PolicyCheck(BaseModel):
+    name: str = Field(description="max_excess_accuracy_gap, max_worst_group_drop or max_accuracy_fairness_violation")
+    attribute: str
+    value: float | None = Field(description="Over groups with at least min_group_size examples; null if none.")
+    threshold: float
+    passed: bool
+
+
+class RunVerdict(BaseModel):
+    passed: bool
+    reasons: list[str] = Field(description="Why the run fails, in words; empty when it passes.")
+    checks: list[PolicyCheck]
+
+
+class AuditVerdict(BaseModel):
+    passed: bool = Field(description="Some method passes at some ratio.")
+    highest_passing_ratio: dict[str, float | None] = Field(
+        description="Per method: the highest ratio such that it and every lower ratio of the method pass; "
+        "null when the lowest ratio already fails."
+    )
+    summary: str
+
+
 class RunReport(BaseModel):
     id: str
     label: str = Field(description="The method as configured, e.g. 'magnitude-global' or 'channel-layerwise-l1'.")
@@ -184,6 +207,7 @@ class RunReport(BaseModel):
     weights_url: str | None = Field(description="The pruned weights (safetensors); upload with recipe.architecture.")
     notes: dict[str, str] = Field(description="What was not computed for this run, and why.")
     overall: OverallReport
+    verdict: RunVerdict | None = Field(description="The policy's verdict; null for the dense baseline.")
     attributes: list[AttributeReport] = Field(
         description="One per group_by attribute, plus their intersection (named 'a&b') when there are several."
     )
@@ -213,5 +237,7 @@ class AuditReport(BaseModel):
     model: ModelRef
     dataset: DatasetRef
     environment: dict
+    policy: dict = Field(description="The thresholds the verdicts apply (the spec's policy).")
+    verdict: AuditVerdict
     dense: RunReport
     runs: list[RunReport] = Field(description="One per pruning ratio, in increasing order.")

@@ -32,10 +32,11 @@ def test_serve_with_demo_reaches_a_succeeded_audit(tmp_path):
         output = log_path.read_text(errors="replace")
         assert match, output
         report = httpx.get(match.group(1), timeout=30).json()
-        assert [run["ratio"] for run in report["runs"]] == [0.5, 0.7, 0.8, 0.9, 0.95]
+        assert [run["ratio"] for run in report["runs"]] == [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
         for run in report["runs"]:
             (digit,) = run["attributes"]
             assert len(digit["groups"]) == 10 and sum(g["n"] for g in digit["groups"]) == report["dataset"]["rows"]
+        assert "verdict" in output and httpx.get(match.group(1) + ".html", timeout=30).status_code == 200
         assert serve.poll() is None, "serve must keep the API up after the demo"
     finally:
         serve.terminate()

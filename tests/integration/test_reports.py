@@ -1,0 +1,126 @@
+"""Reports people read and pipelines gate on: policy verdict in the JSON, CSV equal to the JSON, ETag/304,
+comparison of two audits, and `pruneaudit gate` exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.stack import REPO, start_stack, wait_for_audit
+
+RATIOS = [0.3, 0.6, 0.9]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = start_stack(tmp_path_factory.mktemp("reports"))
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def audits(stack, digits_case):
+    """Two audits of one dataset: a strict policy (fails) and a lenient one (passes)."""
+    with stack.client() as client:
+        model = digits_case.upload_model(client).json()
+        dataset = digits_case.upload_dataset(client).json()
+        ids = {}
+        for name, policy in {"strict": {"max_excess_accuracy_gap": 0.0, "max_worst_group_drop": 0.0},
+                             "lenient": {"max_excess_accuracy_gap": 1.0, "max_worst_group_drop": None,
+                                         "min_group_size": 1}}.items():
+            created = client.post("/v1/audits", json={
+                "model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
+                "pruning": {"ratios": RATIOS, "methods": [{"method": "magnitude", "scope": "global",
+                                                           "ignored_layers": []}]},
+                "diagnostics": {"curvature": "off"}, "statistics": {"bootstrap_resamples": 0}, "policy": policy,
+            }).json()
+            audit = wait_for_audit(client, created["id"])
+            assert audit["status"] == "succeeded", (audit, stack.log("worker"))
+            ids[name] = audit["id"]
+    return ids
+
+
+def test_verdict_follows_the_policy(stack, audits):
+    with stack.client() as client:
+        strict = client.get(f"/v1/audits/{audits['strict']}/report").json()
+        lenient = client.get(f"/v1/audits/{audits['lenient']}/report").json()
+    assert strict["policy"]["max_excess_accuracy_gap"] == 0.0
+    assert not strict["verdict"]["passed"]
+    assert strict["verdict"]["highest_passing_ratio"] == {"magnitude-global": None}
+    for run in strict["runs"]:
+        groups = [g for g in run["attributes"][0]["groups"] if g["n"] >= strict["policy"]["min_group_size"]]
+        check = next(c for c in run["verdict"]["checks"] if c["name"] == "max_excess_accuracy_gap")
+        assert check["value"] == max(g["excess_accuracy_gap"] for g in groups)
+        assert run["verdict"]["passed"] is False and run["verdict"]["reasons"]
+    assert lenient["verdict"]["passed"] and lenient["verdict"]["highest_passing_ratio"] == {"magnitude-global": 0.9}
+    assert all(run["verdict"]["passed"] and not run["verdict"]["reasons"] for run in lenient["runs"])
+
+
+def test_csv_equals_the_json(stack, audits):
+    with stack.client() as client:
+        report = client.get(f"/v1/audits/{audits['strict']}/report").json()
+        response = client.get(f"/v1/audits/{audits['strict']}/report.csv")
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    runs = [report["dense"], *report["runs"]]
+    assert len(rows) == sum(len(a["groups"]) for run in runs for a in run["attributes"])
+    by_key = {(row["run_id"], row["attribute"], row["group"]): row for row in rows}
+    for run in runs:
+        for attribute in run["attributes"]:
+            for group in attribute["groups"]:
+                row = by_key[(run["id"], attribute["attribute"], group["group"])]
+                for field in ("accuracy", "accuracy_drop", "excess_accuracy_gap", "excessive_loss", "share"):
+                    assert float(row[field]) == group[field]
+                assert float(row["dense_gradient_norm"]) == group["diagnostics"]["dense_gradient_norm"]
+                assert int(row["n"]) == group["n"] and row["label"] == run["label"]
+
+
+def test_reports_are_immutable_with_etags(stack, audits):
+    with stack.client() as client:
+        for path in ("report", "report.csv", "report.html"):
+            first = client.get(f"/v1/audits/{audits['strict']}/{path}")
+            assert first.status_code == 200, (path, first.text)
+            etag = first.headers["etag"]
+            again = client.get(f"/v1/audits/{audits['strict']}/{path}", headers={"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b""
+            assert client.get(f"/v1/audits/{audits['strict']}/{path}",
+                              headers={"If-None-Match": '"other"'}).status_code == 200
+        assert client.get(f"/v1/audits/{audits['strict']}/report").headers["etag"] != \
+            client.get(f"/v1/audits/{audits['lenient']}/report").headers["etag"]
+
+
+def test_compare_two_audits_of_one_dataset(stack, audits):
+    with stack.client() as client:
+        comparison = client.get("/v1/compare", params={"audits": f"{audits['strict']},{audits['lenient']}"})
+        assert comparison.status_code == 200, comparison.text
+        comparison = comparison.json()
+        strict = client.get(f"/v1/audits/{audits['strict']}/report").json()
+        bad = client.get("/v1/compare", params={"audits": audits["strict"]})
+    assert bad.status_code == 422
+    assert [(r["label"], r["ratio"]) for r in comparison["runs"]] == [("dense", 0.0)] + [
+        ("magnitude-global", ratio) for ratio in RATIOS]
+    for compared, run in zip(comparison["runs"][1:], strict["runs"], strict=True):
+        assert compared["first_passed"] is False and compared["second_passed"] is True
+        for group, original in zip(compared["groups"], run["attributes"][0]["groups"], strict=True):
+            assert group["first"]["accuracy"] == original["accuracy"]
+            # Same model, data and pruning: only the policies differ, so every number agrees.
+            assert group["accuracy_difference"] == 0.0
+
+
+def test_gate_exit_codes(stack, audits):
+    def gate(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", "gate", *args, "--url", stack.url],
+                              cwd=REPO, capture_output=True, text=True, env=stack.env)
+
+    assert gate(audits["lenient"]).returncode == 0
+    failing = gate(audits["strict"])
+    assert failing.returncode == 1 and "fails" in failing.stdout
+    chosen = gate(audits["strict"], "--method", "magnitude-global", "--ratio", "0.6")
+    assert chosen.returncode == 1 and "excess accuracy gap" in chosen.stdout
+    assert gate(audits["lenient"], "--ratio", "0.6").returncode == 0
+    assert gate("missing").returncode == 2
+    assert gate(audits["lenient"], "--ratio", "0.5").returncode == 2
