@@ -38,16 +38,6 @@ N = 41
 BATCH = 4  # divides none of the group sizes below
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models here are tiny: a second intra-op thread only adds spinning, which on a shared
-    # 2-core machine multiplies wall time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(spec: dict, seed: int = 0) -> nn.Module:
     """A float64 model in eval mode; BatchNorm gets non-trivial running statistics and affine terms."""
     torch.manual_seed(seed)

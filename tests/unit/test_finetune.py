@@ -16,16 +16,6 @@ MLP_SPEC = {"name": "mlp", "in_features": 8, "hidden": [16, 12], "num_classes": 
 CNN_SPEC = {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [4, 6], "num_classes": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP threads waiting
-    on each other make a 3 ms forward take a second; restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n: int = 96, features: tuple[int, ...] = (8,), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A learnable task: the label is the argmax of three fixed projections of x."""
     rng = np.random.default_rng(seed)

@@ -35,16 +35,6 @@ RESNET20 = {"name": "resnet20"}
 MOBILENET = {"name": "mobilenet_v2", "num_classes": 10, "image_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP threads waiting
-    on each other make a 3 ms forward take a second; restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(spec: dict, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(spec)
