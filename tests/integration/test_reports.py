@@ -124,3 +124,38 @@ def test_gate_exit_codes(stack, audits):
     assert gate(audits["lenient"], "--ratio", "0.6").returncode == 0
     assert gate("missing").returncode == 2
     assert gate(audits["lenient"], "--ratio", "0.5").returncode == 2
+
+
+def test_json_report_validates_against_the_published_schema(stack, audits):
+    import jsonschema
+
+    with stack.client() as client:
+        document = client.get("/openapi.json").json()
+        report = client.get(f"/v1/audits/{audits['strict']}/report").json()
+    # The schema as published in the OpenAPI document, its $refs resolved inside that document.
+    schema = {**document["components"]["schemas"]["AuditReport"], "components": document["components"]}
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(report), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+    broken = dict(report, verdict={"passed": "maybe"})
+    assert any(True for _ in validator.iter_errors(broken))
+
+
+def test_html_numbers_equal_the_json(stack, audits):
+    import html
+    import re
+
+    with stack.client() as client:
+        report = client.get(f"/v1/audits/{audits['strict']}/report").json()
+        page = client.get(f"/v1/audits/{audits['strict']}/report.html").text
+    assert report["verdict"]["summary"] in html.unescape(page)
+    for run in report["runs"]:
+        block = page[page.index(f'data-run="{run["id"]}"'):]
+        block = block[:block.index("</tbody>")]
+        for group in run["attributes"][0]["groups"]:
+            row = block[block.index(f'data-group="{group["group"]}"'):]
+            cells = dict(re.findall(r'<td data-field="([a-z_]+)">([^<]*)</td>', row[:row.index("</tr>")]))
+            # Documented formats: accuracies in % with one decimal, gaps in points with one decimal.
+            assert cells["accuracy"] == f"{group['accuracy'] * 100:.1f}%"
+            assert cells["excess_accuracy_gap"] == f"{group['excess_accuracy_gap'] * 100:.1f}".replace("-0.0", "0.0")
+            assert cells["n"] == f"{group['n']:,}"
