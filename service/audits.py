@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 from service import architectures, catalog
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run
-from service.policy import audit_verdict, run_verdict
+from service.policy import audit_verdict, metric_items, run_verdict
 from service.schemas.audits import AuditSpec, PolicySpec
 from service.schemas.reports import (
     REPORT_VERSION,
@@ -209,6 +209,8 @@ def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
     dense, *pruned = (_run_report(run, weights_url) for run in audit.runs)
     for run in pruned:
         run.verdict = run_verdict(run, policy)
+        for attribute in run.attributes:
+            attribute.metrics = metric_items(attribute, run.verdict.checks)
     model, dataset = audit.model, audit.dataset
     return AuditReport(
         audit_id=audit.id,

@@ -4,7 +4,14 @@ the report, so the JSON, the CSV, the HTML and `pruneaudit gate` give the same a
 from __future__ import annotations
 
 from service.schemas.audits import PolicySpec
-from service.schemas.reports import AttributeReport, AuditVerdict, PolicyCheck, RunReport, RunVerdict
+from service.schemas.reports import (
+    AttributeReport,
+    AuditVerdict,
+    MetricItem,
+    PolicyCheck,
+    RunReport,
+    RunVerdict,
+)
 
 CHECKS = {
     "max_excess_accuracy_gap": ("excess accuracy gap ψ", lambda groups: max(g.excess_accuracy_gap for g in groups)),
@@ -50,6 +57,28 @@ def run_verdict(run: RunReport, policy: PolicySpec) -> RunVerdict:
     checks = [check for attribute in run.attributes for check in attribute_checks(attribute, policy)]
     reasons = [reason(check, run, policy) for check in checks if not check.passed]
     return RunVerdict(passed=not reasons, reasons=reasons, checks=checks)
+
+
+def metric_items(attribute: AttributeReport, checks: list[PolicyCheck]) -> list[MetricItem]:
+    """The attribute's headline metrics, each with its value, interval, n and (where the policy has one)
+    threshold and outcome; a checked metric's value is the one the policy judged."""
+    n = sum(g.n for g in attribute.groups)
+    aggregates = attribute.aggregates
+    by_name = {check.name: check for check in checks if check.attribute == attribute.attribute}
+    items = []
+    for name, value, ci in (
+        ("max_excess_accuracy_gap", aggregates.max_excess_accuracy_gap, aggregates.max_excess_accuracy_gap_ci),
+        ("max_worst_group_drop", aggregates.max_accuracy_drop, None),
+        ("max_accuracy_fairness_violation", aggregates.accuracy_fairness_violation, None),
+        ("loss_fairness_violation", aggregates.loss_fairness_violation, None),
+    ):
+        check = by_name.get(name)
+        if check is None:
+            items.append(MetricItem(name=name, value=value, ci=ci, n=n))
+        else:
+            items.append(MetricItem(name=name, value=check.value, ci=ci if check.value == value else None, n=n,
+                                    threshold=check.threshold, passed=check.passed))
+    return items
 
 
 def audit_verdict(runs: list[RunReport]) -> AuditVerdict:

@@ -146,6 +146,17 @@ class MechanismDiagnostics(BaseModel):
     predicted_vs_excessive_loss: RankCorrelation = Field(description="R̂ against measured R; > 0 if R̂ explains R.")
 
 
+class MetricItem(BaseModel):
+    """A headline metric that describes itself, for pipelines that read metrics generically."""
+
+    name: str
+    value: float | None
+    ci: Interval | None = Field(None, description="Bootstrap 95% interval, where computed.")
+    n: int = Field(description="Examples the metric is computed over.")
+    threshold: float | None = Field(None, description="The policy's limit, where one applies.")
+    passed: bool | None = Field(None, description="value ≤ threshold, where a policy applies.")
+
+
 class AttributeReport(BaseModel):
     attribute: str
     n_missing: int = Field(description="Rows without a value for this attribute (not in any group).")
@@ -154,6 +165,11 @@ class AttributeReport(BaseModel):
     undefined: dict[str, str] = Field(default_factory=dict, description="Why each null aggregate is null.")
     caveats: dict[str, str] = Field(default_factory=dict, description="Reported values that rest on part of the data.")
     diagnostics: MechanismDiagnostics
+    metrics: list[MetricItem] = Field(
+        default_factory=list,
+        description="Headline metrics of this attribute as self-describing items (pruned runs; the policy's "
+        "thresholds apply over groups with at least min_group_size examples).",
+    )
 
 
 class OverallReport(BaseModel):

@@ -56,6 +56,12 @@ def test_verdict_follows_the_policy(stack, audits):
         check = next(c for c in run["verdict"]["checks"] if c["name"] == "max_excess_accuracy_gap")
         assert check["value"] == max(g["excess_accuracy_gap"] for g in groups)
         assert run["verdict"]["passed"] is False and run["verdict"]["reasons"]
+        items = {item["name"]: item for item in run["attributes"][0]["metrics"]}
+        assert items["max_excess_accuracy_gap"]["value"] == check["value"]
+        assert items["max_excess_accuracy_gap"]["threshold"] == 0.0 and items["max_excess_accuracy_gap"]["passed"] is False
+        assert items["loss_fairness_violation"]["value"] == run["attributes"][0]["aggregates"]["loss_fairness_violation"]
+        assert items["loss_fairness_violation"]["threshold"] is None
+        assert items["max_worst_group_drop"]["n"] == sum(g["n"] for g in run["attributes"][0]["groups"])
     assert lenient["verdict"]["passed"] and lenient["verdict"]["highest_passing_ratio"] == {"magnitude-global": 0.9}
     assert all(run["verdict"]["passed"] and not run["verdict"]["reasons"] for run in lenient["runs"])
 
