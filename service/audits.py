@@ -8,12 +8,12 @@ import hashlib
 import io
 import math
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from service import architectures, catalog
 from service.errors import Conflict, InvalidInput, NotFound
-from service.models import Audit, AuditStatus, Dataset, Model, Run
+from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
 from service.policy import audit_verdict, metric_items, run_verdict
 from service.schemas.audits import AuditSpec, PolicySpec
 from service.schemas.reports import (
@@ -108,6 +108,25 @@ def get_audit(session: Session, audit_id: str) -> Audit:
     audit = session.get(Audit, audit_id)
     if audit is None:
         raise NotFound(f"audit {audit_id} does not exist")
+    return audit
+
+
+def cancel_audit(session: Session, audit_id: str) -> Audit:
+    """A queued audit ends `cancelled` at once; a running one is flagged and its worker stops at the next
+    checkpoint (between runs and epochs). Ended audits cannot be cancelled (409)."""
+    audit = get_audit(session, audit_id)
+    stopped = session.execute(
+        update(Audit).where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
+        .values(status=AuditStatus.cancelled, finished_at=utcnow(), progress_message="cancelled before it started")
+    )
+    if stopped.rowcount == 0:
+        flagged = session.execute(
+            update(Audit).where(Audit.id == audit_id, Audit.status == AuditStatus.running).values(cancel_requested=True)
+        )
+        if flagged.rowcount == 0:
+            session.refresh(audit)
+            raise Conflict(f"audit {audit_id} has already ended ({audit.status.value}); there is nothing to cancel")
+    session.refresh(audit)
     return audit
 
 

@@ -80,6 +80,7 @@ class Audit(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     environment: Mapped[dict | None] = mapped_column(JSON)
     report_html_sha256: Mapped[str | None] = mapped_column(String(64))
 

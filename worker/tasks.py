@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service.audits import assemble_report
 from service.db import session_scope
@@ -34,13 +34,20 @@ def claim(audit_id: str) -> bool:
         return result.rowcount == 1
 
 
+class AuditCancelled(Exception):
+    """Raised at a checkpoint when the audit was asked to stop."""
+
+
 def report_progress(audit_id: str, fraction: float, message: str) -> None:
+    """Progress, heartbeat and the cancellation checkpoint (called between runs and epochs)."""
     with session_scope() as session:
         session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.running)
             .values(progress=fraction, progress_message=message, heartbeat_at=utcnow())
         )
+        if session.scalar(select(Audit.cancel_requested).where(Audit.id == audit_id)):
+            raise AuditCancelled(audit_id)
 
 
 def finish(audit_id: str, status: AuditStatus, *, error: str | None = None) -> None:
@@ -174,6 +181,8 @@ def run_audit(audit_id: str) -> None:
                 inputs = pipeline_inputs(session.get(Audit, audit_id), Path(output_dir))
             result = run_audit_pipeline(inputs, lambda fraction, message: report_progress(audit_id, fraction, message))
             store_results(audit_id, result)
+    except AuditCancelled:
+        finish(audit_id, AuditStatus.cancelled)
     except EngineError as exc:
         finish(audit_id, AuditStatus.failed, error=str(exc))
     except SoftTimeLimitExceeded:

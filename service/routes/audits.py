@@ -52,6 +52,13 @@ def list_audits(
     return AuditPage(items=[audit_out(a, request) for a in items], total=total, limit=limit, offset=offset)
 
 
+@router.post("/{audit_id}/cancel", response_model=AuditOut)
+def cancel_audit(audit_id: str, session: SessionDep, request: Request) -> AuditOut:
+    """Cancel an audit: queued → cancelled at once; running → stops at its next checkpoint (between runs and
+    epochs) and ends cancelled. 409 when it has already ended."""
+    return audit_out(audits.cancel_audit(session, audit_id), request)
+
+
 @router.get("/{audit_id}", response_model=AuditOut)
 def read_audit(audit_id: str, session: SessionDep, request: Request) -> AuditOut:
     return audit_out(audits.get_audit(session, audit_id), request)

@@ -204,6 +204,7 @@ class AuditOut(BaseModel):
     progress_message: str | None
     attempts: int
     error: str | None = Field(description="Why the audit failed, in words.")
+    cancel_requested: bool = Field(description="A cancel was asked while running; it stops at the next checkpoint.")
     spec: AuditSpec
     report_url: str | None = None
 

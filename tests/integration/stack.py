@@ -79,7 +79,7 @@ def start_stack(var_dir: Path, *, with_worker: bool = True, **urls) -> Stack:
     if with_worker:
         start_process(stack, "worker", ["worker"])
     start_process(stack, "api", ["api", "--port", str(port)])
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # generous: CI machines are shared and sometimes slow
     while time.monotonic() < deadline:
         if stack.processes["api"].poll() is not None:
             stack.stop()

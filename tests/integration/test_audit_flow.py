@@ -301,3 +301,29 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
         assert before.keys() == after.keys()
         for group, (accuracy, loss) in before.items():
             assert after[group][0] == accuracy and after[group][1] == pytest.approx(loss, rel=1e-9)
+
+
+def test_cancel_a_running_audit_stops_at_the_next_checkpoint(embedded_stack, digits_case):
+    import time
+
+    with embedded_stack.client() as client:
+        model = digits_case.upload_model(client).json()
+        dataset = digits_case.upload_dataset(client).json()
+        train = digits_case.upload_dataset(client, digits_case.npz(x=digits_case.x_train, y=digits_case.y_train,
+                                                                   group_digit=digits_case.y_train)).json()
+        audit = client.post("/v1/audits", json={
+            "model_id": model["id"], "dataset_id": dataset["id"], "train_dataset_id": train["id"],
+            "group_by": ["digit"], "diagnostics": {"curvature": "off"},
+            "pruning": {"ratios": [0.5, 0.9], "methods": [{"fine_tuning": {"epochs": 1000, "lr": 0.001}}]},
+        }).json()
+        deadline = time.monotonic() + 120
+        while "epoch" not in (client.get(f"/v1/audits/{audit['id']}").json()["progress_message"] or ""):
+            assert time.monotonic() < deadline, "the audit never started fine-tuning"
+            time.sleep(0.2)
+        asked = client.post(f"/v1/audits/{audit['id']}/cancel").json()
+        assert asked["status"] == "running" and asked["cancel_requested"]
+        started = time.monotonic()
+        ended = wait_for_audit(client, audit["id"], timeout_s=60)
+        assert ended["status"] == "cancelled", ended
+        assert time.monotonic() - started < 30  # stopped at an epoch checkpoint, not after 1000 epochs
+        assert client.get(f"/v1/audits/{audit['id']}/report").status_code == 409

@@ -135,3 +135,17 @@ def test_openapi_documents_the_api(api):
     assert client.get("/docs").status_code == 200
     names = [a["name"] for a in client.get("/v1/architectures").json()]
     assert names == ["mlp", "cnn", "resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "resnet20", "resnet56", "pruned"]
+
+
+def test_cancel_a_queued_audit(api, digits_case):
+    _stack, client = api
+    model = digits_case.upload_model(client).json()
+    dataset = digits_case.upload_dataset(client).json()
+    audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                            "group_by": ["digit"]}).json()
+    cancelled = client.post(f"/v1/audits/{audit['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert client.get(f"/v1/audits/{audit['id']}").json()["status"] == "cancelled"
+    assert_problem(client.post(f"/v1/audits/{audit['id']}/cancel"), 409, "already ended")
+    assert_problem(client.get(f"/v1/audits/{audit['id']}/report"), 409, "cancelled")
+    assert_problem(client.post("/v1/audits/missing/cancel"), 404)
