@@ -9,6 +9,7 @@ import io
 import math
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from service import architectures, catalog
@@ -74,7 +75,19 @@ def check_methods(spec: AuditSpec, model: Model, train_dataset: Dataset | None) 
             )
 
 
-def create_audit(session: Session, spec: AuditSpec, max_runs: int) -> Audit:
+def spec_digest(spec: AuditSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def replayed_audit(session: Session, idempotency_key: str, spec: AuditSpec) -> Audit | None:
+    """The audit an earlier POST with this Idempotency-Key created; 422 if that POST had another body."""
+    audit = session.scalars(select(Audit).where(Audit.idempotency_key == idempotency_key)).one_or_none()
+    if audit is not None and audit.request_digest != spec_digest(spec):
+        raise InvalidInput("this Idempotency-Key was used with a different request body; use a new key")
+    return audit
+
+
+def create_audit(session: Session, spec: AuditSpec, max_runs: int, idempotency_key: str | None = None) -> Audit:
     runs = len(spec.pruning.ratios) * len(spec.pruning.methods)
     if runs > max_runs:
         raise InvalidInput(f"at most {max_runs} runs (ratios × methods) per audit; this spec asks for {runs}")
@@ -91,9 +104,13 @@ def create_audit(session: Session, spec: AuditSpec, max_runs: int) -> Audit:
     if unknown:
         raise InvalidInput(f"group attribute(s) {unknown} not in dataset; it has {sorted(dataset.groups)}")
     check_methods(spec, model, train_dataset)
-    audit = Audit(model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"))
+    audit = Audit(model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
+                  idempotency_key=idempotency_key, request_digest=spec_digest(spec) if idempotency_key else None)
     session.add(audit)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict("a request with this Idempotency-Key is in flight; retry it once that one has finished") from None
     return audit
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from service import audits
@@ -27,9 +27,18 @@ def audit_out(audit: Audit, request: Request) -> AuditOut:
 
 
 @router.post("", status_code=202, response_model=AuditOut)
-def create_audit(spec: AuditSpec, session: SessionDep, settings: SettingsDep, request: Request, response: Response) -> AuditOut:
-    """Queue an audit: the dense model and each pruning ratio are evaluated per group by a worker."""
-    audit = audits.create_audit(session, spec, settings.max_runs)
+def create_audit(
+    spec: AuditSpec, session: SessionDep, settings: SettingsDep, request: Request, response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description=(
+        "Retry-safe creation (IETF draft): the same key and body replays the first response; the same key "
+        "with another body is 422; while the first request is still in flight, 409."))] = None,
+) -> AuditOut:
+    """Queue an audit: the dense model and each method × ratio are evaluated per group by a worker."""
+    if idempotency_key and (earlier := audits.replayed_audit(session, idempotency_key, spec)):
+        response.headers["Location"] = str(request.url_for("read_audit", audit_id=earlier.id))
+        response.headers["Idempotent-Replayed"] = "true"
+        return audit_out(earlier, request)
+    audit = audits.create_audit(session, spec, settings.max_runs, idempotency_key)
     # Enqueue only after the row is committed, so a worker never sees a message for a missing row.
     session.commit()
     try:

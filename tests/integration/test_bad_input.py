@@ -149,3 +149,31 @@ def test_cancel_a_queued_audit(api, digits_case):
     assert_problem(client.post(f"/v1/audits/{audit['id']}/cancel"), 409, "already ended")
     assert_problem(client.get(f"/v1/audits/{audit['id']}/report"), 409, "cancelled")
     assert_problem(client.post("/v1/audits/missing/cancel"), 404)
+
+
+def test_idempotency_key_makes_retries_safe(api, digits_case):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack, client = api
+    model = digits_case.upload_model(client).json()
+    dataset = digits_case.upload_dataset(client).json()
+    body = {"model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"]}
+    before = client.get("/v1/audits").json()["total"]
+    first = client.post("/v1/audits", json=body, headers={"Idempotency-Key": "nightly-2026-11-24"})
+    replay = client.post("/v1/audits", json=body, headers={"Idempotency-Key": "nightly-2026-11-24"})
+    assert first.status_code == replay.status_code == 202
+    assert replay.json()["id"] == first.json()["id"] and replay.headers["location"] == first.headers["location"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert_problem(client.post("/v1/audits", json=dict(body, seed=7), headers={"Idempotency-Key": "nightly-2026-11-24"}),
+                   422, "different request body")
+    assert client.get("/v1/audits").json()["total"] == before + 1
+
+    def post(_):
+        with stack.client() as own:
+            return own.post("/v1/audits", json=body, headers={"Idempotency-Key": "concurrent"})
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(post, range(4)))
+    assert {r.status_code for r in responses} <= {202, 409}
+    assert len({r.json()["id"] for r in responses if r.status_code == 202}) == 1
+    assert client.get("/v1/audits").json()["total"] == before + 2
