@@ -38,6 +38,10 @@ class DigitsCase:
             data={"architecture": json.dumps(architecture or self.architecture)},
         )
 
+    def upload_train_dataset(self, client):
+        """The training split, for fine-tuning and gradual pruning."""
+        return self.upload_dataset(client, self.npz(x=self.x_train, y=self.y_train, group_digit=self.y_train))
+
     def upload_dataset(self, client, content: bytes | None = None, filename: str = "eval.npz", **form):
         return client.post("/v1/datasets", files={"file": (filename, content if content is not None else self.npz())},
                            data=form)

@@ -227,8 +227,7 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
     with embedded_stack.client() as client:
         model = digits_case.upload_model(client).json()
         dataset = digits_case.upload_dataset(client).json()
-        train = digits_case.upload_dataset(client, digits_case.npz(x=digits_case.x_train, y=digits_case.y_train,
-                                                                   group_digit=digits_case.y_train)).json()
+        train = digits_case.upload_train_dataset(client).json()
         created = client.post("/v1/audits", json={
             "model_id": model["id"], "dataset_id": dataset["id"], "train_dataset_id": train["id"],
             "group_by": ["digit"], "pruning": {"ratios": [0.5, 0.8], "methods": methods},
@@ -309,8 +308,7 @@ def test_cancel_a_running_audit_stops_at_the_next_checkpoint(embedded_stack, dig
     with embedded_stack.client() as client:
         model = digits_case.upload_model(client).json()
         dataset = digits_case.upload_dataset(client).json()
-        train = digits_case.upload_dataset(client, digits_case.npz(x=digits_case.x_train, y=digits_case.y_train,
-                                                                   group_digit=digits_case.y_train)).json()
+        train = digits_case.upload_train_dataset(client).json()
         audit = client.post("/v1/audits", json={
             "model_id": model["id"], "dataset_id": dataset["id"], "train_dataset_id": train["id"],
             "group_by": ["digit"], "diagnostics": {"curvature": "off"},

@@ -603,19 +603,7 @@ class _State:
         self.flat_mask = None if self.masks is None else torch.cat([m.flatten() for m in self.masks])
 
     def _masks(self, masks: Tensors | None) -> list[torch.Tensor] | None:
-        if not masks:
-            return None
-        unknown = sorted(masks.keys() - self.leaves.keys())
-        if unknown:
-            raise EngineError(f"masks name tensors that are not trainable parameters: {', '.join(unknown[:5])}")
-        result = []
-        for name, leaf in self.leaves.items():
-            mask = masks.get(name)
-            if mask is not None and mask.shape != leaf.shape:
-                raise EngineError(f"mask {name} has shape {tuple(mask.shape)}; the parameter has {tuple(leaf.shape)}")
-            result.append(torch.ones_like(leaf, dtype=self.dtype).detach() if mask is None
-                          else mask.detach().to(device=self.device, dtype=self.dtype))
-        return result
+        return _aligned(self, masks, "mask", torch.ones_like) if masks else None
 
     def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the model at this state on one batch."""
@@ -668,18 +656,24 @@ def _directions(
     single = isinstance(delta, Mapping)
     result = []
     for d in [delta] if single else delta:
-        unknown = sorted(d.keys() - state.leaves.keys())
-        if unknown:
-            raise EngineError(f"delta names tensors that are not trainable parameters: {', '.join(unknown[:5])}")
-        vector = []
-        for name, leaf in state.leaves.items():
-            t = d.get(name)
-            if t is not None and t.shape != leaf.shape:
-                raise EngineError(f"delta {name} has shape {tuple(t.shape)}; the parameter has {tuple(leaf.shape)}")
-            vector.append(torch.zeros_like(leaf).detach() if t is None
-                          else t.detach().to(device=state.device, dtype=state.dtype))
-        result.append(vector)
+        result.append(_aligned(state, d, "delta", torch.zeros_like))
     return result, single
+
+
+def _aligned(state: _State, tensors: Tensors, what: str, fill) -> list[torch.Tensor]:
+    """`tensors` (name → tensor) as one tensor per trainable parameter, in the state's order, on its device
+    and dtype; parameters not named get `fill(leaf)` (ones for masks, zeros for directions)."""
+    unknown = sorted(tensors.keys() - state.leaves.keys())
+    if unknown:
+        raise EngineError(f"{what} names tensors that are not trainable parameters: {', '.join(unknown[:5])}")
+    result = []
+    for name, leaf in state.leaves.items():
+        tensor = tensors.get(name)
+        if tensor is not None and tensor.shape != leaf.shape:
+            raise EngineError(f"{what} {name} has shape {tuple(tensor.shape)}; the parameter has {tuple(leaf.shape)}")
+        result.append(fill(leaf, dtype=state.dtype).detach() if tensor is None
+                      else tensor.detach().to(device=state.device, dtype=state.dtype))
+    return result
 
 
 def _check_groupings(
