@@ -7,6 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import PruneauditError
@@ -41,6 +43,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem(request, exc.status_code, str(exc.detail), str(exc.detail), f"http-{exc.status_code}")
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeoutError)
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        # Connection-level failures (database down, connection dropped, pool exhausted) are the service's
+        # state, not the request's fault: 503 + Retry-After, so clients and load balancers retry.
+        unavailable = (isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError))
+                       or getattr(exc, "connection_invalidated", False))
+        if not unavailable:
+            return await _unexpected(request, exc)
+        log.warning("database unavailable on %s: %s", request.url.path, str(exc).splitlines()[0])
+        response = problem(request, 503, "Database unavailable",
+                           "the database cannot be reached right now; retry shortly (with an Idempotency-Key, "
+                           "retrying POST /v1/audits never makes a second audit)",
+                           "database-unavailable")
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

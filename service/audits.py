@@ -31,9 +31,12 @@ from service.schemas.reports import (
     GroupDiagnostics,
     GroupRow,
     MechanismDiagnostics,
+    MitigationReport,
     ModelRef,
     OverallReport,
     RunReport,
+    SplitAttributeReport,
+    SplitReport,
 )
 
 
@@ -88,9 +91,11 @@ def replayed_audit(session: Session, idempotency_key: str, spec: AuditSpec) -> A
 
 
 def create_audit(session: Session, spec: AuditSpec, max_runs: int, idempotency_key: str | None = None) -> Audit:
-    runs = len(spec.pruning.ratios) * len(spec.pruning.methods)
+    runs = spec.runs_requested
     if runs > max_runs:
-        raise InvalidInput(f"at most {max_runs} runs (ratios × methods) per audit; this spec asks for {runs}")
+        raise InvalidInput(
+            f"at most {max_runs} runs (ratios × methods × (1 + mitigations)) per audit; this spec asks for {runs}"
+        )
     try:
         model = catalog.get_model(session, spec.model_id)
         dataset = catalog.get_dataset(session, spec.dataset_id)
@@ -104,6 +109,13 @@ def create_audit(session: Session, spec: AuditSpec, max_runs: int, idempotency_k
     if unknown:
         raise InvalidInput(f"group attribute(s) {unknown} not in dataset; it has {sorted(dataset.groups)}")
     check_methods(spec, model, train_dataset)
+    if spec.mitigations and train_dataset is not None:
+        missing = [attribute for attribute in spec.group_by if attribute not in train_dataset.groups]
+        if missing:
+            raise InvalidInput(
+                f"mitigations constrain groups on the train dataset, which lacks group attribute(s) {missing}; "
+                f"it has {sorted(train_dataset.groups)}"
+            )
     audit = Audit(model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
                   idempotency_key=idempotency_key, request_digest=spec_digest(spec) if idempotency_key else None)
     session.add(audit)
@@ -158,9 +170,9 @@ def list_audits(session: Session, *, status: AuditStatus | None, limit: int, off
 
 def _run_report(run: Run, weights_url) -> RunReport:
     """`verdict` is left null here; assemble_report applies the policy."""
-    rows_by_attribute: dict[str, list[GroupRow]] = {}
+    rows: dict[tuple[str, str], list[GroupRow]] = {}
     for row in run.group_metrics:
-        rows_by_attribute.setdefault(row.attribute, []).append(
+        rows.setdefault((row.split, row.attribute), []).append(
             GroupRow(
                 group=row.group,
                 n=row.n,
@@ -186,7 +198,7 @@ def _run_report(run: Run, weights_url) -> RunReport:
         AttributeReport(
             attribute=attribute,
             n_missing=summary["n_missing"],
-            groups=rows_by_attribute.get(attribute, []),
+            groups=rows.get(("eval", attribute), []),
             aggregates=AttributeAggregates(**summary["aggregates"]),
             undefined=summary["undefined"],
             caveats=summary["caveats"],
@@ -194,6 +206,19 @@ def _run_report(run: Run, weights_url) -> RunReport:
         )
         for attribute, summary in run.attributes.items()
     ]
+    train = None
+    if run.train_overall is not None:
+        train = SplitReport(
+            overall=OverallReport(**run.train_overall),
+            attributes=[
+                SplitAttributeReport(
+                    attribute=attribute, n_missing=summary["n_missing"], groups=rows.get(("train", attribute), []),
+                    aggregates=AttributeAggregates(**summary["aggregates"]), undefined=summary["undefined"],
+                    caveats=summary["caveats"],
+                )
+                for attribute, summary in run.train_attributes.items()
+            ],
+        )
     return RunReport(
         id=run.id,
         label=run.label,
@@ -211,6 +236,9 @@ def _run_report(run: Run, weights_url) -> RunReport:
         overall=OverallReport(**run.overall),
         verdict=None,
         attributes=attributes,
+        mitigation=run.mitigation,
+        mitigation_details=MitigationReport(**run.mitigation_details) if run.mitigation_details else None,
+        train=train,
     )
 
 
@@ -266,7 +294,8 @@ def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
 
 
 CSV_COLUMNS = (
-    "run_id", "label", "method", "scope", "ratio", "achieved_sparsity", "run_passed", "attribute", "group", "n",
+    "run_id", "label", "method", "scope", "ratio", "mitigation", "achieved_sparsity", "run_passed", "split",
+    "attribute", "group", "n",
     "share", "small_group", "dense_accuracy", "accuracy", "accuracy_drop", "excess_accuracy_gap", "dense_loss",
     "loss", "excessive_loss", "dense_gradient_norm", "gradient_norm", "dense_hessian_trace",
     "predicted_excessive_loss",
@@ -274,12 +303,14 @@ CSV_COLUMNS = (
 
 
 def report_csv(report: AuditReport) -> str:
-    """One row per run × attribute × group, every number exactly as in the JSON report (repr of floats)."""
+    """One row per run × split × attribute × group (split 'train' for audits with mitigations), every number
+    exactly as in the JSON report (repr of floats)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for run in [report.dense, *report.runs]:
-        for attribute in run.attributes:
+        splits = [("eval", run.attributes)] + ([("train", run.train.attributes)] if run.train else [])
+        for split, attribute in ((split, a) for split, attributes in splits for a in attributes):
             for group in attribute.groups:
                 values = {
                     **group.model_dump(include={"group", "n", "share", "small_group", "dense_accuracy", "accuracy",
@@ -288,7 +319,8 @@ def report_csv(report: AuditReport) -> str:
                     **group.diagnostics.model_dump(include={"dense_gradient_norm", "gradient_norm",
                                                             "dense_hessian_trace", "predicted_excessive_loss"}),
                     "run_id": run.id, "label": run.label, "method": run.method, "scope": run.scope,
-                    "ratio": run.ratio, "achieved_sparsity": run.achieved_sparsity,
+                    "ratio": run.ratio, "achieved_sparsity": run.achieved_sparsity, "mitigation": run.mitigation,
+                    "split": split,
                     "run_passed": None if run.verdict is None else run.verdict.passed,
                     "attribute": attribute.attribute,
                 }

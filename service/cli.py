@@ -1,4 +1,5 @@
-"""`pruneaudit` command line: migrate, api, worker, serve (API + one worker, embedded defaults), demo.
+"""`pruneaudit` command line: migrate, api, worker, sweeper, serve (API + one worker + the sweeper, embedded
+defaults), demo.
 Workers and the demo run as separate processes: the service never imports the worker (or torch)."""
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ def worker_command(concurrency: int, loglevel: str) -> list[str]:
         "--queues", settings.queue_name,
         "--concurrency", str(concurrency),
         "--loglevel", loglevel,
-        "--max-tasks-per-child", "20",
+        # A child is replaced after this many audits, or after an audit that grew it past the memory cap (KiB);
+        # worker/heartbeat.py enforces the same cap while an audit runs.
+        "--max-tasks-per-child", str(settings.worker_max_tasks_per_child),
+        *(["--max-memory-per-child", str(settings.worker_max_memory_mb * 1024)]
+          if settings.worker_max_memory_mb else []),
         # Remote control is not used, and the SQLite transport has no fanout exchange for it.
         "--without-mingle", "--without-gossip", "--without-heartbeat",
     ]
@@ -49,6 +54,16 @@ def worker_command(concurrency: int, loglevel: str) -> list[str]:
 def cmd_worker(args: argparse.Namespace) -> int:
     command = worker_command(args.concurrency, args.loglevel)
     os.execv(command[0], command)
+
+
+def cmd_sweeper(_args: argparse.Namespace) -> int:
+    import logging
+
+    from service.recovery import run_sweeper
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_sweeper()
+    return 0
 
 
 def wait_ready(url: str, timeout_s: float, processes: list[subprocess.Popen]) -> None:
@@ -87,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cli = [sys.executable, "-m", "service.cli"]
     children = [
         subprocess.Popen(cli + ["worker", "--concurrency", "1"], preexec_fn=die_with_parent),
+        subprocess.Popen(cli + ["sweeper"], preexec_fn=die_with_parent),
         subprocess.Popen(cli + ["api", "--host", args.host, "--port", str(args.port)], preexec_fn=die_with_parent),
     ]
 
@@ -163,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
 
-    serve = commands.add_parser("serve", help="run the API and one worker (embedded defaults need no server)")
+    commands.add_parser(
+        "sweeper", help="re-queue audits whose worker vanished and re-send queued audits whose broker message was lost",
+    ).set_defaults(func=cmd_sweeper)
+
+    serve = commands.add_parser("serve", help="run the API, one worker and the sweeper (embedded defaults need "
+                                              "no server)")
     serve.add_argument("--host", default=settings.host)
     serve.add_argument("--port", type=int, default=settings.port)
     serve.add_argument("--demo", action="store_true", help="once up, run the demo audit on real data")

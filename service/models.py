@@ -115,6 +115,12 @@ class Run(Base):
     recipe: Mapped[dict] = mapped_column(JSON, default=dict)
     compression: Mapped[dict] = mapped_column(JSON, default=dict)
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    # 'none', or the mitigation trained after (or before) pruning; its multipliers and wall time in the details.
+    mitigation: Mapped[str] = mapped_column(String(32), default="none", server_default="none")
+    mitigation_details: Mapped[dict | None] = mapped_column(JSON)
+    # The same overall and per-attribute figures on the train split (audits with mitigations); rows: split 'train'.
+    train_overall: Mapped[dict | None] = mapped_column(JSON)
+    train_attributes: Mapped[dict | None] = mapped_column(JSON)
 
     audit: Mapped[Audit] = relationship(back_populates="runs")
     group_metrics: Mapped[list[GroupMetric]] = relationship(
@@ -129,6 +135,7 @@ class GroupMetric(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(8), default="eval", server_default="eval")  # 'eval' or 'train'
     attribute: Mapped[str] = mapped_column(String(64))
     group: Mapped[str] = mapped_column(String(200))
     n: Mapped[int] = mapped_column(Integer)

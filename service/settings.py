@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,8 +24,27 @@ class Settings(BaseSettings):
     max_runs: int = Field(50, description="Most runs (ratios × methods) one audit may ask for.")
     max_parameters: int = Field(200_000_000, description="Largest model (trainable parameters) accepted for upload.")
     device: str = Field("auto", description="Torch device for workers: auto (CUDA when present), cpu, cuda.")
+    # Crash safety (service/recovery.py, worker/heartbeat.py).
+    heartbeat_interval_s: float = Field(30.0, gt=0, description="How often a running audit's worker beats.")
+    heartbeat_timeout_s: float = Field(
+        300.0, gt=0, description="A running audit with no heartbeat for this long lost its worker: re-queued.")
+    max_attempts: int = Field(3, ge=1, description="Attempts before an audit whose worker keeps vanishing fails.")
+    sweep_interval_s: float = Field(30.0, gt=0, description="How often `pruneaudit sweeper` looks for audits.")
+    requeue_queued_after_s: float = Field(
+        60.0, gt=0, description="A queued audit this old with no message in the broker (lost) is enqueued again.")
+    worker_max_tasks_per_child: int = Field(20, ge=1, description="A worker child is replaced after this many audits.")
+    worker_max_memory_mb: int = Field(
+        16384, ge=0, description="Resident memory cap of a worker child (MiB; 0 = none): an audit above it fails "
+                                 "with the reason and the child is replaced.")
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @model_validator(mode="after")
+    def _heartbeats_beat_the_timeout(self) -> Settings:
+        # Two missed heartbeats must not yet look like a dead worker.
+        if self.heartbeat_interval_s * 2 > self.heartbeat_timeout_s:
+            raise ValueError("heartbeat_interval_s must be at most half of heartbeat_timeout_s")
+        return self
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.var_dir / 'pruneaudit.sqlite').resolve()}"

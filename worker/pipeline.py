@@ -5,9 +5,11 @@ per group → diagnose why (gradient norms, curvature, predicted excessive loss)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -30,12 +32,14 @@ from worker.engine.metrics import (
 from safetensors.torch import save_file
 
 from worker.engine.finetune import finetune, gradual_magnitude_prune
+from worker.engine.mitigation import GroupBaseline, MitigationResult, mitigate
 from worker.engine.pruning import MagnitudePruner, RandomPruner, apply_masks, default_dense_layers, sparsity
 from worker.engine.statistics import spearman
 from worker.engine.structured import ChannelPruner, compare_models, model_cost
 
 # Curvature costs HVPs over every group for every model; "auto" skips it above this size and says so.
 AUTO_CURVATURE_MAX_PARAMETERS = 5_000_000
+SINGLE_THREAD_MAX_PARAMETERS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class AuditInputs:
     diagnostics: dict
     statistics: dict
     device: str = "auto"
+    mitigations: list[dict] = field(default_factory=list)  # MitigationSpec dumps with "label" and "step_size"
+    train_group_names: dict[str, list[str]] = field(default_factory=dict)  # the train dataset's own group names
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,25 @@ class PrunedRun:
 
 
 @dataclass(frozen=True)
+class TrainSplit:
+    """The train dataset; with mitigations also its groups (renumbered to the evaluation split's names) and the
+    dense model's outcomes on it, the baseline of every run's train-split figures."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groupings: list[Grouping] | None = None
+    dense: Outcomes | None = None
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """Overall and per-attribute figures of one model on the train split (no diagnostics there)."""
+
+    overall: OverallMetrics
+    attributes: list[AttributeMetrics]
+
+
+@dataclass(frozen=True)
 class RunResult:
     label: str
     method: str
@@ -101,6 +126,9 @@ class RunResult:
     compression: dict = field(default_factory=dict)  # parameters, MACs, file size of the model evaluated
     weights_path: Path | None = None  # safetensors of the pruned model, under inputs.output_dir
     notes: dict[str, str] = field(default_factory=dict)  # what was not computed, and why
+    mitigation: str = "none"
+    mitigation_details: dict | None = None  # options, multipliers per group, epochs' losses, wall time
+    train: SplitResult | None = None  # the same figures on the train split (audits with mitigations)
 
 
 @dataclass(frozen=True)
@@ -273,16 +301,53 @@ def measure_run(
     )
 
 
-def load_train_arrays(inputs: AuditInputs) -> tuple[np.ndarray, np.ndarray] | None:
+def aligned_codes(codes: np.ndarray, names: list[str], target_names: list[str]) -> np.ndarray:
+    """Codes over `names` renumbered to `target_names` (matched by name); a name not there becomes −1."""
+    index = {name: code for code, name in enumerate(target_names)}
+    lookup = np.array([index.get(name, -1) for name in names] + [-1], dtype=np.int64)  # the last entry maps −1
+    return lookup[codes]
+
+
+def load_train_split(inputs: AuditInputs, groupings: list[Grouping]) -> TrainSplit | None:
+    """The train arrays (memory-mapped); with mitigations, their groups under the evaluation split's names:
+    a train group the evaluation split lacks counts as missing there."""
     if inputs.train_dataset_dir is None:
         return None
-    return (np.load(inputs.train_dataset_dir / "x.npy", mmap_mode="r"),
-            np.load(inputs.train_dataset_dir / "y.npy", mmap_mode="r"))
+    x = np.load(inputs.train_dataset_dir / "x.npy", mmap_mode="r")
+    y = np.load(inputs.train_dataset_dir / "y.npy", mmap_mode="r")
+    if not inputs.mitigations:
+        return TrainSplit(x, y)
+    own = [(a, np.asarray(np.load(inputs.train_dataset_dir / f"group_{a}.npy", mmap_mode="r")),
+            inputs.train_group_names[a]) for a in inputs.group_by]
+    if len(own) > 1:
+        own.append(intersect(own))
+    train_groupings = [
+        Grouping(target.attribute, aligned_codes(codes, names, target.names), target.names)
+        for (_, codes, names), target in zip(own, groupings, strict=True)
+    ]
+    return TrainSplit(x, y, train_groupings)
+
+
+def split_metrics(model, train: TrainSplit, inputs: AuditInputs, num_classes: int, device) -> SplitResult:
+    outcomes = evaluate(model, train.x, train.y, batch_size=inputs.batch_size, device=device)
+    statistics = inputs.statistics
+    return SplitResult(
+        overall=overall_metrics(train.dense, outcomes),
+        attributes=[
+            attribute_metrics(
+                g.attribute, train.dense, outcomes, g.codes, g.names, num_classes=num_classes,
+                min_group_size=statistics["min_group_size"],
+                bootstrap_resamples=statistics["bootstrap_resamples"], seed=inputs.seed,
+            )
+            for g in train.groupings
+        ],
+    )
 
 
 def prune_model(dense_model: torch.nn.Module, method: dict, ratio: float, inputs: AuditInputs,
-                train: tuple[np.ndarray, np.ndarray] | None, device, on_epoch) -> PrunedRun:
-    """A pruned working copy of the dense model (the dense one is left as it was), fine-tuned if asked."""
+                train: TrainSplit | None, device, on_epoch, *, copy_model: bool = True) -> PrunedRun:
+    """A pruned copy of `dense_model`, fine-tuned if the method asks; with `copy_model=False` an unstructured
+    method prunes `dense_model` itself (channel pruning always builds a new, smaller model)."""
     ignored = method["ignored_layers"] if method["ignored_layers"] is not None else default_dense_layers(dense_model)
     recipe = {"method": method, "ratio": ratio, "ignored_layers": ignored, "seed": inputs.seed,
               "architecture": inputs.architecture}
@@ -295,7 +360,7 @@ def prune_model(dense_model: torch.nn.Module, method: dict, ratio: float, inputs
         pruned = pruner.prune(dense_model, ratio)
         recipe["architecture"] = {"name": "pruned", **pruned.architecture}
         if fine_tuning:
-            finetune(pruned.model, *train, epochs=fine_tuning["epochs"], seed=inputs.seed, device=device,
+            finetune(pruned.model, train.x, train.y, epochs=fine_tuning["epochs"], seed=inputs.seed, device=device,
                      on_epoch=on_epoch, **training)
         dense_count = sum(p.numel() for p in dense_model.parameters())
         removed = 1 - sum(p.numel() for p in pruned.model.parameters()) / dense_count
@@ -303,10 +368,10 @@ def prune_model(dense_model: torch.nn.Module, method: dict, ratio: float, inputs
                         "per_layer": {name: {"removed_channels": len(indices)}
                                       for name, indices in pruned.removed_channels.items()}}
         return PrunedRun(pruned.model, None, recipe, layer_report)
-    model = copy.deepcopy(dense_model)
+    model = copy.deepcopy(dense_model) if copy_model else dense_model
     if method["schedule"] == "gradual":
         masks = gradual_magnitude_prune(
-            model, *train, final_ratio=ratio, pruning_steps=method["pruning_steps"],
+            model, train.x, train.y, final_ratio=ratio, pruning_steps=method["pruning_steps"],
             epochs_per_step=fine_tuning["epochs"], scope=method["scope"], ignored_layers=ignored,
             layer_ratios=method["layer_ratios"], seed=inputs.seed, device=device, on_epoch=on_epoch, **training,
         )
@@ -318,8 +383,8 @@ def prune_model(dense_model: torch.nn.Module, method: dict, ratio: float, inputs
         masks = pruner.compute_masks(model, ratio)
         apply_masks(model, masks)
         if fine_tuning:
-            finetune(model, *train, epochs=fine_tuning["epochs"], seed=inputs.seed, masks=masks, device=device,
-                     on_epoch=on_epoch, **training)
+            finetune(model, train.x, train.y, epochs=fine_tuning["epochs"], seed=inputs.seed, masks=masks,
+                     device=device, on_epoch=on_epoch, **training)
     return PrunedRun(model, masks, recipe, sparsity(model, masks))
 
 
@@ -334,71 +399,217 @@ def compression_report(dense_model, dense_cost: dict, model, input_shape: list[i
     return {"dense": dense_cost, "pruned": pruned_cost, "ratios": ratios}
 
 
+@dataclass
+class AuditContext:
+    """What every run of one audit shares: inputs, data, the dense model and its measurements."""
+
+    inputs: AuditInputs
+    device: torch.device
+    dense_model: torch.nn.Module
+    x: np.ndarray
+    y: np.ndarray
+    groupings: list[Grouping]
+    train: TrainSplit | None
+    dense: Outcomes
+    dense_diagnostics: ModelDiagnostics
+    dense_cost: dict
+    with_curvature: bool
+    notes: dict[str, str]
+    num_classes: int
+    input_shape: list[int]
+
+
+def measure_model(context: AuditContext, model, masks, *, label: str, method: dict, ratio: float, started: float,
+                  recipe: dict, layer_report: dict, weights_path: Path, mitigation: str = "none",
+                  mitigation_details: dict | None = None) -> RunResult:
+    """Evaluate a pruned (maybe mitigated) model like every other run: per-group metrics on the evaluation split
+    (and the train split with mitigations), diagnostics, R̂, compression; its weights are written to `weights_path`."""
+    c = context
+    pruned = evaluate(model, c.x, c.y, batch_size=c.inputs.batch_size, device=c.device)
+    pruned_diagnostics = diagnose_model(model, c.x, c.y, c.groupings, c.inputs, c.device, masks=masks,
+                                        with_curvature=c.with_curvature)
+    run_notes = dict(c.notes)
+    if masks is None:
+        directional, norm = None, None
+        run_notes["predicted_excessive_loss"] = (
+            "channel pruning removes parameters, so δ = θs − θd and R̂ are not defined for this run"
+        )
+    else:
+        delta = diagnostics.parameter_delta(dict(c.dense_model.named_parameters()), dict(model.named_parameters()))
+        # R̂(a) = g_a·δ + ½ δᵀH_aδ at the dense parameters (Tran Eq. 4), one pass for all groups.
+        directional = diagnostics.group_directional(
+            c.dense_model, None, c.x, c.y, [g.codes for g in c.groupings], delta,
+            n_groups=[len(g.names) for g in c.groupings], device=c.device,
+        )
+        norm = diagnostics.delta_norm(delta)
+    figures = figures_by_group(c.groupings, c.dense_diagnostics, pruned_diagnostics, directional, norm)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
+    train = split_metrics(model, c.train, c.inputs, c.num_classes, c.device) if c.inputs.mitigations else None
+    return measure_run(
+        label, method["method"], method["scope"], ratio, started, c.dense, pruned, c.groupings, c.inputs,
+        c.num_classes, layer_report, figures, run_notes, norm, recipe=recipe, weights_path=weights_path,
+        compression=compression_report(c.dense_model, c.dense_cost, model, c.input_shape, masks is None),
+        mitigation=mitigation, mitigation_details=mitigation_details, train=train,
+    )
+
+
+def constrained_grouping(context: AuditContext, mitigation: dict) -> Grouping:
+    """The train-split grouping a mitigation constrains: its `attribute`, else the last reported one (the
+    intersection when group_by has several attributes)."""
+    groupings = context.train.groupings
+    if mitigation["attribute"] is None:
+        return groupings[-1]
+    return next(g for g in groupings if g.attribute == mitigation["attribute"])
+
+
+def mitigation_phase(context: AuditContext, model, masks, mitigation: dict, when: str, on_epoch) -> dict:
+    """Train `model` in place under `mitigation`; what it did, with multipliers named by group."""
+    grouping = constrained_grouping(context, mitigation)
+    n_groups = len(grouping.names)
+    baseline = GroupBaseline.from_outcomes(context.train.dense, grouping.codes, n_groups) \
+        if mitigation["name"] == "ceag" else None
+    result: MitigationResult = mitigate(
+        model, context.train.x, context.train.y, grouping.codes, n_groups, name=mitigation["name"],
+        epochs=mitigation["epochs"], lr=mitigation["lr"], batch_size=mitigation["batch_size"],
+        optimizer=mitigation["optimizer"], momentum=mitigation["momentum"],
+        weight_decay=mitigation["weight_decay"], dual_lr=mitigation["step_size"],
+        tolerance=mitigation["tolerance"], buffer_size=mitigation["buffer_size"], baseline=baseline,
+        masks=masks, seed=context.inputs.seed, device=context.device, on_epoch=on_epoch,
+    )
+
+    def named(values) -> dict[str, float] | None:
+        return None if values is None else dict(zip(grouping.names, map(float, values), strict=True))
+
+    return {
+        "when": when,
+        "attribute": grouping.attribute,
+        "training_losses": result.losses,
+        "multipliers": named(result.multipliers),
+        "multiplier_history": [named(values) for values in result.multiplier_history],
+        "dual_steps": None if result.dual_steps is None else dict(zip(grouping.names, map(int, result.dual_steps),
+                                                                      strict=True)),
+        "seconds": result.seconds,
+    }
+
+
+def mitigated_model(context: AuditContext, method: dict, ratio: float, unmitigated: PrunedRun,
+                    unmitigated_weights: Path, mitigation: dict, on_epoch) -> tuple[PrunedRun, dict]:
+    """The pruned model trained under `mitigation`. 'after' starts from the unmitigated run's saved weights and
+    masks; 'before' trains a copy of the dense model under the constraints and prunes that; 'both' does both."""
+    phases = []
+    if mitigation["placement"] == "after":
+        model = build_model(unmitigated.recipe["architecture"])
+        load_weights(model, unmitigated_weights)
+        model.to(context.device)
+        run = PrunedRun(model, unmitigated.masks, unmitigated.recipe, unmitigated.layer_report)
+    else:
+        fair_dense = copy.deepcopy(context.dense_model)
+        phases.append(mitigation_phase(context, fair_dense, None, mitigation, "before", on_epoch))
+        run = prune_model(fair_dense, method, ratio, context.inputs, context.train, context.device, on_epoch,
+                          copy_model=False)
+        del fair_dense
+    if mitigation["placement"] in ("after", "both"):
+        phases.append(mitigation_phase(context, run.model, run.masks, mitigation, "after", on_epoch))
+    layer_report = sparsity(run.model, run.masks) if run.masks is not None else run.layer_report
+    options = {k: v for k, v in mitigation.items() if k not in ("label", "step_size")}
+    details = {
+        **options,
+        "dual_lr": mitigation["step_size"] if mitigation["name"] != "finetune" else None,
+        "attribute": phases[-1]["attribute"],
+        "multipliers": phases[-1]["multipliers"],
+        "phases": phases,
+        "seconds": sum(phase["seconds"] for phase in phases),
+    }
+    recipe = {**run.recipe, "mitigation": options}
+    return PrunedRun(run.model, run.masks, recipe, layer_report), details
+
+
+@contextmanager
+def intra_op_threads(parameter_count: int, device: torch.device) -> Iterator[None]:
+    """One CPU thread for small models: their matrix products are too small to split, and a second thread
+    only spins, which on a shared 2-core machine under load made an audit of a 3-layer MLP 17× slower
+    (195 s against 11.7 s, arrests, profiled under `make reproduce`)."""
+    if device.type != "cpu" or parameter_count > SINGLE_THREAD_MAX_PARAMETERS:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_audit_pipeline(inputs: AuditInputs, on_progress: Callable[[float, str], None]) -> AuditResult:
     torch.manual_seed(inputs.seed)
     device = select_device(inputs.device)
     dense_model = build_model(inputs.architecture)
     load_weights(dense_model, inputs.weights_path)
     dense_model.to(device)
+    with intra_op_threads(sum(p.numel() for p in dense_model.parameters()), device):
+        return audit_dense_model(inputs, dense_model, device, on_progress)
+
+
+def audit_dense_model(inputs: AuditInputs, dense_model: torch.nn.Module, device: torch.device,
+                      on_progress: Callable[[float, str], None]) -> AuditResult:
     x, y, groupings = load_arrays(inputs)
     check_inputs_fit(inputs.architecture, x, y)
-    train = load_train_arrays(inputs)
+    train = load_train_split(inputs, groupings)
     if train is not None:
-        check_inputs_fit(inputs.architecture, *train)
-    num_classes = inputs.architecture["num_classes"]
+        check_inputs_fit(inputs.architecture, train.x, train.y)
+    if inputs.mitigations:
+        train = dataclasses.replace(train, dense=evaluate(dense_model, train.x, train.y,
+                                                          batch_size=inputs.batch_size, device=device))
     parameter_count = sum(p.numel() for p in dense_model.parameters())
     with_curvature, curvature_note = curvature_decision(inputs.diagnostics, parameter_count)
     notes = {"curvature": curvature_note} if curvature_note else {}
-    input_shape = list(x.shape[1:])
-    dense_cost = model_cost(dense_model, input_shape)
-    total_steps = len(inputs.ratios) * len(inputs.methods) + 1
+    total_steps = len(inputs.ratios) * len(inputs.methods) * (1 + len(inputs.mitigations)) + 1
 
     started = time.perf_counter()
     dense = evaluate(dense_model, x, y, batch_size=inputs.batch_size, device=device)
     dense_diagnostics = diagnose_model(dense_model, x, y, groupings, inputs, device, with_curvature=with_curvature)
+    context = AuditContext(inputs, device, dense_model, x, y, groupings, train, dense, dense_diagnostics,
+                           model_cost(dense_model, list(x.shape[1:])), with_curvature, notes,
+                           inputs.architecture["num_classes"], list(x.shape[1:]))
     figures = figures_by_group(groupings, dense_diagnostics, dense_diagnostics, None, None)
-    runs = [measure_run("dense", "dense", None, 0.0, started, dense, dense, groupings, inputs, num_classes,
-                        sparsity(dense_model, {}), figures, notes,
-                        compression={"dense": dense_cost})]
+    runs = [measure_run("dense", "dense", None, 0.0, started, dense, dense, groupings, inputs, context.num_classes,
+                        sparsity(dense_model, {}), figures, notes, compression={"dense": context.dense_cost},
+                        train=split_metrics(dense_model, train, inputs, context.num_classes, device)
+                        if inputs.mitigations else None)]
     on_progress(1 / total_steps, "dense baseline evaluated")
 
     step = 1
     for method in inputs.methods:
         for ratio in inputs.ratios:
-            started = time.perf_counter()
             message = f"{method['label']} at ratio {ratio:g}"
-            pruned_run = prune_model(dense_model, method, ratio, inputs, train, device,
-                                     lambda epoch, loss: on_progress(step / total_steps, f"{message}: epoch {epoch}"))
-            model = pruned_run.model
-            pruned = evaluate(model, x, y, batch_size=inputs.batch_size, device=device)
-            pruned_diagnostics = diagnose_model(model, x, y, groupings, inputs, device, masks=pruned_run.masks,
-                                                with_curvature=with_curvature)
-            run_notes = dict(notes)
-            if pruned_run.masks is None:
-                directional, norm = None, None
-                run_notes["predicted_excessive_loss"] = (
-                    "channel pruning removes parameters, so δ = θs − θd and R̂ are not defined for this run"
-                )
-            else:
-                delta = diagnostics.parameter_delta(dict(dense_model.named_parameters()), dict(model.named_parameters()))
-                # R̂(a) = g_a·δ + ½ δᵀH_aδ at the dense parameters (Tran Eq. 4), one pass for all groups.
-                directional = diagnostics.group_directional(
-                    dense_model, None, x, y, [g.codes for g in groupings], delta,
-                    n_groups=[len(g.names) for g in groupings], device=device,
-                )
-                norm = diagnostics.delta_norm(delta)
-            figures = figures_by_group(groupings, dense_diagnostics, pruned_diagnostics, directional, norm)
-            weights_path = inputs.output_dir / f"run-{step}.safetensors"
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
-            runs.append(measure_run(
-                method["label"], method["method"], method["scope"], ratio, started, dense, pruned, groupings,
-                inputs, num_classes, pruned_run.layer_report, figures, run_notes, norm,
-                recipe=pruned_run.recipe, weights_path=weights_path,
-                compression=compression_report(dense_model, dense_cost, model, input_shape, pruned_run.masks is None),
-            ))
-            del model, pruned_run  # the worker holds the dense model and one working copy at a time
+
+            def on_epoch(epoch: int, _loss: float) -> None:
+                on_progress(step / total_steps, f"{message}: epoch {epoch}")
+
+            started = time.perf_counter()
+            pruned_run = prune_model(dense_model, method, ratio, inputs, train, device, on_epoch)
+            unmitigated_weights = inputs.output_dir / f"run-{step}.safetensors"
+            runs.append(measure_model(context, pruned_run.model, pruned_run.masks, label=method["label"],
+                                      method=method, ratio=ratio, started=started, recipe=pruned_run.recipe,
+                                      layer_report=pruned_run.layer_report, weights_path=unmitigated_weights))
+            # The worker holds the dense model and one working copy at a time; mitigations reload these weights.
+            pruned_run = dataclasses.replace(pruned_run, model=None)
             step += 1
             on_progress(step / total_steps, f"{message} evaluated")
+            for mitigation in inputs.mitigations:
+                message = f"{method['label']} at ratio {ratio:g}, {mitigation['label']}"
+                started = time.perf_counter()
+                mitigated, details = mitigated_model(context, method, ratio, pruned_run, unmitigated_weights,
+                                                     mitigation, on_epoch)
+                runs.append(measure_model(
+                    context, mitigated.model, mitigated.masks, label=f"{method['label']}+{mitigation['label']}",
+                    method=method, ratio=ratio, started=started, recipe=mitigated.recipe,
+                    layer_report=mitigated.layer_report, weights_path=inputs.output_dir / f"run-{step}.safetensors",
+                    mitigation=mitigation["name"], mitigation_details=details,
+                ))
+                del mitigated
+                step += 1
+                on_progress(step / total_steps, f"{message} evaluated")
 
     environment = {
         "pruneaudit": version("pruneaudit"),

@@ -150,6 +150,30 @@ class _Shape:
                 return row
         return {}
 
+    @staticmethod
+    def base_method(run: dict) -> str:
+        """The pruning method's label without the mitigation ('magnitude-global+ceag' → 'magnitude-global')."""
+        return str(run.get("label")).split("+")[0]
+
+    @staticmethod
+    def mitigation(run: dict) -> str:
+        return str(run.get("label")).partition("+")[2] or "none"
+
+    def base_methods(self) -> list[str]:
+        """Pruning methods that have mitigated runs, in order of appearance."""
+        mitigated = {self.base_method(r) for r in self.runs if self.mitigation(r) != "none"}
+        return [m for m in dict.fromkeys(self.base_method(r) for r in self.runs) if m in mitigated]
+
+    def mitigations(self) -> list[str]:
+        return list(dict.fromkeys(["none", *(self.mitigation(r) for r in self.runs)]))
+
+    def split_attribute(self, run: dict, name: str, split: str) -> dict | None:
+        attributes = run.get("attributes") if split == "eval" else _get(run, "train", "attributes")
+        return next((a for a in attributes or [] if a.get("attribute") == name), None)
+
+    def max_gap(self, run: dict, name: str, split: str) -> Any:
+        return _get(self.split_attribute(run, name, split), "aggregates", "max_excess_accuracy_gap")
+
     def dense_figure(self, name: str, group: str, section: str, field: str) -> Any:
         """A dense_* figure of the group: the dense run's value, else the first run's that is not null."""
         for run in [self.dense, *self.runs]:
@@ -395,6 +419,44 @@ class _Plots:
             "dense boundary proximity, mean p_y(1 − p_y) (higher = nearer)",
             "dense Hessian trace Tr H_a", "curvature vs distance to the decision boundary",
         )
+
+
+    def mitigation_curves(self, attribute: str) -> Figure | None:
+        """Max ψ vs ratio, one line per mitigation ('none' included): per pruning method, the evaluation split
+        and the train split side by side (Balancing Act: gains on the train split may not carry over)."""
+        shape = self.shape
+        bases = shape.base_methods()
+        if not bases:
+            return None
+        fig, axes = _panels(2 * len(bases), 3.2, panel_width=PANEL_WIDTH_IN)
+        mitigations = shape.mitigations()
+        colors = _colors(len(mitigations))
+        epsilon = shape.policy.get("max_excess_accuracy_gap")
+        for k, base in enumerate(bases):
+            for ax, split in zip(axes[2 * k:2 * k + 2], ("eval", "train")):
+                for i, mitigation in enumerate(mitigations):
+                    runs = [r for r in shape.runs if shape.base_method(r) == base and shape.mitigation(r) == mitigation]
+                    points_ = [(r["ratio"] * 100, value * 100) for r in sorted(runs, key=lambda r: r["ratio"])
+                               for value in [shape.max_gap(r, attribute, split)] if _finite(value)]
+                    if points_:
+                        ax.plot([p[0] for p in points_], [p[1] for p in points_], marker=MARKERS[i % len(MARKERS)],
+                                color=colors[i], linewidth=1.6 if mitigation != "none" else 2.2,
+                                linestyle="-" if mitigation != "none" else ":", label=_label(mitigation))
+                if _finite(epsilon):
+                    ax.axhline(epsilon * 100, color="#c0392b", linestyle="--", linewidth=1.2,
+                               label=f"ε = {points(epsilon)} points")
+                ax.axhline(0, color="black", linewidth=0.8)
+                # Unmitigated gaps are often tens of points and mitigated ones a few: a linear axis hides the latter.
+                ax.set_yscale("symlog", linthresh=1.0)
+                ax.set_title(_label(f"{base} — {'evaluation' if split == 'eval' else 'train'} split"))
+                ax.set_xlabel("pruning ratio (%)")
+                ax.set_ylabel("max excess accuracy gap ψ (points, symlog)")
+        handles: dict[str, Any] = {}
+        for ax in axes:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(text, handle)
+        _legend(fig, list(handles.values()), list(handles), "mitigation")
+        return fig
 
 
 # ------------------------------------------------------------------------------------------- paragraph
@@ -681,6 +743,66 @@ def notes(shape: _Shape) -> list[str]:
     return list(seen)
 
 
+def mitigation_context(shape: _Shape, plots: _Plots) -> dict | None:
+    """The 'mitigation before/after' section: per method and ratio, each mitigation next to 'none', on the
+    evaluation and the train split, with the multipliers and the wall time; None when the audit has none."""
+    bases = shape.base_methods()
+    if not bases:
+        return None
+    attribute = next(_get(r, "mitigation_details", "attribute") for r in shape.runs if r.get("mitigation_details"))
+    order = shape.mitigations()
+    rows = []
+    for base in bases:
+        runs = [r for r in shape.runs if shape.base_method(r) == base]
+        for run in sorted(runs, key=lambda r: (r.get("ratio", 0), order.index(shape.mitigation(r)))):
+            details = run.get("mitigation_details") or {}
+            multipliers = details.get("multipliers") or {}
+            largest = max(multipliers, key=multipliers.get) if multipliers else None
+            eval_aggregates = _get(shape.split_attribute(run, attribute, "eval"), "aggregates") or {}
+            train_aggregates = _get(shape.split_attribute(run, attribute, "train"), "aggregates") or {}
+            rows.append({
+                "run": run, "base": base, "mitigation": shape.mitigation(run), "ratio": ratio(run.get("ratio")),
+                "cells": [
+                    ("accuracy", fraction(_get(run, "overall", "accuracy"))),
+                    ("train_accuracy", fraction(_get(run, "train", "overall", "accuracy"))),
+                    ("max_excess_accuracy_gap", points(eval_aggregates.get("max_excess_accuracy_gap"))),
+                    ("train_max_excess_accuracy_gap", points(train_aggregates.get("max_excess_accuracy_gap"))),
+                    ("max_accuracy_drop", points(eval_aggregates.get("max_accuracy_drop"))),
+                    ("loss_fairness_violation", number(eval_aggregates.get("loss_fairness_violation"))),
+                ],
+                "largest_multiplier": f"{_label(largest)}: {number(multipliers[largest])}" if largest else MISSING,
+                "seconds": number(details.get("seconds")),
+                "passed": _get(run, "verdict", "passed"),
+            })
+    return {"attribute": attribute, "rows": rows, "sentences": mitigation_sentences(shape, attribute),
+            "svg": plots.render(plots.mitigation_curves, attribute)}
+
+
+def mitigation_sentences(shape: _Shape, attribute: str) -> list[str]:
+    """Each constrained mitigation against plain fine-tuning at the highest ratio, on both splits, in words."""
+    sentences = []
+    for base in shape.base_methods():
+        runs = [r for r in shape.runs if shape.base_method(r) == base]
+        top = max(r["ratio"] for r in runs)
+        at_top = {shape.mitigation(r): r for r in runs if r["ratio"] == top}
+        reference = "finetune" if "finetune" in at_top else "none"
+        for name, run in at_top.items():
+            if name in ("none", reference):
+                continue
+            figures = [(split, shape.max_gap(at_top[reference], attribute, split), shape.max_gap(run, attribute, split))
+                       for split in ("train", "eval")]
+            if not all(_finite(before) and _finite(after) for _, before, after in figures):
+                continue
+            words = [f"on the {'train' if split == 'train' else 'evaluation'} split from {points(before)} to "
+                     f"{points(after)} points" for split, before, after in figures]
+            sentences.append(f"At {ratio(top)} sparsity ({base}), {name} moves the largest excess accuracy gap "
+                             f"against {'plain fine-tuning' if reference == 'finetune' else 'no mitigation'} "
+                             f"{words[0]} and {words[1]}.")
+    sentences.append("The evaluation split is what a deployed model meets: Balancing Act reports that every method "
+                     "it tried, its own included, often fails to carry gains on the train split over to unseen data.")
+    return sentences
+
+
 # ------------------------------------------------------------------------------------------------- page
 
 
@@ -761,6 +883,7 @@ def render_report_html(report: dict) -> str:
         "run_checks": run_checks(shape),
         "compression_columns": compression_columns,
         "compression_rows": compression_rows,
+        "mitigation": mitigation_context(shape, plots),
         "notes": notes(shape),
         "missing": MISSING,
         "json_url": f"/v1/audits/{report.get('audit_id', '')}/report",

@@ -70,6 +70,64 @@ class MethodSpec(BaseModel):
         return "-".join(parts)
 
 
+# ceag: Balancing Act's CIFAR-100 value (classes as groups, per mini-batch); larger steps let the multipliers
+# outgrow the loss and drive some groups' weight negative (seen on digits at 0.2). equalized_loss: Tran et al.
+# do not state theirs; 0.2 per epoch moves the multipliers within the few epochs an audit affords.
+DEFAULT_DUAL_LR = {"equalized_loss": 0.2, "ceag": 0.01}
+
+
+class MitigationSpec(BaseModel):
+    """Training after pruning that tries to undo the harm (SCIENCE.md §5); each becomes its own runs, labelled
+    '<method>+<mitigation>', next to the unmitigated ones. All train on train_dataset_id with the masks kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["finetune", "equalized_loss", "ceag"] = Field(
+        description="finetune: plain fine-tuning (the baseline); equalized_loss: Tran et al.'s J_a = J constraints "
+        "(Lagrangian dual, multipliers updated per epoch); ceag: Balancing Act's ψa ≤ tolerance constraints "
+        "(loss surrogate, replay-buffer accuracies, multipliers updated per mini-batch)."
+    )
+    epochs: int = Field(5, ge=1, le=1000)
+    lr: float = Field(0.01, gt=0, le=10)
+    batch_size: int = Field(128, ge=2, le=65536)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    dual_lr: float | None = Field(
+        None, ge=0, le=1000,
+        description="Step size of the multipliers (not for finetune). Default: 0.2 for equalized_loss (per epoch), "
+        "0.01 for ceag (per mini-batch, as Balancing Act on CIFAR-100).",
+    )
+    tolerance: float = Field(0.01, ge=0, le=1, description="ceag only: ε in ψa ≤ ε (Balancing Act's default).")
+    buffer_size: int = Field(40, ge=1, le=100_000, description="ceag only: replay buffer length k per group.")
+    placement: Literal["after", "before", "both"] = Field(
+        "after",
+        description="equalized_loss only (Tran et al.'s Fair Aft / Fair Bf / Fair Both): train under the constraints "
+        "after pruning, on the dense model before pruning, or both.",
+    )
+    attribute: str | None = Field(
+        None,
+        description="The group attribute whose groups are constrained: one of group_by, or their intersection "
+        "('a&b'). Default: the intersection when group_by has several attributes, else the one.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MitigationSpec:
+        if self.name == "finetune" and self.dual_lr is not None:
+            raise ValueError("finetune has no multipliers: leave dual_lr out")
+        if self.name != "equalized_loss" and self.placement != "after":
+            raise ValueError("placement 'before' and 'both' are variants of equalized_loss (Tran et al.)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name if self.placement == "after" else f"{self.name}-{self.placement}"
+
+    @property
+    def step_size(self) -> float:
+        return self.dual_lr if self.dual_lr is not None else DEFAULT_DUAL_LR.get(self.name, 0.0)
+
+
 class PruningSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -177,12 +235,49 @@ class AuditSpec(BaseModel):
         description="Group attributes of the dataset to report on; with several, their intersection is reported too.",
     )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
+    mitigations: list[MitigationSpec] = Field(
+        default_factory=list, max_length=8,
+        description="Mitigations to run after each method at each ratio, e.g. [\"finetune\", \"equalized_loss\", "
+        "\"ceag\"] (a name, or an object with options). Needs train_dataset_id with the group_by attributes. "
+        "The unmitigated runs ('none') are always there; with mitigations, every run also reports the train split.",
+    )
+
     @field_validator("group_by")
     @classmethod
     def _distinct_attributes(cls, group_by: list[str]) -> list[str]:
         if len(set(group_by)) != len(group_by):
             raise ValueError("group_by must not repeat an attribute")
         return group_by
+
+    @field_validator("mitigations", mode="before")
+    @classmethod
+    def _names_as_objects(cls, mitigations: object) -> object:
+        """'ceag' is short for {"name": "ceag"}; 'none' (the unmitigated runs, always there) is dropped."""
+        if not isinstance(mitigations, list):
+            return mitigations
+        return [{"name": m} if isinstance(m, str) else m for m in mitigations if m != "none"]
+
+    @model_validator(mode="after")
+    def _mitigations_consistent(self) -> AuditSpec:
+        labels = [m.label for m in self.mitigations]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"mitigations must differ; these repeat: {sorted({l for l in labels if labels.count(l) > 1})}")
+        if self.mitigations and self.train_dataset_id is None:
+            raise ValueError("mitigations train the pruned model: set train_dataset_id")
+        for mitigation in self.mitigations:
+            if mitigation.attribute is not None and mitigation.attribute not in self.reported_attributes:
+                raise ValueError(f"mitigation {mitigation.label}: attribute {mitigation.attribute!r} is not one of "
+                                 f"{self.reported_attributes}")
+        return self
+
+    @property
+    def reported_attributes(self) -> list[str]:
+        """group_by, and their intersection when there are several (as the report names it)."""
+        return self.group_by + (["&".join(self.group_by)] if len(self.group_by) > 1 else [])
+
+    @property
+    def runs_requested(self) -> int:
+        return len(self.pruning.ratios) * len(self.pruning.methods) * (1 + len(self.mitigations))
 
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
     statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)

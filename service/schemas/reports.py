@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_VERSION = "2"
+REPORT_VERSION = "3"
 
 Interval = tuple[float, float]
 
@@ -205,9 +205,59 @@ class AuditVerdict(BaseModel):
     summary: str
 
 
+class SplitAttributeReport(BaseModel):
+    """One attribute on the train split: the same per-group rows and aggregates (diagnostics are computed on the
+    evaluation split only, so the rows' diagnostics are null)."""
+
+    attribute: str
+    n_missing: int = Field(description="Train rows in no group of the evaluation split (or without a value).")
+    groups: list[GroupRow]
+    aggregates: AttributeAggregates
+    undefined: dict[str, str] = Field(default_factory=dict)
+    caveats: dict[str, str] = Field(default_factory=dict)
+
+
+class SplitReport(BaseModel):
+    overall: OverallReport
+    attributes: list[SplitAttributeReport]
+
+
+class MitigationPhase(BaseModel):
+    when: str = Field(description="'before' pruning (on the dense model) or 'after' it.")
+    attribute: str = Field(description="The attribute whose groups were constrained.")
+    training_losses: list[float] = Field(description="Each epoch's mean training objective (the Lagrangian).")
+    multipliers: dict[str, float] | None = Field(description="Final λ per group; null for finetune.")
+    multiplier_history: list[dict[str, float] | None] = Field(description="λ per group after each epoch.")
+    dual_steps: dict[str, int] | None = Field(
+        description="Multiplier updates per group (ceag: mini-batches with the group's replay buffer full)."
+    )
+    seconds: float
+
+
+class MitigationReport(BaseModel):
+    """The mitigation as run: its options, the final multipliers (dual variables) and the wall time."""
+
+    name: str = Field(description="finetune, equalized_loss or ceag.")
+    placement: str
+    attribute: str = Field(description="The attribute whose groups were constrained.")
+    epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    dual_lr: float | None = Field(description="The multipliers' step size; null for finetune.")
+    tolerance: float = Field(description="ceag's ε.")
+    buffer_size: int = Field(description="ceag's replay buffer length k.")
+    multipliers: dict[str, float] | None = Field(description="Final λ per group (last phase); null for finetune.")
+    phases: list[MitigationPhase]
+    seconds: float = Field(description="Wall time spent training under the mitigation.")
+
+
 class RunReport(BaseModel):
     id: str
-    label: str = Field(description="The method as configured, e.g. 'magnitude-global' or 'channel-layerwise-l1'.")
+    label: str = Field(description="The method as configured, e.g. 'magnitude-global' or 'channel-layerwise-l1'; "
+                       "mitigated runs add '+<mitigation>', e.g. 'magnitude-global+ceag'.")
     method: str = Field(description="'dense' for the baseline, else the pruning method.")
     scope: str | None
     ratio: float = Field(description="Requested fraction of prunable weights removed.")
@@ -226,6 +276,12 @@ class RunReport(BaseModel):
     verdict: RunVerdict | None = Field(description="The policy's verdict; null for the dense baseline.")
     attributes: list[AttributeReport] = Field(
         description="One per group_by attribute, plus their intersection (named 'a&b') when there are several."
+    )
+    mitigation: str = Field("none", description="'none', or the mitigation trained on the pruned model.")
+    mitigation_details: MitigationReport | None = Field(None, description="Null for unmitigated runs.")
+    train: SplitReport | None = Field(
+        None, description="The same figures on the train split, for audits with mitigations (Balancing Act reports "
+        "that gains on the train split do not reliably carry over to unseen data: compare with `attributes`)."
     )
 
 
@@ -256,4 +312,6 @@ class AuditReport(BaseModel):
     policy: dict = Field(description="The thresholds the verdicts apply (the spec's policy).")
     verdict: AuditVerdict
     dense: RunReport
-    runs: list[RunReport] = Field(description="One per pruning ratio, in increasing order.")
+    runs: list[RunReport] = Field(
+        description="Per method, per ratio (increasing): the unmitigated run, then one run per mitigation."
+    )

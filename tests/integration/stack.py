@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def stack_env(var_dir: Path, *, database_url: str | None = None, broker_url: str
               key_prefix: str = "", port: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEAUDIT_")}
     env["PRUNEAUDIT_VAR_DIR"] = str(var_dir)
-    env["PRUNEAUDIT_QUEUE_NAME"] = f"pruneaudit-test-{var_dir.name}"
+    # Unique per stack: two test runs on one machine share Redis, and pytest's temp dir names repeat.
+    env["PRUNEAUDIT_QUEUE_NAME"] = f"pruneaudit-test-{var_dir.name}-{uuid.uuid4().hex[:8]}"
     if database_url:
         env["PRUNEAUDIT_DATABASE_URL"] = database_url
     if broker_url:

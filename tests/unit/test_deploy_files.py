@@ -21,18 +21,33 @@ def compose() -> dict:
 
 def test_compose_has_the_stack_with_healthchecks():
     services = compose()["services"]
-    assert {"api", "worker", "redis", "postgres", "migrate"} <= services.keys()
+    assert {"api", "worker", "sweeper", "redis", "postgres", "migrate"} <= services.keys()
     for name in ("api", "redis", "postgres"):
         assert "healthcheck" in services[name]
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
-@pytest.mark.parametrize("service", ["migrate", "api", "worker"])
+@pytest.mark.parametrize("service", ["migrate", "api", "worker", "sweeper"])
 def test_compose_commands_are_real_cli_commands(service):
     command = compose()["services"][service]["command"]
     assert command[0] == "pruneaudit"
     args = build_parser().parse_args(command[1:])
     assert args.command == service
+
+
+def test_worker_children_have_the_task_and_memory_caps_from_settings(monkeypatch):
+    from service.cli import worker_command
+    from service.settings import get_settings
+
+    monkeypatch.setenv("PRUNEAUDIT_WORKER_MAX_TASKS_PER_CHILD", "7")
+    monkeypatch.setenv("PRUNEAUDIT_WORKER_MAX_MEMORY_MB", "3000")
+    get_settings.cache_clear()
+    try:
+        command = worker_command(2, "INFO")
+    finally:
+        get_settings.cache_clear()
+    assert command[command.index("--max-tasks-per-child") + 1] == "7"
+    assert command[command.index("--max-memory-per-child") + 1] == str(3000 * 1024)  # Celery counts KiB
 
 
 def test_dockerfile_default_command_is_the_api():

@@ -65,13 +65,13 @@ def finetune(
     """Train `model` in place with cross-entropy for `epochs` passes over (x, y); return each
     epoch's mean training loss. With `masks` (bool, True = kept, or a `MaskKeeper`) the removed
     weights are zeroed first and after every optimizer step. Leaves the model in eval mode."""
-    _check_training(x, y, epochs=epochs, lr=lr, batch_size=batch_size)
+    check_training(x, y, epochs=epochs, lr=lr, batch_size=batch_size)
     device = torch.device(device)
     model.to(device)
-    keeper = _keeper(model, masks)
-    trainer = _Trainer(model, x, y, batch_size=batch_size, optimizer=_optimizer(model, optimizer, lr, momentum,
+    keeper = mask_keeper(model, masks)
+    trainer = Trainer(model, x, y, batch_size=batch_size, optimizer=make_optimizer(model, optimizer, lr, momentum,
                        weight_decay), seed=seed, device=device, keeper=keeper)
-    with trainer.attached(), _forked_rng(device, seed):
+    with trainer.attached(), forked_rng(device, seed):
         losses = [trainer.epoch(epoch, on_epoch) for epoch in range(1, epochs + 1)]
     model.eval()
     return losses
@@ -114,15 +114,15 @@ def gradual_magnitude_prune(
     low = sorted(name for name, ratio in layer_ratios.items() if ratio < initial_ratio)
     if low:
         raise EngineError(f"layer ratios of {', '.join(low)} are below the initial sparsity {initial_ratio}")
-    _check_training(x, y, epochs=epochs_per_step, lr=lr, batch_size=batch_size)
+    check_training(x, y, epochs=epochs_per_step, lr=lr, batch_size=batch_size)
     device = torch.device(device)
     model.to(device)
     keeper = MaskKeeper(model, {})
-    trainer = _Trainer(model, x, y, batch_size=batch_size, optimizer=_optimizer(model, optimizer, lr, momentum,
+    trainer = Trainer(model, x, y, batch_size=batch_size, optimizer=make_optimizer(model, optimizer, lr, momentum,
                        weight_decay), seed=seed, device=device, keeper=keeper)
     masks: Masks | None = None
     epoch = 0
-    with trainer.attached(), _forked_rng(device, seed):
+    with trainer.attached(), forked_rng(device, seed):
         for step, ratio in enumerate(schedule):
             progress = _schedule_progress(pruning_steps, step)
             step_layer_ratios = {name: r if progress == 1 else initial_ratio + (r - initial_ratio) * progress
@@ -143,7 +143,7 @@ def _schedule_progress(steps: int, step: int) -> float:
     return 1.0 if steps == 0 else 1 - (1 - step / steps) ** 3
 
 
-def _check_training(x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int) -> None:
+def check_training(x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int) -> None:
     if len(x) != len(y):
         raise EngineError(f"training data disagree: {len(x)} rows of x but {len(y)} labels")
     if len(x) == 0:
@@ -156,7 +156,7 @@ def _check_training(x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, bat
         raise EngineError(f"learning rate must be a positive number, got {lr}")
 
 
-def _keeper(model: nn.Module, masks: Mapping[str, torch.Tensor] | MaskKeeper | None) -> MaskKeeper | None:
+def mask_keeper(model: nn.Module, masks: Mapping[str, torch.Tensor] | MaskKeeper | None) -> MaskKeeper | None:
     if masks is None:
         return None
     if isinstance(masks, MaskKeeper):
@@ -167,7 +167,7 @@ def _keeper(model: nn.Module, masks: Mapping[str, torch.Tensor] | MaskKeeper | N
     return MaskKeeper(model, masks)
 
 
-def _optimizer(model: nn.Module, name: OptimizerName, lr: float, momentum: float,
+def make_optimizer(model: nn.Module, name: OptimizerName, lr: float, momentum: float,
                weight_decay: float) -> torch.optim.Optimizer:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
@@ -179,24 +179,30 @@ def _optimizer(model: nn.Module, name: OptimizerName, lr: float, momentum: float
 
 
 @contextmanager
-def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
 
-class _Trainer:
-    """One optimizer and one shuffling stream over (x, y): `epoch()` is one seeded pass."""
+# The loss of one mini-batch: (logits, labels, the batch's row indices into x) → scalar tensor.
+Objective = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
+
+
+class Trainer:
+    """One optimizer and one shuffling stream over (x, y): `epoch()` is one seeded pass. The objective is
+    cross-entropy unless given (the mitigations add their constraint terms to it)."""
 
     def __init__(self, model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int,
                  optimizer: torch.optim.Optimizer, seed: int, device: torch.device,
-                 keeper: MaskKeeper | None) -> None:
+                 keeper: MaskKeeper | None, objective: Objective | None = None) -> None:
         self.model, self.x, self.device, self.optimizer, self.keeper = model, x, device, optimizer, keeper
         self.y = np.asarray(y).astype(np.int64, copy=False)
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
-        self.loss_fn = nn.CrossEntropyLoss()
+        cross_entropy = nn.CrossEntropyLoss()
+        self.objective = objective or (lambda logits, labels, _index: cross_entropy(logits, labels))
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -216,7 +222,7 @@ class _Trainer:
             inputs = torch.from_numpy(np.asarray(self.x[index], dtype=np.float32)).to(self.device)
             labels = torch.from_numpy(self.y[index]).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(inputs), labels)
+            loss = self.objective(self.model(inputs), labels, index)
             loss.backward()
             self.optimizer.step()  # the MaskKeeper hook re-zeroes removed weights here
             value = float(loss.detach())
