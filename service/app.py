@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import PruneauditError
 from service.routes import audits, catalog, compare, health
+from service.upload_limits import BodyLimitMiddleware
 
 log = logging.getLogger(__name__)
 PROBLEM_BASE = "https://pruneaudit.dev/problems/"
@@ -78,6 +79,7 @@ def create_app() -> FastAPI:
         ),
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware)  # 413 on Content-Length before the body is spooled
     app.include_router(health.router)
     app.include_router(catalog.router)
     app.include_router(audits.router)

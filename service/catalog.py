@@ -36,6 +36,16 @@ def register_model(
         raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
     staged = store.stage(weights, max_bytes)
     try:
+        if ingest.identify_model_file(staged.path) == "torch-checkpoint":
+            # What is stored is the safetensors written from the loaded tensors, never the pickle.
+            converted = store.temp_path(".safetensors")
+            try:
+                ingest.convert_torch_checkpoint(staged.path, converted, max_output_bytes=max_bytes)
+            except BaseException:
+                converted.unlink(missing_ok=True)
+                raise
+            store.discard(staged)
+            staged = store.stage_file(converted)
         tensors = ingest.read_safetensors_header(staged.path)
         ingest.check_weights_fit(tensors, architectures.expected_state_dict(spec), spec.name)
     except BaseException:

@@ -1,7 +1,10 @@
 """Reading uploaded files as data, never as code.
 
 * Model weights: a pure-Python parse of the safetensors header (no tensor bytes are read, nothing is
-  unpickled) plus a check that the tensors fit the chosen architecture's state dict.
+  unpickled) plus a check that the tensors fit the chosen architecture's state dict. PyTorch files
+  are told apart by content: TorchScript and torch.export archives are refused; a torch.save
+  checkpoint is converted to safetensors by a resource-limited child process that loads it only
+  with ``torch.load(weights_only=True)``.
 * Datasets: ``.npz`` (loaded with ``allow_pickle=False``) or CSV (stdlib ``csv``, one streaming
   pass), normalised to a :class:`ParsedDataset` and stored as plain ``.npy`` files that workers
   memory-map.
@@ -15,10 +18,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
+import shutil
+import signal
 import struct
+import subprocess
+import sys
+import tempfile
+import threading
 import zipfile
 from array import array
 from collections import Counter
@@ -29,13 +39,17 @@ from typing import Iterable
 import numpy as np
 
 from service.architectures import state_dict_mismatch
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
 
 __all__ = [
     "TensorInfo",
     "GroupColumn",
     "ParsedDataset",
     "read_safetensors_header",
+    "identify_model_file",
+    "classify_zip_entries",
+    "convert_torch_checkpoint",
+    "ConversionLimits",
     "check_weights_fit",
     "read_npz_dataset",
     "read_csv_dataset",
@@ -44,6 +58,8 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_CSV_BYTES",
 ]
+
+_log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # safetensors
@@ -211,34 +227,236 @@ def _parse_safetensors(fh, file_size: int) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _safetensors_or_reason(path: Path) -> tuple[dict[str, TensorInfo] | None, str, bytes]:
+    """(tensors, "", head) for a valid safetensors file, else (None, why it is not, its first 8 bytes)."""
+    with open(path, "rb") as fh:
+        file_size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        fh.seek(0)
+        try:
+            return _parse_safetensors(fh, file_size), "", head
+        except _Malformed as exc:
+            return None, str(exc), head
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors file's header without reading tensor data.
 
     Returns tensor name -> :class:`TensorInfo` in header order. Raises InvalidInput
     ("not a safetensors file: ...") for anything the format does not allow.
     """
-    path = Path(path)
-    with open(path, "rb") as fh:
-        file_size = os.fstat(fh.fileno()).st_size
-        head = fh.read(8)
-        fh.seek(0)
-        try:
-            return _parse_safetensors(fh, file_size)
-        except _Malformed as exc:
-            reason = str(exc)
+    tensors, reason, head = _safetensors_or_reason(Path(path))
+    if tensors is not None:
+        return tensors
     # A valid safetensors header length can begin with these bytes too, so the magic numbers are
     # only consulted once the file has failed to parse.
     if head.startswith(b"PK"):
         raise InvalidInput(
             "not a safetensors file: it looks like a zip archive, as written by torch.save (a PyTorch "
-            "checkpoint). Checkpoints are pickles that can run code, so they are refused; " + _EXPORT_HINT + "."
+            "checkpoint); " + _EXPORT_HINT + "."
         )
     if head.startswith(b"\x80"):
         raise InvalidInput(
             "not a safetensors file: it looks like a pickle, as written by torch.save or pickle.dump (a "
-            "PyTorch checkpoint). Pickles can run code, so they are refused; " + _EXPORT_HINT + "."
+            "PyTorch checkpoint); " + _EXPORT_HINT + "."
         )
     raise InvalidInput(f"not a safetensors file: {reason}; {_EXPORT_HINT}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch files: told apart by content (zip entry names, pickle opcode), never by loading them
+# --------------------------------------------------------------------------------------------------
+
+MAX_ZIP_ENTRIES = 100_000  # a torch.save checkpoint has ~2 entries per tensor
+MAX_ZIP_DIRECTORY_BYTES = 32 * 1024 * 1024  # zipfile reads the central directory into memory at once
+
+_TORCHSCRIPT_REFUSAL = (
+    "the file is a TorchScript archive (torch.jit.save: it holds {evidence}). TorchScript archives are "
+    "programs, and loading one runs it, so they are refused. Load the model in your own environment and "
+    "export its weights: `from safetensors.torch import save_file; save_file(model.state_dict(), "
+    '"model.safetensors")` (a scripted module has the same state_dict()), then upload that file with the '
+    "matching architecture"
+)
+_EXPORT_REFUSAL = (
+    "the file is a torch.export archive (.pt2, torch.export.save: it holds {evidence}). A .pt2 archive is a "
+    "serialized program, and torch.export.load can run code from a crafted archive, so .pt2 files are "
+    "refused. Export the weights of the module you exported instead: `from safetensors.torch import "
+    'save_file; save_file(model.state_dict(), "model.safetensors")`, then upload that file with the '
+    "matching architecture"
+)
+_CHECKPOINT_HINT = (
+    "Only weights-only state dicts are accepted from PyTorch files "
+    "(torch.save(model.state_dict(), \"model.pt\")); better, upload safetensors: `from safetensors.torch "
+    'import save_file; save_file(model.state_dict(), "model.safetensors")`'
+)
+
+
+def _zip_directory_size(fh, file_size: int) -> tuple[int, int] | None:
+    """(entries, central directory bytes) from the end records, read without zipfile (which would
+    build one object per entry first); None when the file has no end-of-central-directory record."""
+    tail_len = min(file_size, 22 + 65535)
+    fh.seek(file_size - tail_len)
+    tail = fh.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return None
+    entries, directory_bytes = struct.unpack_from("<HI", tail, at + 10)
+    locator = at - 20
+    if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+        # zip64, as torch writes it: the locator points at the zip64 end record, whose counts win
+        (offset,) = struct.unpack_from("<Q", tail, locator + 8)
+        if offset > file_size - 56:
+            return None
+        fh.seek(offset)
+        record = fh.read(56)
+        if record[:4] != b"PK\x06\x06":
+            return None
+        entries, directory_bytes = struct.unpack_from("<QQ", record, 32)
+    return entries, directory_bytes
+
+
+def _zip_names(path: Path) -> list[str]:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        directory = _zip_directory_size(fh, size)
+    if directory is None:
+        raise InvalidInput("the file starts like a zip archive but has no zip directory (truncated or corrupt); "
+                           + _EXPORT_HINT + ".")
+    entries, directory_bytes = directory
+    if entries > MAX_ZIP_ENTRIES or directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise InvalidInput(
+            f"the zip archive lists {entries} entries ({directory_bytes} bytes of directory), more than a model "
+            f"checkpoint has (at most {MAX_ZIP_ENTRIES}); " + _EXPORT_HINT + "."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise InvalidInput(f"the file is a corrupt zip archive ({exc}); {_EXPORT_HINT}.") from None
+
+
+def classify_zip_entries(names: list[str]) -> str:
+    """What a zip holds, from its entry names: "torch.export", "torchscript", "checkpoint" (torch.save)
+    or "other". Torch archives put every entry under one top-level folder named after the file."""
+    inner = [name.split("/", 1)[1] if "/" in name else name for name in names]
+    export = [n for n in inner if n.rsplit("/", 1)[-1] in ("archive_format", "archive_version")
+              or (n.startswith("models/") and n.endswith(".json"))]
+    if export:
+        return "torch.export"
+    if any(n == "constants.pkl" or n.startswith("code/") for n in inner):
+        return "torchscript"
+    if "data.pkl" in inner:
+        return "checkpoint"
+    return "other"
+
+
+def identify_model_file(path: Path) -> str:
+    """ "safetensors" or "torch-checkpoint" (a torch.save zip or a raw pickle, to be converted by
+    ``torch.load(weights_only=True)`` in a child process). Raises InvalidInput for TorchScript and
+    torch.export archives, other zips and anything else, saying what was found and how to export."""
+    tensors, reason, head = _safetensors_or_reason(Path(path))
+    if tensors is not None:
+        return "safetensors"
+    if head.startswith(b"PK"):
+        names = _zip_names(Path(path))
+        kind = classify_zip_entries(names)
+        if kind == "torch.export":
+            evidence = ", ".join(sorted({n.split("/", 1)[-1] for n in names if "archive_" in n or "/models/" in n})[:3])
+            raise InvalidInput(_EXPORT_REFUSAL.format(evidence=evidence or "a models/ program") + ".")
+        if kind == "torchscript":
+            evidence = "code/ and constants.pkl" if any("/code/" in f"/{n}" for n in names) else "constants.pkl"
+            raise InvalidInput(_TORCHSCRIPT_REFUSAL.format(evidence=evidence) + ".")
+        if kind == "checkpoint":
+            return "torch-checkpoint"
+        raise InvalidInput(
+            "the file is a zip archive but not a PyTorch checkpoint (no data.pkl inside); if it is an .npz, upload "
+            "it to /v1/datasets; model weights are safetensors: " + _EXPORT_HINT + "."
+        )
+    if head.startswith(b"\x80"):
+        return "torch-checkpoint"  # pickle protocol 2+: legacy torch.save, or pickle.dump of anything
+    raise InvalidInput(f"not a safetensors file: {reason}; {_EXPORT_HINT}.")
+
+
+@dataclass(frozen=True)
+class ConversionLimits:
+    timeout_s: float = 120.0
+    cpu_seconds: int = 60
+    base_memory_bytes: int = 2 * 1024**3  # the interpreter and torch itself (address space, not RSS)
+    memory_per_file_byte: int = 3  # the loaded tensors, their serialised copy and slack
+
+
+_CONVERTER_MODULE = "worker.convert_checkpoint"
+_REFUSED, _OUT_OF_MEMORY = 2, 3  # its exit codes (worker.convert_checkpoint.REFUSED, OUT_OF_MEMORY)
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Each child may map gigabytes; a few at once is plenty for uploads.
+_CONVERSION_SLOTS = threading.BoundedSemaphore(2)
+
+
+def _run_converter(source: Path, output: Path, workdir: Path, max_memory: int, max_output_bytes: int,
+                   limits: ConversionLimits) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", _CONVERTER_MODULE, str(source), str(output),
+               "--max-memory-bytes", str(max_memory), "--max-cpu-seconds", str(limits.cpu_seconds),
+               "--max-output-bytes", str(max_output_bytes)]
+    # A minimal environment: the child needs no secrets (database URLs) and one thread.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(_PROJECT_ROOT),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+    with _CONVERSION_SLOTS:
+        try:
+            return subprocess.run(command, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=limits.timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            raise InvalidInput(
+                f"reading the PyTorch checkpoint took longer than {limits.timeout_s:g} s, the server's limit. "
+                + _CHECKPOINT_HINT + "."
+            ) from None
+
+
+def convert_torch_checkpoint(
+    source: Path, target: Path, *, max_output_bytes: int, limits: ConversionLimits = ConversionLimits()
+) -> None:
+    """Turn a weights-only PyTorch checkpoint into safetensors at ``target`` in a child process that
+    loads it with ``torch.load(weights_only=True)`` under memory, CPU and wall-clock limits (this
+    process never imports torch). Raises InvalidInput when the file is not a usable state dict."""
+    source, target = Path(source), Path(target)
+    max_memory = limits.base_memory_bytes + limits.memory_per_file_byte * source.stat().st_size
+    # The child writes in a directory of its own (safetensors writes via a temporary file, which a
+    # killed child would leave behind); it is removed whatever happens.
+    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix="convert-"))
+    try:
+        result = _run_converter(source, workdir / "out.safetensors", workdir, max_memory, max_output_bytes, limits)
+        if result.returncode == 0 and (workdir / "out.safetensors").is_file():
+            os.replace(workdir / "out.safetensors", target)
+            return
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    stdout = result.stdout.decode("utf-8", "replace").strip().splitlines()
+    stderr = result.stderr.decode("utf-8", "replace")
+    if result.returncode == _REFUSED and stdout:
+        try:
+            reason = json.loads(stdout[-1])["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = None
+        if reason:
+            raise InvalidInput(f"the PyTorch checkpoint cannot be used: {reason}. {_CHECKPOINT_HINT}.")
+    if result.returncode == -signal.SIGXFSZ:
+        raise PayloadTooLarge(
+            f"the safetensors file converted from the checkpoint exceeds the limit of {max_output_bytes} bytes"
+        )
+    if result.returncode in (_OUT_OF_MEMORY, -signal.SIGXCPU, -signal.SIGKILL) or "MemoryError" in stderr \
+            or "std::bad_alloc" in stderr:
+        raise InvalidInput(
+            f"reading the PyTorch checkpoint exceeded the server's limits ({limits.cpu_seconds} CPU seconds, "
+            f"{max_memory // 2**20} MiB of memory). " + _CHECKPOINT_HINT + "."
+        )
+    # torch missing or unable to start under the limits: the server's fault, not the file's
+    if "ModuleNotFoundError" in stderr or "ImportError" in stderr:
+        raise RuntimeError(f"the checkpoint converter cannot start: {stderr[-2000:]}")
+    _log.warning("checkpoint conversion failed (exit %s): %s", result.returncode, stderr[-2000:])
+    raise InvalidInput(
+        "torch.load(weights_only=True) could not read the PyTorch checkpoint (it is corrupt or not a state "
+        "dict). " + _CHECKPOINT_HINT + "."
+    )
 
 
 def check_weights_fit(

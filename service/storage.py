@@ -55,6 +55,20 @@ class BlobStore:
             raise
         return StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=size)
 
+    def temp_path(self, suffix: str = "") -> Path:
+        """A new empty file under the store's tmp/ (same filesystem as the blobs, so commit is a rename)."""
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def stage_file(self, path: Path) -> StagedUpload:
+        """Hash a file the server wrote under tmp/ (e.g. converted weights) so it can be committed or discarded."""
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+        return StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=path.stat().st_size)
+
     def commit(self, staged: StagedUpload) -> Path:
         """Move a staged upload to its content address (a no-op when the same bytes are already stored)."""
         target = self.blob_path(staged.sha256)
@@ -67,11 +81,7 @@ class BlobStore:
 
     def add_file(self, path: Path) -> str:
         """Move a file the server wrote itself (e.g. pruned weights) into the store; returns its sha256."""
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(CHUNK_BYTES):
-                digest.update(chunk)
-        staged = StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=path.stat().st_size)
+        staged = self.stage_file(path)
         self.commit(staged)
         return staged.sha256
 

@@ -55,7 +55,7 @@ def list_audits(
     request: Request,
     status: AuditStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # bounded: SQLite integers are 64-bit
 ) -> AuditPage:
     items, total = audits.list_audits(session, status=status, limit=limit, offset=offset)
     return AuditPage(items=[audit_out(a, request) for a in items], total=total, limit=limit, offset=offset)

@@ -8,9 +8,13 @@ from pydantic import ValidationError
 from service import architectures, catalog
 from service.dependencies import SessionDep, SettingsDep, StoreDep
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
-from service.schemas.common import PROBLEM_RESPONSES
+from service.schemas.common import PROBLEM_RESPONSES, Problem
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
+# Starlette answers a body that is not valid multipart/form-data with 400 before a handler runs.
+UPLOAD_RESPONSES: dict[int | str, dict] = {
+    400: {"model": Problem, "content": {"application/problem+json": {}}, "description": "Malformed multipart body"},
+}
 
 ARCHITECTURE_HELP = (
     'Architecture spec as JSON, e.g. {"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10} '
@@ -21,16 +25,21 @@ ARCHITECTURE_HELP = (
 )
 
 
-@router.post("/models", status_code=201, response_model=ModelOut, tags=["models"])
+@router.post("/models", status_code=201, response_model=ModelOut, tags=["models"], responses=UPLOAD_RESPONSES)
 def upload_model(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    weights: Annotated[UploadFile, File(description="safetensors file: safetensors.torch.save_file(model.state_dict(), path)")],
+    weights: Annotated[UploadFile, File(description=(
+        "safetensors file: safetensors.torch.save_file(model.state_dict(), path). A weights-only PyTorch state "
+        "dict (torch.save(model.state_dict(), path)) is also accepted: it is read only with "
+        "torch.load(weights_only=True) in a resource-limited child process and stored as safetensors. Whole "
+        "pickled models, TorchScript and torch.export (.pt2) archives are refused."))],
     architecture: Annotated[str, Form(description=ARCHITECTURE_HELP, examples=['{"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10}'])],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> ModelOut:
-    """Upload model weights (safetensors only: uploads are data, never code) for a registry architecture."""
+    """Upload model weights for a registry architecture: safetensors, or a weights-only .pt state dict that is
+    converted to safetensors. Uploads are data, never code."""
     model = catalog.register_model(
         session, store, weights.file, architecture, name,
         max_bytes=settings.max_upload_bytes, max_parameters=settings.max_parameters,
@@ -43,7 +52,7 @@ def read_model(model_id: str, session: SessionDep) -> ModelOut:
     return ModelOut.model_validate(catalog.get_model(session, model_id))
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"])
+@router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"], responses=UPLOAD_RESPONSES)
 def upload_dataset(
     session: SessionDep,
     store: StoreDep,

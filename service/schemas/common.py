@@ -19,6 +19,7 @@ class Problem(BaseModel):
 PROBLEM_RESPONSES: dict[int | str, dict] = {
     code: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
     for code, description in {
+        400: "Malformed request body",
         404: "Not found",
         409: "Conflict",
         413: "Payload too large",
