@@ -17,6 +17,7 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
 from service.policy import audit_verdict, metric_items, run_verdict
 from service.schemas.audits import AuditSpec, PolicySpec
+from service.tenancy import owned
 from service.schemas.reports import (
     REPORT_VERSION,
     AttributeAggregates,
@@ -82,24 +83,29 @@ def spec_digest(spec: AuditSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
 
 
-def replayed_audit(session: Session, idempotency_key: str, spec: AuditSpec) -> Audit | None:
-    """The audit an earlier POST with this Idempotency-Key created; 422 if that POST had another body."""
-    audit = session.scalars(select(Audit).where(Audit.idempotency_key == idempotency_key)).one_or_none()
+def replayed_audit(session: Session, tenant_id: str, idempotency_key: str, spec: AuditSpec) -> Audit | None:
+    """The audit an earlier POST of this tenant with this Idempotency-Key created; 422 if that POST had another
+    body. Keys are per tenant: two teams may pick the same one."""
+    audit = session.scalars(
+        select(Audit).where(Audit.tenant_id == tenant_id, Audit.idempotency_key == idempotency_key)
+    ).one_or_none()
     if audit is not None and audit.request_digest != spec_digest(spec):
         raise InvalidInput("this Idempotency-Key was used with a different request body; use a new key")
     return audit
 
 
-def create_audit(session: Session, spec: AuditSpec, max_runs: int, idempotency_key: str | None = None) -> Audit:
+def create_audit(session: Session, tenant_id: str, spec: AuditSpec, max_runs: int,
+                 idempotency_key: str | None = None) -> Audit:
     runs = spec.runs_requested
     if runs > max_runs:
         raise InvalidInput(
             f"at most {max_runs} runs (ratios × methods × (1 + mitigations)) per audit; this spec asks for {runs}"
         )
     try:
-        model = catalog.get_model(session, spec.model_id)
-        dataset = catalog.get_dataset(session, spec.dataset_id)
-        train_dataset = catalog.get_dataset(session, spec.train_dataset_id) if spec.train_dataset_id else None
+        model = catalog.get_model(session, tenant_id, spec.model_id)
+        dataset = catalog.get_dataset(session, tenant_id, spec.dataset_id)
+        train_dataset = catalog.get_dataset(session, tenant_id, spec.train_dataset_id) if spec.train_dataset_id \
+            else None
     except NotFound as exc:
         raise InvalidInput(exc.detail) from None
     check_dataset_fits(model, dataset, "evaluation")
@@ -116,7 +122,7 @@ def create_audit(session: Session, spec: AuditSpec, max_runs: int, idempotency_k
                 f"mitigations constrain groups on the train dataset, which lacks group attribute(s) {missing}; "
                 f"it has {sorted(train_dataset.groups)}"
             )
-    audit = Audit(model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
+    audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
                   idempotency_key=idempotency_key, request_digest=spec_digest(spec) if idempotency_key else None)
     session.add(audit)
     try:
@@ -126,24 +132,22 @@ def create_audit(session: Session, spec: AuditSpec, max_runs: int, idempotency_k
     return audit
 
 
-def get_run(session: Session, audit_id: str, run_id: str) -> Run:
+def get_run(session: Session, tenant_id: str, audit_id: str, run_id: str) -> Run:
+    get_audit(session, tenant_id, audit_id)
     run = session.get(Run, run_id)
     if run is None or run.audit_id != audit_id:
         raise NotFound(f"run {run_id} of audit {audit_id} does not exist")
     return run
 
 
-def get_audit(session: Session, audit_id: str) -> Audit:
-    audit = session.get(Audit, audit_id)
-    if audit is None:
-        raise NotFound(f"audit {audit_id} does not exist")
-    return audit
+def get_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
+    return owned(session, Audit, audit_id, tenant_id)
 
 
-def cancel_audit(session: Session, audit_id: str) -> Audit:
+def cancel_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
     """A queued audit ends `cancelled` at once; a running one is flagged and its worker stops at the next
     checkpoint (between runs and epochs). Ended audits cannot be cancelled (409)."""
-    audit = get_audit(session, audit_id)
+    audit = get_audit(session, tenant_id, audit_id)
     stopped = session.execute(
         update(Audit).where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
         .values(status=AuditStatus.cancelled, finished_at=utcnow(), progress_message="cancelled before it started")
@@ -159,8 +163,9 @@ def cancel_audit(session: Session, audit_id: str) -> Audit:
     return audit
 
 
-def list_audits(session: Session, *, status: AuditStatus | None, limit: int, offset: int) -> tuple[list[Audit], int]:
-    query = select(Audit)
+def list_audits(session: Session, tenant_id: str, *, status: AuditStatus | None, limit: int,
+                offset: int) -> tuple[list[Audit], int]:
+    query = select(Audit).where(Audit.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Audit.status == status)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -242,15 +247,15 @@ def _run_report(run: Run, weights_url) -> RunReport:
     )
 
 
-def succeeded_audit(session: Session, audit_id: str) -> Audit:
+def succeeded_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
     """The audit with its runs and group rows loaded; 409 unless it has succeeded (reports are final then)."""
+    get_audit(session, tenant_id, audit_id)
     audit = session.scalars(
         select(Audit)
         .where(Audit.id == audit_id)
         .options(selectinload(Audit.runs).selectinload(Run.group_metrics))
-    ).one_or_none()
-    if audit is None:
-        raise NotFound(f"audit {audit_id} does not exist")
+        .execution_options(populate_existing=True)
+    ).one()
     if audit.status != AuditStatus.succeeded:
         reason = f": {audit.error}" if audit.error else f" (progress {audit.progress:.0%})"
         raise Conflict(f"the report exists once the audit has succeeded; audit {audit.id} is {audit.status.value}{reason}")

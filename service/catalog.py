@@ -10,9 +10,10 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from service import architectures, ingest
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput
 from service.models import Dataset, Model
 from service.storage import BlobStore
+from service.tenancy import owned
 
 
 def parse_architecture(raw: str):
@@ -27,7 +28,7 @@ def parse_architecture(raw: str):
 
 
 def register_model(
-    session: Session, store: BlobStore, weights: BinaryIO, architecture_json: str, name: str | None,
+    session: Session, tenant_id: str, store: BlobStore, weights: BinaryIO, architecture_json: str, name: str | None,
     *, max_bytes: int, max_parameters: int,
 ) -> Model:
     spec = parse_architecture(architecture_json)
@@ -53,6 +54,7 @@ def register_model(
         raise
     store.commit(staged)
     model = Model(
+        tenant_id=tenant_id,
         name=name,
         sha256=staged.sha256,
         size_bytes=staged.size_bytes,
@@ -83,6 +85,7 @@ def dataset_format(filename: str | None, path: Path) -> str:
 
 def register_dataset(
     session: Session,
+    tenant_id: str,
     store: BlobStore,
     upload: BinaryIO,
     filename: str | None,
@@ -110,7 +113,7 @@ def register_dataset(
             )
     finally:
         store.discard(staged)
-    dataset = Dataset(name=name, sha256=staged.sha256, format=fmt, size_bytes=staged.size_bytes, rows=0,
+    dataset = Dataset(tenant_id=tenant_id, name=name, sha256=staged.sha256, format=fmt, size_bytes=staged.size_bytes, rows=0,
                       feature_shape=[], classes=[], groups={})
     session.add(dataset)
     session.flush()
@@ -122,15 +125,9 @@ def register_dataset(
     return dataset
 
 
-def get_model(session: Session, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise NotFound(f"model {model_id} does not exist")
-    return model
+def get_model(session: Session, tenant_id: str, model_id: str) -> Model:
+    return owned(session, Model, model_id, tenant_id)
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
-    return dataset
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    return owned(session, Dataset, dataset_id, tenant_id)

@@ -13,7 +13,12 @@ import time
 
 import httpx
 
+from service.db import session_scope
 from service.settings import get_settings
+
+# Clients (demo, gate) read their API key from here; `serve` makes one for the local tenant.
+API_KEY_ENV = "PRUNEAUDIT_API_KEY"
+LOCAL_TENANT = "local"
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
@@ -90,8 +95,9 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_demo(url: str) -> int:
-    return subprocess.call([sys.executable, "-m", "worker.demo", "--url", url])
+def run_demo(url: str, key: str | None) -> int:
+    return subprocess.call([sys.executable, "-m", "worker.demo", "--url", url],
+                           env={**os.environ, API_KEY_ENV: key or ""})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -121,7 +127,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     wait_ready(url, 120, children)
     print(f"pruneaudit API: {url}  (Swagger UI: {url}/docs)", flush=True)
-    if args.demo and run_demo(url) != 0:
+    key = create_key(LOCAL_TENANT, "serve")
+    print(f"API key for tenant '{LOCAL_TENANT}' (shown once; send it as X-API-Key, or click Authorize in "
+          f"Swagger UI): {key}", flush=True)
+    if args.demo and run_demo(url, key) != 0:
         print("the demo audit did not succeed; the API stays up for inspection", flush=True)
     while all(child.poll() is None for child in children):
         time.sleep(1)
@@ -130,13 +139,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(args.url)
+    return run_demo(args.url, args.key)
+
+
+def create_key(tenant: str, name: str | None) -> str:
+    from service.tenancy import create_key as create
+
+    with session_scope() as session:
+        return create(session, tenant, name)[1]
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade_to_head
+    from service.tenancy import revoke_key
+
+    upgrade_to_head()
+    if args.action == "create":
+        print(create_key(args.tenant, args.name))
+        return 0
+    with session_scope() as session:
+        key = revoke_key(session, args.key_id)
+        print(f"revoked key {key.id} (tenant {key.tenant_id}) at {key.revoked_at}")
+    return 0
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
     """Exit 0 when the policy passes, 1 when it fails, 2 when there is no verdict (audit not succeeded, bad id)."""
     try:
-        response = httpx.get(f"{args.url}/v1/audits/{args.audit_id}/report", timeout=60)
+        response = httpx.get(f"{args.url}/v1/audits/{args.audit_id}/report", headers={"X-API-Key": args.key or ""},
+                             timeout=60)
     except httpx.HTTPError as exc:
         print(f"gate: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
@@ -195,11 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--url", default=f"http://{settings.host}:{settings.port}")
     gate.add_argument("--method", help="a run label, e.g. magnitude-global (default: the audit's overall verdict)")
     gate.add_argument("--ratio", type=float, help="the pruning ratio of the run to gate on")
+    gate.add_argument("--key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})")
     gate.set_defaults(func=cmd_gate)
 
     demo = commands.add_parser("demo", help="run the demo audit against a running API")
     demo.add_argument("--url", default=f"http://{settings.host}:{settings.port}")
+    demo.add_argument("--key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})")
     demo.set_defaults(func=cmd_demo)
+
+    keys = commands.add_parser("keys", help="create or revoke API keys (keys are stored hashed, shown once)")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", help="a new key for a tenant (created if new); prints the key")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="what the key is for, e.g. ci-pipeline")
+    revoke = key_actions.add_parser("revoke", help="revoke a key by its id (the part after pa_, or the whole key)")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

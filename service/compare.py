@@ -39,8 +39,9 @@ def _compare_runs(first: RunReport, second: RunReport) -> list[ComparedRun]:
     return compared
 
 
-def compare_audits(session: Session, first_id: str, second_id: str) -> Comparison:
-    first, second = (assemble_report(succeeded_audit(session, audit_id)) for audit_id in (first_id, second_id))
+def compare_audits(session: Session, tenant_id: str, first_id: str, second_id: str) -> Comparison:
+    first, second = (assemble_report(succeeded_audit(session, tenant_id, audit_id))
+                     for audit_id in (first_id, second_id))
     if first.dataset.sha256 != second.dataset.sha256:
         raise InvalidInput(
             f"audits {first_id} and {second_id} evaluate different datasets "

@@ -23,6 +23,14 @@ class InvalidInput(PruneauditError):
     slug = "invalid-input"
 
 
+class Unauthorized(PruneauditError):
+    """No API key, or one that is unknown or revoked."""
+
+    status = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+
 class NotFound(PruneauditError):
     status = 404
     title = "Not found"

@@ -4,6 +4,7 @@ pruning ratio and method, plus the dense baseline) and `group_metrics` (one row 
 from __future__ import annotations
 
 import enum
+import secrets
 import uuid
 from datetime import datetime, timezone
 
@@ -31,10 +32,34 @@ class AuditStatus(str, enum.Enum):
     cancelled = "cancelled"
 
 
+class Tenant(Base):
+    """A team: every model, dataset and audit belongs to one, and is visible only with one of its keys."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key `pa_<id>_<secret>`: only the secret's SHA-256 is stored (the key is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Model(Base):
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     name: Mapped[str | None] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -50,6 +75,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     name: Mapped[str | None] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -63,9 +89,10 @@ class Dataset(Base):
 
 class Audit(Base):
     __tablename__ = "audits"
-    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_audits_idempotency_key"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_audits_tenant_idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     status: Mapped[AuditStatus] = mapped_column(
@@ -87,6 +114,9 @@ class Audit(Base):
     request_digest: Mapped[str | None] = mapped_column(String(64))
     environment: Mapped[dict | None] = mapped_column(JSON)
     report_html_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A read-only capability for the HTML report alone (a link a person can open in a browser, which cannot send
+    # the X-API-Key header): 192 random bits, checked in constant time.
+    report_token: Mapped[str | None] = mapped_column(String(64), default=lambda: secrets.token_urlsafe(24))
 
     model: Mapped[Model] = relationship()
     dataset: Mapped[Dataset] = relationship()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -67,7 +68,8 @@ def run(url: str, timeout_s: float) -> int:
     splits = train_digits_model()
     model, x_eval, y_eval = splits.model, splits.x_eval, splits.y_eval
     print(f"demo: trained an MLP on scikit-learn digits in {time.perf_counter() - started:.1f} s", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=url, timeout=60) as client:
+    headers = {"X-API-Key": os.environ.get("PRUNEAUDIT_API_KEY", "")}
+    with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=url, timeout=60, headers=headers) as client:
         weights = Path(tmp) / "digits-mlp.safetensors"
         save_file(model.state_dict(), weights)
         with weights.open("rb") as handle:
@@ -101,7 +103,7 @@ def run(url: str, timeout_s: float) -> int:
     print_summary(report)
     print(f"demo: finished in {time.perf_counter() - started:.1f} s", flush=True)
     print(f"verdict (max ψ ≤ 1 point, no group loses > 5 points): {report['verdict']['summary']}", flush=True)
-    print(f"report for people: {audit['report_url']}.html", flush=True)
+    print(f"report for people (a share link, opens in a browser): {audit['report_html_url']}", flush=True)
     print(f"demo audit succeeded; report: {audit['report_url']}", flush=True)
     return 0
 

@@ -3,17 +3,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from service import audits
-from service.dependencies import SessionDep, SettingsDep, StoreDep
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, api_key_header
 from service.errors import NotFound
 from service.models import Audit, AuditStatus
 from service.queue import enqueue_audit
 from service.schemas.audits import AuditOut, AuditPage, AuditSpec
 from service.schemas.common import PROBLEM_RESPONSES
 from service.schemas.reports import AuditReport
+from service.tenancy import authenticate, shared_audit
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/audits", tags=["audits"], responses=PROBLEM_RESPONSES)
@@ -23,22 +24,26 @@ def audit_out(audit: Audit, request: Request) -> AuditOut:
     out = AuditOut.model_validate(audit)
     if audit.status == AuditStatus.succeeded:
         out.report_url = str(request.url_for("read_report", audit_id=audit.id))
+        if audit.report_token and audit.report_html_sha256:
+            out.report_html_url = str(request.url_for("read_report_html", audit_id=audit.id)
+                                      .include_query_params(token=audit.report_token))
     return out
 
 
 @router.post("", status_code=202, response_model=AuditOut)
 def create_audit(
-    spec: AuditSpec, session: SessionDep, settings: SettingsDep, request: Request, response: Response,
+    spec: AuditSpec, session: SessionDep, tenant: TenantDep, settings: SettingsDep, request: Request,
+    response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255, description=(
         "Retry-safe creation (IETF draft): the same key and body replays the first response; the same key "
         "with another body is 422; while the first request is still in flight, 409."))] = None,
 ) -> AuditOut:
     """Queue an audit: the dense model and each method × ratio are evaluated per group by a worker."""
-    if idempotency_key and (earlier := audits.replayed_audit(session, idempotency_key, spec)):
+    if idempotency_key and (earlier := audits.replayed_audit(session, tenant, idempotency_key, spec)):
         response.headers["Location"] = str(request.url_for("read_audit", audit_id=earlier.id))
         response.headers["Idempotent-Replayed"] = "true"
         return audit_out(earlier, request)
-    audit = audits.create_audit(session, spec, settings.max_runs, idempotency_key)
+    audit = audits.create_audit(session, tenant, spec, settings.max_runs, idempotency_key)
     # Enqueue only after the row is committed, so a worker never sees a message for a missing row.
     session.commit()
     try:
@@ -52,25 +57,26 @@ def create_audit(
 @router.get("", response_model=AuditPage)
 def list_audits(
     session: SessionDep,
+    tenant: TenantDep,
     request: Request,
     status: AuditStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # bounded: SQLite integers are 64-bit
 ) -> AuditPage:
-    items, total = audits.list_audits(session, status=status, limit=limit, offset=offset)
+    items, total = audits.list_audits(session, tenant, status=status, limit=limit, offset=offset)
     return AuditPage(items=[audit_out(a, request) for a in items], total=total, limit=limit, offset=offset)
 
 
 @router.post("/{audit_id}/cancel", response_model=AuditOut)
-def cancel_audit(audit_id: str, session: SessionDep, request: Request) -> AuditOut:
+def cancel_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
     """Cancel an audit: queued → cancelled at once; running → stops at its next checkpoint (between runs and
     epochs) and ends cancelled. 409 when it has already ended."""
-    return audit_out(audits.cancel_audit(session, audit_id), request)
+    return audit_out(audits.cancel_audit(session, tenant, audit_id), request)
 
 
 @router.get("/{audit_id}", response_model=AuditOut)
-def read_audit(audit_id: str, session: SessionDep, request: Request) -> AuditOut:
-    return audit_out(audits.get_audit(session, audit_id), request)
+def read_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
+    return audit_out(audits.get_audit(session, tenant, audit_id), request)
 
 
 def not_modified(request: Request, etag: str) -> Response | None:
@@ -80,10 +86,10 @@ def not_modified(request: Request, etag: str) -> Response | None:
 
 
 @router.get("/{audit_id}/report", response_model=AuditReport, responses={304: {"description": "Not modified"}})
-def read_report(audit_id: str, session: SessionDep, request: Request, response: Response):
+def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request, response: Response):
     """The fairness report with the policy verdict; 409 until the audit has succeeded. Immutable once
     written: send `If-None-Match` with the ETag to get 304."""
-    audit = audits.succeeded_audit(session, audit_id)
+    audit = audits.succeeded_audit(session, tenant, audit_id)
     etag = audits.report_etag(audit)
     if cached := not_modified(request, etag):
         return cached
@@ -95,9 +101,9 @@ def read_report(audit_id: str, session: SessionDep, request: Request, response: 
 
 @router.get("/{audit_id}/report.csv", response_class=PlainTextResponse,
             responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}})
-def read_report_csv(audit_id: str, session: SessionDep, request: Request) -> Response:
+def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
     """The per-group table, one row per run × attribute × group, numbers exactly as in the JSON."""
-    audit = audits.succeeded_audit(session, audit_id)
+    audit = audits.succeeded_audit(session, tenant, audit_id)
     etag = audits.report_etag(audit)
     if cached := not_modified(request, etag):
         return cached
@@ -107,9 +113,16 @@ def read_report_csv(audit_id: str, session: SessionDep, request: Request) -> Res
 
 @router.get("/{audit_id}/report.html", response_class=HTMLResponse,
             responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}})
-def read_report_html(audit_id: str, session: SessionDep, store: StoreDep, request: Request) -> Response:
-    """The report for people: verdict, per-group curves and diagnostics plots, self-contained (no outside requests)."""
-    audit = audits.succeeded_audit(session, audit_id)
+def read_report_html(
+    audit_id: str, session: SessionDep, store: StoreDep, request: Request,
+    api_key: Annotated[str | None, Depends(api_key_header)] = None,
+    token: Annotated[str | None, Query(max_length=64, description="The share token of `report_html_url`: "
+                                       "opens this report without an API key.")] = None,
+) -> Response:
+    """The report for people: verdict, per-group curves and diagnostics plots, self-contained (no outside requests).
+    Opens with the tenant's API key, or with the audit's share token (`report_html_url`) in a browser."""
+    tenant = shared_audit(session, audit_id, token).tenant_id if token else authenticate(session, api_key)
+    audit = audits.succeeded_audit(session, tenant, audit_id)
     if audit.report_html_sha256 is None:
         raise NotFound(f"audit {audit_id} has no HTML report (it was not rendered); the JSON report is complete")
     etag = audits.report_etag(audit)
@@ -124,10 +137,11 @@ def read_report_html(audit_id: str, session: SessionDep, store: StoreDep, reques
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
-def download_run_weights(audit_id: str, run_id: str, session: SessionDep, store: StoreDep) -> FileResponse:
+def download_run_weights(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep,
+                         store: StoreDep) -> FileResponse:
     """The run's pruned (and fine-tuned) weights as safetensors; re-upload them with the run's
     recipe.architecture to evaluate the same model again."""
-    run = audits.get_run(session, audit_id, run_id)
+    run = audits.get_run(session, tenant, audit_id, run_id)
     if run.weights_sha256 is None:
         raise NotFound(f"run {run_id} has no stored weights (the dense baseline is the uploaded model)")
     name = f"{run.label}-{run.ratio:g}.safetensors"
@@ -135,6 +149,6 @@ def download_run_weights(audit_id: str, run_id: str, session: SessionDep, store:
 
 
 @router.get("/{audit_id}/runs/{run_id}/recipe")
-def read_run_recipe(audit_id: str, run_id: str, session: SessionDep) -> dict:
+def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""
-    return audits.get_run(session, audit_id, run_id).recipe
+    return audits.get_run(session, tenant, audit_id, run_id).recipe

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import ValidationError
 
 from service import architectures, catalog
-from service.dependencies import SessionDep, SettingsDep, StoreDep
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
 from service.schemas.common import PROBLEM_RESPONSES, Problem
 
@@ -28,6 +28,7 @@ ARCHITECTURE_HELP = (
 @router.post("/models", status_code=201, response_model=ModelOut, tags=["models"], responses=UPLOAD_RESPONSES)
 def upload_model(
     session: SessionDep,
+    tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
     weights: Annotated[UploadFile, File(description=(
@@ -41,20 +42,21 @@ def upload_model(
     """Upload model weights for a registry architecture: safetensors, or a weights-only .pt state dict that is
     converted to safetensors. Uploads are data, never code."""
     model = catalog.register_model(
-        session, store, weights.file, architecture, name,
+        session, tenant, store, weights.file, architecture, name,
         max_bytes=settings.max_upload_bytes, max_parameters=settings.max_parameters,
     )
     return ModelOut.model_validate(model)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
-def read_model(model_id: str, session: SessionDep) -> ModelOut:
-    return ModelOut.model_validate(catalog.get_model(session, model_id))
+def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
+    return ModelOut.model_validate(catalog.get_model(session, tenant, model_id))
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"], responses=UPLOAD_RESPONSES)
 def upload_dataset(
     session: SessionDep,
+    tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")],
@@ -65,19 +67,19 @@ def upload_dataset(
 ) -> DatasetOut:
     """Upload a labelled dataset with group attributes (npz or csv)."""
     dataset = catalog.register_dataset(
-        session, store, file.file, file.filename,
+        session, tenant, store, file.file, file.filename,
         name=name, label=label, features=features, groups=groups, max_bytes=settings.max_upload_bytes,
     )
     return DatasetOut.model_validate(dataset)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
-def read_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
-    return DatasetOut.model_validate(catalog.get_dataset(session, dataset_id))
+def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+    return DatasetOut.model_validate(catalog.get_dataset(session, tenant, dataset_id))
 
 
 @router.get("/architectures", response_model=list[ArchitectureOut], tags=["models"])
-def list_architectures() -> list[ArchitectureOut]:
+def list_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
     """The architectures the server can build, with the JSON schema of their spec."""
     return [
         ArchitectureOut(

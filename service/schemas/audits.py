@@ -134,6 +134,7 @@ class PruningSpec(BaseModel):
     ratios: list[float] = Field(
         default_factory=lambda: [0.5, 0.7, 0.9],
         min_length=1,
+        max_length=64,
         description="Fractions of prunable weights (channels, for 'channel') to remove; each run is compared with "
         "the dense model.",
     )
@@ -302,6 +303,10 @@ class AuditOut(BaseModel):
     cancel_requested: bool = Field(description="A cancel was asked while running; it stops at the next checkpoint.")
     spec: AuditSpec
     report_url: str | None = None
+    report_html_url: str | None = Field(
+        None, description="The HTML report with its share token: a read-only link for people and browsers, which "
+        "works without the API key; anyone holding it can read this one report.",
+    )
 
 
 class AuditPage(BaseModel):

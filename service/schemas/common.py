@@ -20,6 +20,7 @@ PROBLEM_RESPONSES: dict[int | str, dict] = {
     code: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
     for code, description in {
         400: "Malformed request body",
+        401: "Missing, unknown or revoked API key (X-API-Key)",
         404: "Not found",
         409: "Conflict",
         413: "Payload too large",

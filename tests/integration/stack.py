@@ -26,12 +26,21 @@ def free_port() -> int:
 @dataclass
 class Stack:
     url: str
-    env: dict
+    env: dict  # with PRUNEAUDIT_API_KEY: the CLI clients (gate, demo) run as this stack's tenant
     var_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+    @property
+    def api_key(self) -> str:
+        return self.env["PRUNEAUDIT_API_KEY"]
+
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        """An HTTP client of this stack's tenant (or of the tenant `api_key` belongs to)."""
+        return httpx.Client(base_url=self.url, timeout=60, headers={"X-API-Key": api_key or self.api_key})
+
+    def new_key(self, tenant: str) -> str:
+        """An API key of another tenant (created if new), made by the `pruneaudit keys` CLI."""
+        return create_key(self.env, tenant)
 
     def log(self, name: str) -> str:
         return (self.var_dir / f"{name}.log").read_text(errors="replace")
@@ -65,6 +74,12 @@ def stack_env(var_dir: Path, *, database_url: str | None = None, broker_url: str
     return env
 
 
+def create_key(env: dict, tenant: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", "--tenant", tenant], env=env,
+                          cwd=REPO, check=True, capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def start_process(stack: Stack, name: str, args: list[str]) -> None:
     log = (stack.var_dir / f"{name}.log").open("wb")
     stack.processes[name] = subprocess.Popen(
@@ -72,12 +87,15 @@ def start_process(stack: Stack, name: str, args: list[str]) -> None:
     )
 
 
-def start_stack(var_dir: Path, *, with_worker: bool = True, **urls) -> Stack:
+def start_stack(var_dir: Path, *, with_worker: bool = True, settings: dict[str, str] | None = None, **urls) -> Stack:
+    """`settings`: extra PRUNEAUDIT_* variables for every process of the stack."""
     var_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    stack = Stack(url=f"http://127.0.0.1:{port}", env=stack_env(var_dir, port=port, **urls), var_dir=var_dir)
+    stack = Stack(url=f"http://127.0.0.1:{port}", env={**stack_env(var_dir, port=port, **urls), **(settings or {})},
+                  var_dir=var_dir)
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=stack.env, cwd=REPO, check=True,
                    capture_output=True)
+    stack.env["PRUNEAUDIT_API_KEY"] = create_key(stack.env, "tests")
     if with_worker:
         start_process(stack, "worker", ["worker"])
     start_process(stack, "api", ["api", "--port", str(port)])

@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from tests.conftest import in_ci
@@ -205,7 +206,7 @@ def length(value: str | None) -> float:
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, digits_case):
-    """The real stack with one succeeded audit of the digits model: (stack, audit id, JSON report)."""
+    """The real stack with one succeeded audit of the digits model: (stack, audit, JSON report)."""
     stack = start_stack(tmp_path_factory.mktemp("browser-stack"))
     try:
         with stack.client() as client:
@@ -224,13 +225,20 @@ def audited(tmp_path_factory, digits_case):
             assert audit["status"] == "succeeded", (audit, stack.log("worker"))
             report = client.get(f"/v1/audits/{audit['id']}/report")
             assert report.status_code == 200, report.text
-        yield stack, audit["id"], report.json()
+        yield stack, audit, report.json()
     finally:
         stack.stop()
 
 
 def test_service_serves_the_stored_html_report(audited):
-    stack, audit_id, _ = audited
+    stack, audit, _ = audited
+    audit_id = audit["id"]
+    with httpx.Client() as anonymous:
+        # The share link opens without a key; without it (or with a wrong token) the report is not there.
+        assert anonymous.get(audit["report_html_url"]).status_code == 200
+        assert anonymous.get(f"{stack.url}/v1/audits/{audit_id}/report.html").status_code == 401
+        assert anonymous.get(f"{stack.url}/v1/audits/{audit_id}/report.html?token=x").status_code == 404
+        assert anonymous.get(f"{stack.url}/v1/audits/{audit_id}/report").status_code == 401
     with stack.client() as client:
         page = client.get(f"/v1/audits/{audit_id}/report.html")
         assert page.status_code == 200, page.text
@@ -244,8 +252,8 @@ def test_service_serves_the_stored_html_report(audited):
 def test_chromium_renders_the_report_and_requests_nothing_outside_loopback(chromium, audited):
     from PIL import Image, ImageStat
 
-    stack, audit_id, report = audited
-    url = f"{stack.url}/v1/audits/{audit_id}/report.html"
+    stack, audit, report = audited
+    url = audit["report_html_url"]  # the share link: a browser sends no API key
     screenshot = chromium / "report.png"
 
     shot, shot_log = run_chromium(chromium, "screenshot", url, f"--screenshot={screenshot}")

@@ -31,12 +31,18 @@ def test_serve_with_demo_reaches_a_succeeded_audit(tmp_path):
             time.sleep(0.5)
         output = log_path.read_text(errors="replace")
         assert match, output
-        report = httpx.get(match.group(1), timeout=30).json()
+        # serve prints a key of the local tenant, the one the demo ran as; reports answer only with it.
+        key = re.search(r"API key for tenant 'local' .*: (pa_\S+)", output).group(1)
+        assert httpx.get(match.group(1), timeout=30).status_code == 401
+        report = httpx.get(match.group(1), headers={"X-API-Key": key}, timeout=30).json()
         assert [run["ratio"] for run in report["runs"]] == [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
         for run in report["runs"]:
             (digit,) = run["attributes"]
             assert len(digit["groups"]) == 10 and sum(g["n"] for g in digit["groups"]) == report["dataset"]["rows"]
-        assert "verdict" in output and httpx.get(match.group(1) + ".html", timeout=30).status_code == 200
+        assert "verdict" in output
+        assert httpx.get(match.group(1) + ".html", headers={"X-API-Key": key}, timeout=30).status_code == 200
+        share_link = re.search(r"report for people \(a share link, opens in a browser\): (\S+)", output).group(1)
+        assert httpx.get(share_link, timeout=30).status_code == 200
         assert serve.poll() is None, "serve must keep the API up after the demo"
     finally:
         serve.terminate()

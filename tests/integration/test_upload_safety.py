@@ -18,11 +18,10 @@ import time
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-from tests.integration.stack import Stack, free_port, stack_env, start_process, start_stack, wait_for_audit
+from tests.integration.stack import Stack, start_stack, wait_for_audit
 
 EXPORT = 'save_file(model.state_dict(), "model.safetensors")'
 
@@ -328,20 +327,8 @@ CAP = 256 * 1024
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory):
     """An API whose upload cap is CAP bytes (the envelope allowance is 1 MiB on top)."""
-    var_dir = tmp_path_factory.mktemp("capped")
-    port = free_port()
-    stack = Stack(url=f"http://127.0.0.1:{port}", env=stack_env(var_dir, port=port), var_dir=var_dir)
-    stack.env["PRUNEAUDIT_MAX_UPLOAD_BYTES"] = str(CAP)
-    start_process(stack, "api", ["api", "--port", str(port)])
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{stack.url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert stack.processes["api"].poll() is None and time.monotonic() < deadline, stack.log("api")
-        time.sleep(0.2)
+    stack = start_stack(tmp_path_factory.mktemp("capped"), with_worker=False,
+                        settings={"PRUNEAUDIT_MAX_UPLOAD_BYTES": str(CAP)})
     yield stack
     stack.stop()
 
