@@ -25,7 +25,14 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: $(STAMP) $(CHROMIUM)
+# tests/unit/test_deploy_files.py validates docker-compose.yml offline with Debian's docker-compose (1.29).
+DOCKER_COMPOSE := /usr/bin/docker-compose
+
+$(DOCKER_COMPOSE):
+	DEBIAN_FRONTEND=noninteractive apt-get install -y docker-compose \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker-compose; }
+
+test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
