@@ -19,7 +19,7 @@ def run_migrations() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = make_engine(url)
+    engine = make_engine(url, pool_size=1)
     with engine.connect() as connection:
         # Batch mode lets later migrations alter columns on SQLite, which has no ALTER COLUMN.
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)

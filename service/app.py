@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,7 +15,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import PruneauditError
+from service.ratelimit import install_rate_limit
 from service.routes import audits, catalog, compare, health
+from service.settings import get_settings
 from service.upload_limits import BodyLimitMiddleware
 
 log = logging.getLogger(__name__)
@@ -68,8 +73,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(request, 500, "Internal error", "an unexpected error occurred; it has been logged", "internal")
 
 
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # Sync handlers run on AnyIO's thread limiter; it matches the connection pool (service/db.py).
+    anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads
+    yield
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=lifespan,
         title="pruneaudit",
         version="0.1.0",
         description=(
@@ -80,6 +93,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)  # 413 on Content-Length before the body is spooled
+    install_rate_limit(app)  # 429 + Retry-After per API key; outermost, before the body limit
     app.include_router(health.router)
     app.include_router(catalog.router)
     app.include_router(audits.router)

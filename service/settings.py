@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     worker_max_memory_mb: int = Field(
         16384, ge=0, description="Resident memory cap of a worker child (MiB; 0 = none): an audit above it fails "
                                  "with the reason and the child is replaced.")
+    # Rate limit per API key (service/ratelimit.py; in-process, per API process). 0 in either turns it off.
+    rate_limit_per_s: float = Field(10.0, ge=0, description="Requests a second refilled per API key (0 = no limit).")
+    rate_limit_burst: int = Field(60, ge=0, description="Requests an API key may send at once (0 = no limit).")
+    api_threads: int = Field(40, ge=1, le=1000, description="Request threads of an API process, and its database "
+                             "connection pool (one connection a thread; see service/db.py).")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from service import audits
-from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, api_key_header
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, api_key_header, releases_connection
 from service.errors import NotFound
 from service.models import Audit, AuditStatus
 from service.queue import enqueue_audit
@@ -31,6 +31,7 @@ def audit_out(audit: Audit, request: Request) -> AuditOut:
 
 
 @router.post("", status_code=202, response_model=AuditOut)
+@releases_connection
 def create_audit(
     spec: AuditSpec, session: SessionDep, tenant: TenantDep, settings: SettingsDep, request: Request,
     response: Response,
@@ -55,6 +56,7 @@ def create_audit(
 
 
 @router.get("", response_model=AuditPage)
+@releases_connection
 def list_audits(
     session: SessionDep,
     tenant: TenantDep,
@@ -68,6 +70,7 @@ def list_audits(
 
 
 @router.post("/{audit_id}/cancel", response_model=AuditOut)
+@releases_connection
 def cancel_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
     """Cancel an audit: queued → cancelled at once; running → stops at its next checkpoint (between runs and
     epochs) and ends cancelled. 409 when it has already ended."""
@@ -75,6 +78,7 @@ def cancel_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request:
 
 
 @router.get("/{audit_id}", response_model=AuditOut)
+@releases_connection
 def read_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
     return audit_out(audits.get_audit(session, tenant, audit_id), request)
 
@@ -86,6 +90,7 @@ def not_modified(request: Request, etag: str) -> Response | None:
 
 
 @router.get("/{audit_id}/report", response_model=AuditReport, responses={304: {"description": "Not modified"}})
+@releases_connection
 def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request, response: Response):
     """The fairness report with the policy verdict; 409 until the audit has succeeded. Immutable once
     written: send `If-None-Match` with the ETag to get 304."""
@@ -101,6 +106,7 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
 
 @router.get("/{audit_id}/report.csv", response_class=PlainTextResponse,
             responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}})
+@releases_connection
 def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
     """The per-group table, one row per run × attribute × group, numbers exactly as in the JSON."""
     audit = audits.succeeded_audit(session, tenant, audit_id)
@@ -113,6 +119,7 @@ def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, reque
 
 @router.get("/{audit_id}/report.html", response_class=HTMLResponse,
             responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}})
+@releases_connection
 def read_report_html(
     audit_id: str, session: SessionDep, store: StoreDep, request: Request,
     api_key: Annotated[str | None, Depends(api_key_header)] = None,
@@ -137,6 +144,7 @@ def read_report_html(
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
+@releases_connection
 def download_run_weights(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep,
                          store: StoreDep) -> FileResponse:
     """The run's pruned (and fine-tuned) weights as safetensors; re-upload them with the run's
@@ -149,6 +157,7 @@ def download_run_weights(audit_id: str, run_id: str, session: SessionDep, tenant
 
 
 @router.get("/{audit_id}/runs/{run_id}/recipe")
+@releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""
     return audits.get_run(session, tenant, audit_id, run_id).recipe

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import ValidationError
 
 from service import architectures, catalog
-from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
 from service.schemas.common import PROBLEM_RESPONSES, Problem
 
@@ -26,6 +26,7 @@ ARCHITECTURE_HELP = (
 
 
 @router.post("/models", status_code=201, response_model=ModelOut, tags=["models"], responses=UPLOAD_RESPONSES)
+@releases_connection
 def upload_model(
     session: SessionDep,
     tenant: TenantDep,
@@ -49,11 +50,13 @@ def upload_model(
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
+@releases_connection
 def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
     return ModelOut.model_validate(catalog.get_model(session, tenant, model_id))
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"], responses=UPLOAD_RESPONSES)
+@releases_connection
 def upload_dataset(
     session: SessionDep,
     tenant: TenantDep,
@@ -74,6 +77,7 @@ def upload_dataset(
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
+@releases_connection
 def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
     return DatasetOut.model_validate(catalog.get_dataset(session, tenant, dataset_id))
 

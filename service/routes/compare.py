@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service.compare import compare_audits
-from service.dependencies import SessionDep, TenantDep
+from service.dependencies import SessionDep, TenantDep, releases_connection
 from service.errors import InvalidInput
 from service.schemas.common import PROBLEM_RESPONSES
 from service.schemas.compare import Comparison
@@ -14,6 +14,7 @@ router = APIRouter(prefix="/v1", tags=["audits"], responses=PROBLEM_RESPONSES)
 
 
 @router.get("/compare", response_model=Comparison)
+@releases_connection
 def compare(session: SessionDep, tenant: TenantDep, audits: Annotated[str, Query(description="Two audit ids: first,second",
                                                              examples=["a1b2…,c3d4…"])]) -> Comparison:
     """Two succeeded audits of the same dataset side by side, per method, ratio, attribute and group."""

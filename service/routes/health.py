@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from service.dependencies import SessionDep, StoreDep
+from service.dependencies import SessionDep, StoreDep, releases_connection
 from service.errors import PruneauditError
 from service.schemas.common import Problem
 
@@ -24,6 +24,7 @@ def healthz() -> dict:
 
 @router.get("/readyz", responses={503: {"model": Problem, "content": {"application/problem+json": {}},
                                          "description": "Not ready: the database or the blob store is unavailable"}})
+@releases_connection
 def readyz(session: SessionDep, store: StoreDep) -> dict:
     """Readiness: the database answers and the blob store is there; 503 problem+json otherwise (a database
     error becomes 503 in service.app, like on every other endpoint)."""

@@ -61,6 +61,8 @@ def stack_env(var_dir: Path, *, database_url: str | None = None, broker_url: str
               key_prefix: str = "", port: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEAUDIT_")}
     env["PRUNEAUDIT_VAR_DIR"] = str(var_dir)
+    # Off unless a test turns it on (settings=…): fuzzing and polling must reach the handlers.
+    env["PRUNEAUDIT_RATE_LIMIT_PER_S"] = "0"
     # Unique per stack: two test runs on one machine share Redis, and pytest's temp dir names repeat.
     env["PRUNEAUDIT_QUEUE_NAME"] = f"pruneaudit-test-{var_dir.name}-{uuid.uuid4().hex[:8]}"
     if database_url:
