@@ -116,6 +116,17 @@ def start_stack(var_dir: Path, *, with_worker: bool = True, settings: dict[str, 
     raise RuntimeError(f"api not ready:\n{stack.log('api')}")
 
 
+def assert_problem(response, status: int, *fragments: str) -> dict:
+    """An RFC 9457 problem+json answer with this status, whose detail holds every fragment."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
+    for fragment in fragments:
+        assert fragment in body["detail"], body
+    return body
+
+
 def wait_for_audit(client: httpx.Client, audit_id: str, timeout_s: float = 180) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.integration.stack import start_stack
+from tests.integration.stack import assert_problem, start_stack
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +17,6 @@ def api(tmp_path_factory):
     with stack.client() as client:
         yield stack, client
     stack.stop()
-
-
-def assert_problem(response, status: int, *fragments: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
-    for fragment in fragments:
-        assert fragment in body["detail"], body
-    return body
 
 
 def stored_blobs(stack) -> list:

@@ -4,19 +4,25 @@ missing ones; bad, unknown and revoked keys answer 401; keys are stored hashed; 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import subprocess
 import sys
 
 import httpx
 import pytest
+import sqlalchemy
 
 from tests.integration.stack import REPO, start_stack, wait_for_audit
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("tenants"))
+@pytest.fixture(scope="module", params=["embedded", "postgres-redis"])
+def stack(request, tmp_path_factory):
+    """Both deployments: embedded (SQLite + SQLite broker) and real PostgreSQL + Redis."""
+    urls = {}
+    if request.param == "postgres-redis":
+        broker_url, prefix = request.getfixturevalue("redis_broker")
+        urls = {"database_url": request.getfixturevalue("postgres_url"), "broker_url": broker_url,
+                "key_prefix": prefix}
+    stack = start_stack(tmp_path_factory.mktemp("tenants"), **urls)
     yield stack
     stack.stop()
 
@@ -99,8 +105,11 @@ def test_revoked_key_stops_working_and_keys_are_stored_hashed(stack):
     with stack.client(key) as client:
         assert client.get("/v1/audits").status_code == 200
     key_id, secret = key.removeprefix("pa_").split("_", 1)
-    with sqlite3.connect(stack.var_dir / "pruneaudit.sqlite") as db:
-        stored = db.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+    database = sqlalchemy.create_engine(
+        stack.env.get("PRUNEAUDIT_DATABASE_URL") or f"sqlite:///{stack.var_dir / 'pruneaudit.sqlite'}")
+    with database.connect() as db:
+        stored = tuple(db.execute(sqlalchemy.text("SELECT * FROM api_keys WHERE id = :id"), {"id": key_id}).one())
+    database.dispose()
     assert secret not in repr(stored) and hashlib.sha256(secret.encode()).hexdigest() in stored
     revoked = subprocess.run([sys.executable, "-m", "service.cli", "keys", "revoke", key_id], env=stack.env, cwd=REPO,
                              capture_output=True, text=True)

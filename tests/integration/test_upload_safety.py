@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.stack import Stack, start_stack, wait_for_audit
+from tests.integration.stack import Stack, assert_problem, start_stack, wait_for_audit
 
 EXPORT = 'save_file(model.state_dict(), "model.safetensors")'
 
@@ -128,16 +128,6 @@ def stack(tmp_path_factory):
 def client(stack):
     with stack.client() as client:
         yield client
-
-
-def assert_problem(response, status: int, *fragments: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
-    for fragment in fragments:
-        assert fragment in body["detail"], body
-    return body
 
 
 def stored(stack: Stack) -> tuple[list[str], int, list[str]]:

@@ -107,28 +107,33 @@ class EqualizedLoss:
         self.codes, self.n_groups, self.dual_lr = codes, n_groups, dual_lr
         self.multipliers = np.zeros(n_groups)
         self.dual_steps = np.zeros(n_groups, dtype=np.int64)
-        self._violation_sum = np.zeros(n_groups)
-        self._violation_batches = np.zeros(n_groups)
+        # The epoch's violations accumulate on the model's device: no host round trip per mini-batch.
+        self._violation_sum: torch.Tensor | None = None
+        self._violation_batches: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         losses = F.cross_entropy(logits, labels, reduction="none")
         overall = losses.mean()
         codes = torch.from_numpy(self.codes[index]).to(logits.device)
         group_loss, counts = group_means(losses, codes, self.n_groups)
-        present = counts > 0
-        violation = (group_loss - overall).abs()
-        present_np = present.cpu().numpy()
-        self._violation_sum[present_np] += violation.detach()[present].cpu().double().numpy()
-        self._violation_batches[present_np] += 1
+        present = (counts > 0).to(losses.dtype)  # a group absent from the batch has no violation in it
+        violation = (group_loss - overall).abs() * present
+        if self._violation_sum is None:
+            self._violation_sum = torch.zeros(self.n_groups, dtype=torch.float64, device=logits.device)
+            self._violation_batches = torch.zeros(self.n_groups, dtype=torch.float64, device=logits.device)
+        self._violation_sum += violation.detach().double()
+        self._violation_batches += present.double()
         multipliers = torch.from_numpy(self.multipliers).to(device=logits.device, dtype=losses.dtype)
-        return overall + (multipliers[present] * violation[present]).sum()
+        return overall + (multipliers * violation).sum()
 
     def end_epoch(self) -> None:
-        seen = self._violation_batches > 0
-        self.multipliers[seen] += self.dual_lr * self._violation_sum[seen] / self._violation_batches[seen]
+        if self._violation_sum is None:
+            return
+        batches = self._violation_batches.cpu().numpy()
+        seen = batches > 0
+        self.multipliers[seen] += self.dual_lr * self._violation_sum.cpu().numpy()[seen] / batches[seen]
         self.dual_steps[seen] += 1
-        self._violation_sum[:] = 0
-        self._violation_batches[:] = 0
+        self._violation_sum = self._violation_batches = None
 
 
 class ReplayBuffers:
