@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from results.attributes import AttributeAggregates, AttributeMetrics
+from results.groups import BinaryRates, BoundaryProxies, ConfidenceIntervals, Confusion, Flips, GroupResult
+from results.runs import OverallMetrics
 from worker.engine.errors import EngineError
 from worker.engine.statistics import bootstrap_group_intervals
 
@@ -160,121 +163,12 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-@dataclass(frozen=True)
-class OverallMetrics:
-    n: int
-    dense_accuracy: float
-    accuracy: float
-    dense_loss: float
-    loss: float
-    accuracy_drop: float  # Δ = Acc(θd) − Acc(θs); positive = pruning hurt
-    excessive_loss: float  # J(θs) − J(θd)
-
-
-# Keys of GroupDetails.undefined that stand for a whole family of fields left None for one reason.
+# Keys of a group's `undefined` that stand for a whole section of fields left None for one reason.
 GROUP_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
-    "proxies": ("dense_error_proxy", "error_proxy", "dense_boundary_proximity", "boundary_proximity",
-                "dense_gini_impurity", "gini_impurity", "dense_logit_margin", "logit_margin"),
-    "confusion": ("dense_confusion", "confusion"),
-    "binary_rates": ("dense_selection_rate", "selection_rate", "dense_true_positive_rate", "true_positive_rate",
-                     "dense_false_positive_rate", "false_positive_rate"),
-    "confidence_intervals": ("dense_accuracy_ci", "accuracy_ci", "accuracy_drop_ci", "excess_accuracy_gap_ci",
-                             "excessive_loss_ci"),
+    family: tuple(section.model_fields)
+    for family, section in (("proxies", BoundaryProxies), ("confusion", Confusion), ("binary_rates", BinaryRates),
+                            ("confidence_intervals", ConfidenceIntervals))
 }
-
-
-@dataclass(frozen=True)
-class GroupMetrics:
-    """The core metrics of one group of one attribute (one row of the report's group table)."""
-
-    group: str
-    n: int
-    share: float  # n_a / n over all evaluated examples, those without a group included
-    dense_accuracy: float
-    accuracy: float
-    dense_loss: float
-    loss: float
-    accuracy_drop: float  # Δa = Acc_a(θd) − Acc_a(θs)
-    excess_accuracy_gap: float  # ψa = Δa − Δ
-    excessive_loss: float  # R(a) = J_a(θs) − J_a(θd)
-
-
-@dataclass(frozen=True)
-class GroupDetails:
-    """Everything else about the same group (AttributeMetrics.group_details, same order as `groups`).
-    Unprefixed model metrics are the pruned model's, `dense_` ones the dense model's."""
-
-    group: str
-    small_group: bool  # n_a < min_group_size: treat every number of this group as unreliable
-    # Distance-to-boundary proxies (SCIENCE.md §3.5, §6 rows 9, 11-13), group means per model.
-    dense_error_proxy: float | None  # E_a = mean(1 − p_y)
-    error_proxy: float | None
-    dense_boundary_proximity: float | None  # BP_a = mean p_y(1 − p_y); high = near the boundary
-    boundary_proximity: float | None
-    dense_gini_impurity: float | None  # mean 1 − Σ_c p_c² (Gauss-Newton curvature proxy)
-    gini_impurity: float | None
-    dense_logit_margin: float | None  # mean z_y − max_{c≠y} z_c; low = near the boundary
-    logit_margin: float | None
-    # Flips from the dense to the pruned model (counts, and rates over n_a).
-    flips_correct_to_wrong: int
-    flips_wrong_to_correct: int
-    flips_any: int  # pruned prediction differs from the dense one (right or wrong)
-    flips_correct_to_wrong_rate: float
-    flips_wrong_to_correct_rate: float
-    flips_any_rate: float
-    # C×C counts, rows = true class, columns = predicted class.
-    dense_confusion: list[list[int]] | None
-    confusion: list[list[int]] | None
-    # Binary tasks only (class 1 positive), Fairlearn's definitions.
-    dense_selection_rate: float | None  # P(ŷ = 1)
-    selection_rate: float | None
-    dense_true_positive_rate: float | None  # P(ŷ = 1 | y = 1); None when the group has no positives
-    true_positive_rate: float | None
-    dense_false_positive_rate: float | None  # P(ŷ = 1 | y = 0); None when the group has no negatives
-    false_positive_rate: float | None
-    # Bootstrap percentile intervals (low, high), paired and stratified by group (worker.engine.statistics).
-    dense_accuracy_ci: tuple[float, float] | None
-    accuracy_ci: tuple[float, float] | None
-    accuracy_drop_ci: tuple[float, float] | None
-    excess_accuracy_gap_ci: tuple[float, float] | None
-    excessive_loss_ci: tuple[float, float] | None
-    # The reason for every field that is None: keyed by field name, or by a GROUP_FIELD_FAMILIES key
-    # standing for all the fields of that family.
-    undefined: dict[str, str]
-
-
-@dataclass(frozen=True)
-class AttributeMetrics:
-    attribute: str
-    groups: list[GroupMetrics]
-    n_missing: int  # examples with no group for this attribute (code −1)
-    loss_fairness_violation: float | None  # ξ = max R(a) − min R(a)
-    accuracy_fairness_violation: float | None  # FV of the pruned model: max Acc_a − min Acc_a
-    dense_accuracy_fairness_violation: float | None
-    max_excess_accuracy_gap: float | None  # max ψa; feasible iff ≤ ε (Balancing Act)
-    pairwise_disparity: float | None  # Ψ_PW = max ψa − min ψa
-    accuracy_drop_std: float | None  # sample std (n−1) of Δa over groups
-    worst_group_accuracy: float | None  # min Acc_a of the pruned model
-    worst_group: str | None  # the group with that accuracy (lowest code on ties)
-    max_accuracy_drop: float | None
-    undefined: dict[str, str]  # the reason for every aggregate that is None
-    num_classes: int | None
-    min_group_size: int
-    small_groups: list[str]  # groups with n_a < min_group_size
-    # Binary tasks only, over the groups (examples without a group left out), as Fairlearn's
-    # demographic_parity_difference / _ratio and equalized_odds_difference (method="between_groups",
-    # agg="worst_case"); unprefixed = pruned model.
-    demographic_parity_difference: float | None  # max − min selection rate
-    demographic_parity_ratio: float | None  # min / max selection rate
-    equalized_odds_difference: float | None  # max(TPR max − min, FPR max − min)
-    dense_demographic_parity_difference: float | None
-    dense_demographic_parity_ratio: float | None
-    dense_equalized_odds_difference: float | None
-    max_excess_accuracy_gap_ci: tuple[float, float] | None  # bootstrap interval of max ψa (its own resamples)
-    bootstrap_resamples: int  # 0 = no intervals
-    bootstrap_seed: int
-    caveats: dict[str, str]  # notes on values that ARE reported but rest on part of the data
-    group_details: list[GroupDetails]  # one per entry of `groups`, same order
 
 
 def overall_metrics(dense: Outcomes, pruned: Outcomes) -> OverallMetrics:
@@ -307,9 +201,9 @@ def group_confusion(label: np.ndarray, pred: np.ndarray, codes: np.ndarray, n_gr
 
 
 @dataclass(frozen=True)
-class BinaryRates:
+class GroupRateArrays:
     """Per-group rates of a binary task from confusion counts (G, 2, 2); NaN marks an undefined rate
-    (internal only: the dataclasses above turn it into None with a reason)."""
+    (internal only: the group results turn it into None with a reason)."""
 
     selection_rate: np.ndarray
     true_positive_rate: np.ndarray
@@ -318,13 +212,13 @@ class BinaryRates:
     negatives: np.ndarray
 
 
-def binary_rates(confusion: np.ndarray) -> BinaryRates:
+def binary_rates(confusion: np.ndarray) -> GroupRateArrays:
     positives = confusion[:, 1, :].sum(axis=1)
     negatives = confusion[:, 0, :].sum(axis=1)
     n = positives + negatives
     selected = confusion[:, :, POSITIVE_CLASS].sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return BinaryRates(
+        return GroupRateArrays(
             selection_rate=selected / n,
             true_positive_rate=np.where(positives > 0, confusion[:, 1, 1] / positives, np.nan),
             false_positive_rate=np.where(negatives > 0, confusion[:, 0, 1] / negatives, np.nan),
@@ -414,21 +308,6 @@ def attribute_metrics(
     excess_accuracy_gap = accuracy_drop - overall.accuracy_drop
     excessive_loss = loss - dense_loss
     group_names = [names[code] for code in grouping.present]
-    groups = [
-        GroupMetrics(
-            group=group_names[i],
-            n=int(sizes[i]),
-            share=int(sizes[i]) / overall.n,
-            dense_accuracy=float(dense_accuracy[i]),
-            accuracy=float(accuracy[i]),
-            dense_loss=float(dense_loss[i]),
-            loss=float(loss[i]),
-            accuracy_drop=float(accuracy_drop[i]),
-            excess_accuracy_gap=float(excess_accuracy_gap[i]),
-            excessive_loss=float(excessive_loss[i]),
-        )
-        for i in range(len(group_names))
-    ]
     aggregates = _aggregates(
         attribute, group_names, dense_accuracy, accuracy, accuracy_drop, excess_accuracy_gap, excessive_loss
     )
@@ -441,26 +320,47 @@ def attribute_metrics(
     binary, binary_undefined, caveats = _add_binary_rates(table, attribute, num_classes, confusions, label_reason)
     max_gap_ci, ci_undefined = _add_intervals(table, attribute, codes, dense, pruned, bootstrap_resamples, seed)
     small = sizes < min_group_size
-    details = [
-        GroupDetails(group=name, small_group=bool(small[i]), **table.row(i), undefined=table.undefined[i])
-        for i, name in enumerate(group_names)
-    ]
-    aggregates["undefined"] |= binary_undefined | ci_undefined
+    groups = []
+    for i, name in enumerate(group_names):
+        row = table.row(i)
+        groups.append(GroupResult(
+            group=name,
+            n=int(sizes[i]),
+            share=int(sizes[i]) / overall.n,
+            dense_accuracy=float(dense_accuracy[i]),
+            accuracy=float(accuracy[i]),
+            dense_loss=float(dense_loss[i]),
+            loss=float(loss[i]),
+            accuracy_drop=float(accuracy_drop[i]),
+            excess_accuracy_gap=float(excess_accuracy_gap[i]),
+            excessive_loss=float(excessive_loss[i]),
+            small_group=bool(small[i]),
+            confidence_intervals=ConfidenceIntervals(**_fields(row, ConfidenceIntervals)),
+            boundary=BoundaryProxies(**_fields(row, BoundaryProxies)),
+            flips=Flips(**_fields(row, Flips)),
+            confusion=Confusion(**_fields(row, Confusion)),
+            binary=BinaryRates(**_fields(row, BinaryRates)),
+            undefined=table.undefined[i],
+        ))
+    undefined = aggregates.pop("undefined") | binary_undefined | ci_undefined
     return AttributeMetrics(
         attribute=attribute,
-        groups=groups,
         n_missing=grouping.n_missing,
-        **aggregates,
-        num_classes=num_classes,
-        min_group_size=min_group_size,
-        small_groups=[name for name, is_small in zip(group_names, small, strict=True) if is_small],
-        **binary,
-        max_excess_accuracy_gap_ci=max_gap_ci,
-        bootstrap_resamples=bootstrap_resamples,
-        bootstrap_seed=seed,
+        groups=groups,
+        aggregates=AttributeAggregates(
+            **aggregates, **binary, max_excess_accuracy_gap_ci=max_gap_ci, num_classes=num_classes,
+            min_group_size=min_group_size,
+            small_groups=[name for name, is_small in zip(group_names, small, strict=True) if is_small],
+            bootstrap_resamples=bootstrap_resamples, bootstrap_seed=seed,
+        ),
+        undefined=undefined,
         caveats=caveats,
-        group_details=details,
     )
+
+
+def _fields(row: dict, section: type) -> dict:
+    """The values of one section's fields in a table row."""
+    return {name: row[name] for name in section.model_fields if name in row}
 
 
 class _Grouping:
@@ -631,7 +531,7 @@ def _floats(values: np.ndarray) -> list[float | None]:
 
 
 def _binary_aggregates(
-    attribute: str, group_names: list[str], rates: BinaryRates
+    attribute: str, group_names: list[str], rates: GroupRateArrays
 ) -> tuple[dict[str, float | None], dict[str, str], dict[str, str]]:
     """Fairlearn's between-groups aggregates of one model: DP difference and ratio, EO difference (worst case).
     Where Fairlearn counts a group with no positives as TPR 0 (sklearn's zero-division rule), this leaves the
