@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from bench.common import emit, interleaved_seconds, median_ratio
 from worker.engine.architectures import build_model
-from worker.engine.diagnostics import group_curvature, group_gradients, hutchinson_trace
+from worker.engine.curvature import group_curvature, hutchinson_trace
+from worker.engine.gradients import group_gradients
 
 ARCHITECTURE = {"name": "mlp", "in_features": 784, "hidden": [400, 200], "num_classes": 10}  # 396,210 parameters
 ROWS = 20_000

@@ -14,7 +14,8 @@ from torch.nn.utils import prune
 
 from bench.common import emit, interleaved_seconds, median_ratio, median_seconds
 from worker.engine.architectures import build_model
-from worker.engine.metrics import attribute_metrics, evaluate
+from worker.engine.metrics import attribute_metrics
+from worker.engine.outcomes import evaluate
 from worker.engine.pruning import MagnitudePruner
 
 ARCHITECTURE = {"name": "mlp", "in_features": 784, "hidden": [1024, 1024], "num_classes": 10}

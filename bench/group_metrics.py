@@ -8,7 +8,9 @@ import functools
 import numpy as np
 
 from bench.common import emit, median_seconds
-from worker.engine.metrics import Outcomes, attribute_metrics, binary_rates, group_confusion
+from worker.engine.binary import binary_rates
+from worker.engine.metrics import attribute_metrics, group_confusion
+from worker.engine.outcomes import Outcomes
 
 ROWS = 1_000_000
 GROUPS = 10

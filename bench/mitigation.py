@@ -12,8 +12,8 @@ import torch
 
 from bench.common import emit, interleaved_seconds, median_ratio
 from worker.engine.architectures import build_model
-from worker.engine.metrics import evaluate
 from worker.engine.mitigation import GroupBaseline, mitigate
+from worker.engine.outcomes import evaluate
 from worker.engine.pruning import MagnitudePruner, apply_masks
 
 ROWS, FEATURES, GROUPS, CLASSES = 20_000, 256, 10, 10

@@ -14,20 +14,17 @@ from torch import nn
 from torch.func import functional_call
 
 from worker.engine.architectures import build_model
-from worker.engine.diagnostics import (
+from worker.engine.curvature import curvature_subsample, group_curvature, hutchinson_trace, top_eigenvalue
+from worker.engine.directional import (
     bound_terms,
-    curvature_subsample,
     delta_norm,
-    group_curvature,
     group_directional,
-    group_gradients,
-    hutchinson_trace,
     parameter_delta,
     predicted_excessive_loss,
     quadratic_form,
-    top_eigenvalue,
 )
 from worker.engine.errors import EngineError
+from worker.engine.gradients import group_gradients
 from worker.engine.pruning import MagnitudePruner, apply_masks
 
 MLP_SPEC = {"name": "mlp", "in_features": 6, "hidden": [5, 4], "num_classes": 3}

@@ -13,25 +13,39 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from results.attributes import AttributeMetrics
+from results.groups import GroupResult
 from worker.engine.architectures import build_model
 from worker.engine.errors import EngineError
-from worker.engine.metrics import (
-    GROUP_FIELD_FAMILIES,
-    AttributeMetrics,
-    Outcomes,
-    attribute_metrics,
-    evaluate,
-    intersect,
-    overall_metrics,
-)
+from worker.engine.group_table import GROUP_FIELD_FAMILIES
+from worker.engine.groupings import intersect
+from worker.engine.metrics import attribute_metrics, overall_metrics
+from worker.engine.outcomes import Outcomes, evaluate
 
 BINARY_AGGREGATES = {f"{prefix}{name}" for prefix in ("", "dense_") for name in
                      ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")}
 
 
+# The sections of a group the engine fills (its diagnostics are the pipeline's).
+ENGINE_SECTIONS = ("confidence_intervals", "boundary", "flips", "confusion", "binary")
+
+
 def _none_fields(result: AttributeMetrics) -> set[str]:
     # num_classes is an input (None = not known), not a metric.
-    return {f.name for f in dataclasses.fields(result) if getattr(result, f.name) is None} - {"num_classes"}
+    aggregates = result.aggregates
+    return {name for name in type(aggregates).model_fields if getattr(aggregates, name) is None} - {"num_classes"}
+
+
+def _none_group_fields(group: GroupResult) -> set[str]:
+    none = {name for name in GroupResult.model_fields if getattr(group, name) is None}
+    for section in ENGINE_SECTIONS:
+        values = getattr(group, section)
+        none |= {name for name in type(values).model_fields if getattr(values, name) is None}
+    return none
+
+
+def _json(result: AttributeMetrics) -> str:
+    return json.dumps(result.model_dump(mode="json"), allow_nan=False)
 
 
 # Ten examples: group a (code 0) ×4, b (code 1) ×2, c (code 2) ×2, no group (−1) ×2; group "d" has none.
@@ -96,15 +110,15 @@ def test_group_metrics_by_hand() -> None:
 
 def test_aggregates_by_hand() -> None:
     result = attribute_metrics("race", DENSE, PRUNED, CODES, NAMES)
-    assert result.loss_fairness_violation == pytest.approx(0.6)
-    assert result.accuracy_fairness_violation == pytest.approx(1.0)
-    assert result.dense_accuracy_fairness_violation == pytest.approx(0.5)
-    assert result.max_excess_accuracy_gap == pytest.approx(0.2)
-    assert result.pairwise_disparity == pytest.approx(0.5)
-    assert result.accuracy_drop_std == pytest.approx(0.25)
-    assert result.worst_group_accuracy == pytest.approx(0.0)
-    assert result.worst_group == "b"
-    assert result.max_accuracy_drop == pytest.approx(0.5)
+    assert result.aggregates.loss_fairness_violation == pytest.approx(0.6)
+    assert result.aggregates.accuracy_fairness_violation == pytest.approx(1.0)
+    assert result.aggregates.dense_accuracy_fairness_violation == pytest.approx(0.5)
+    assert result.aggregates.max_excess_accuracy_gap == pytest.approx(0.2)
+    assert result.aggregates.pairwise_disparity == pytest.approx(0.5)
+    assert result.aggregates.accuracy_drop_std == pytest.approx(0.25)
+    assert result.aggregates.worst_group_accuracy == pytest.approx(0.0)
+    assert result.aggregates.worst_group == "b"
+    assert result.aggregates.max_accuracy_drop == pytest.approx(0.5)
     # Hand-made outcomes carry no number of classes and no bootstrap was asked for: only those are undefined.
     assert set(result.undefined) == {*BINARY_AGGREGATES, "max_excess_accuracy_gap_ci"}
     assert "number of classes unknown" in result.undefined["demographic_parity_difference"]
@@ -116,20 +130,20 @@ def test_one_group_leaves_spreads_undefined_with_a_reason() -> None:
     result = attribute_metrics("race", DENSE, PRUNED, codes, NAMES)
     assert [g.group for g in result.groups] == ["a"]
     assert result.n_missing == 6
-    assert result.accuracy_drop_std is None
+    assert result.aggregates.accuracy_drop_std is None
     assert result.undefined["accuracy_drop_std"] == "needs at least 2 groups; attribute race has only a"
     for spread in ("loss_fairness_violation", "accuracy_fairness_violation", "pairwise_disparity"):
-        assert getattr(result, spread) is None and spread in result.undefined
+        assert getattr(result.aggregates, spread) is None and spread in result.undefined
     # ψa = .25 − .3 with Δ over all ten examples.
-    assert result.max_excess_accuracy_gap == pytest.approx(-0.05)
-    assert result.worst_group == "a"
-    assert result.worst_group_accuracy == pytest.approx(0.75)
+    assert result.aggregates.max_excess_accuracy_gap == pytest.approx(-0.05)
+    assert result.aggregates.worst_group == "a"
+    assert result.aggregates.worst_group_accuracy == pytest.approx(0.75)
 
 
 def test_no_group_at_all_leaves_every_aggregate_undefined() -> None:
     result = attribute_metrics("race", DENSE, PRUNED, np.full(10, -1), NAMES)
     assert result.groups == [] and result.n_missing == 10
-    assert result.worst_group is None and result.max_excess_accuracy_gap is None
+    assert result.aggregates.worst_group is None and result.aggregates.max_excess_accuracy_gap is None
     core = {k: v for k, v in result.undefined.items() if k not in {*BINARY_AGGREGATES, "max_excess_accuracy_gap_ci"}}
     assert len(core) == 9
     assert all("no evaluated example has a group" in reason for reason in core.values())
@@ -147,8 +161,8 @@ def test_weighted_excess_accuracy_gaps_sum_to_zero_when_groups_partition_the_dat
     shares = np.array([g.share for g in result.groups])
     assert shares.sum() == pytest.approx(1.0)
     assert float(shares @ gaps) == pytest.approx(0.0, abs=1e-12)
-    assert result.max_excess_accuracy_gap >= 0 >= gaps.min()
-    assert result.pairwise_disparity >= result.max_excess_accuracy_gap
+    assert result.aggregates.max_excess_accuracy_gap >= 0 >= gaps.min()
+    assert result.aggregates.pairwise_disparity >= result.aggregates.max_excess_accuracy_gap
     # Brute force ψ for g3 from the raw arrays.
     in_g3 = codes == 3
     drop_g3 = dense.correct[in_g3].mean() - pruned.correct[in_g3].mean()
@@ -159,7 +173,7 @@ def test_weighted_excess_accuracy_gaps_sum_to_zero_when_groups_partition_the_dat
 def test_aggregates_are_never_nan() -> None:
     result = attribute_metrics("race", DENSE, PRUNED, CODES, NAMES)
     fields = ("loss_fairness_violation", "accuracy_drop_std", "pairwise_disparity")
-    values = [getattr(result, field) for field in fields]
+    values = [getattr(result.aggregates, field) for field in fields]
     assert all(isinstance(v, float) and math.isfinite(v) for v in values)
 
 
@@ -261,29 +275,31 @@ def _random_case(seed: int, num_classes: int = 2, n: int = 3000, names=("a", "b"
 def test_proxies_flips_and_confusion_match_a_python_loop() -> None:
     dense, pruned, codes, names = _random_case(3, num_classes=3, n=1200)
     result = attribute_metrics("g", dense, pruned, codes, names)
-    for details in result.group_details:
-        members = [i for i in range(len(codes)) if codes[i] >= 0 and names[codes[i]] == details.group]
+    for group in result.groups:
+        members = [i for i in range(len(codes)) if codes[i] >= 0 and names[codes[i]] == group.group]
+        boundary, flips = group.boundary, group.flips
         for prefix, o in (("dense_", dense), ("", pruned)):
             p = [o.p_true[i] for i in members]
-            assert getattr(details, prefix + "error_proxy") == pytest.approx(sum(1 - v for v in p) / len(p))
-            assert getattr(details, prefix + "boundary_proximity") == pytest.approx(sum(v * (1 - v) for v in p) / len(p))
-            assert getattr(details, prefix + "gini_impurity") == pytest.approx(sum(o.gini[i] for i in members) / len(p))
-            assert getattr(details, prefix + "logit_margin") == pytest.approx(sum(o.margin[i] for i in members) / len(p))
+            n = len(p)
+            assert getattr(boundary, prefix + "error_proxy") == pytest.approx(sum(1 - v for v in p) / n)
+            assert getattr(boundary, prefix + "boundary_proximity") == pytest.approx(sum(v * (1 - v) for v in p) / n)
+            assert getattr(boundary, prefix + "gini_impurity") == pytest.approx(sum(o.gini[i] for i in members) / n)
+            assert getattr(boundary, prefix + "logit_margin") == pytest.approx(sum(o.margin[i] for i in members) / n)
             matrix = [[0] * 3 for _ in range(3)]
             for i in members:
                 matrix[o.label[i]][o.pred[i]] += 1
-            assert getattr(details, prefix + "confusion") == matrix
+            assert getattr(group.confusion, prefix + "confusion") == matrix
         to_wrong = sum(1 for i in members if dense.correct[i] and not pruned.correct[i])
         to_right = sum(1 for i in members if not dense.correct[i] and pruned.correct[i])
         changed = sum(1 for i in members if dense.pred[i] != pruned.pred[i])
-        assert (details.flips_correct_to_wrong, details.flips_wrong_to_correct, details.flips_any) == (
+        assert (flips.flips_correct_to_wrong, flips.flips_wrong_to_correct, flips.flips_any) == (
             to_wrong, to_right, changed)
-        assert details.flips_any_rate == pytest.approx(changed / len(members))
-        assert details.flips_correct_to_wrong_rate == pytest.approx(to_wrong / len(members))
-        assert details.flips_wrong_to_correct_rate == pytest.approx(to_right / len(members))
+        assert flips.flips_any_rate == pytest.approx(changed / len(members))
+        assert flips.flips_correct_to_wrong_rate == pytest.approx(to_wrong / len(members))
+        assert flips.flips_wrong_to_correct_rate == pytest.approx(to_right / len(members))
         # Multi-class: the binary rates are undefined, with one reason for the family.
-        assert details.selection_rate is None and "2-class" in details.undefined["binary_rates"]
-    assert result.demographic_parity_difference is None
+        assert group.binary.selection_rate is None and "2-class" in group.undefined["binary_rates"]
+    assert result.aggregates.demographic_parity_difference is None
     assert "has 3 classes" in result.undefined["demographic_parity_difference"]
 
 
@@ -307,25 +323,24 @@ def test_binary_metrics_equal_fairlearn(seed: int) -> None:
     grouped = codes >= 0
     sensitive = np.array(names)[codes[grouped]]
     label = dense.label[grouped]
-    assert result.num_classes == 2 and result.caveats == {}
+    assert result.aggregates.num_classes == 2 and result.caveats == {}
     for prefix, outcomes in (("dense_", dense), ("", pruned)):
         pred = outcomes.pred[grouped]
         frame = _fairlearn_frame(label, pred, sensitive)
-        ours = {g.group: g for g in result.groups}
-        for details in result.group_details:
-            row = frame.loc[details.group]
-            accuracy = ours[details.group].dense_accuracy if prefix else ours[details.group].accuracy
+        for group in result.groups:
+            row = frame.loc[group.group]
+            accuracy = group.dense_accuracy if prefix else group.accuracy
             assert accuracy == pytest.approx(row["accuracy"], abs=1e-15)
-            assert getattr(details, prefix + "selection_rate") == pytest.approx(row["selection_rate"], abs=1e-15)
-            assert getattr(details, prefix + "true_positive_rate") == pytest.approx(row["tpr"], abs=1e-15)
-            assert getattr(details, prefix + "false_positive_rate") == pytest.approx(row["fpr"], abs=1e-15)
-            assert getattr(details, prefix + "confusion") == row["confusion"].tolist()
+            assert getattr(group.binary, prefix + "selection_rate") == pytest.approx(row["selection_rate"], abs=1e-15)
+            assert getattr(group.binary, prefix + "true_positive_rate") == pytest.approx(row["tpr"], abs=1e-15)
+            assert getattr(group.binary, prefix + "false_positive_rate") == pytest.approx(row["fpr"], abs=1e-15)
+            assert getattr(group.confusion, prefix + "confusion") == row["confusion"].tolist()
         kwargs = {"y_true": label, "y_pred": pred, "sensitive_features": sensitive}
-        assert getattr(result, prefix + "demographic_parity_difference") == pytest.approx(
+        assert getattr(result.aggregates, prefix + "demographic_parity_difference") == pytest.approx(
             demographic_parity_difference(**kwargs), abs=1e-15)
-        assert getattr(result, prefix + "demographic_parity_ratio") == pytest.approx(
+        assert getattr(result.aggregates, prefix + "demographic_parity_ratio") == pytest.approx(
             demographic_parity_ratio(**kwargs), abs=1e-15)
-        assert getattr(result, prefix + "equalized_odds_difference") == pytest.approx(
+        assert getattr(result.aggregates, prefix + "equalized_odds_difference") == pytest.approx(
             equalized_odds_difference(**kwargs), abs=1e-15)
 
 
@@ -339,10 +354,10 @@ def test_a_group_without_positives_has_no_tpr_where_fairlearn_says_zero() -> Non
     dense = dataclasses.replace(dense, label=label, correct=dense.pred == label)
     pruned = dataclasses.replace(pruned, label=label, correct=pruned.pred == label)
     result = attribute_metrics("g", dense, pruned, codes, names)
-    c = next(d for d in result.group_details if d.group == "c")
-    assert c.true_positive_rate is None and c.dense_true_positive_rate is None
+    c = next(g for g in result.groups if g.group == "c")
+    assert c.binary.true_positive_rate is None and c.binary.dense_true_positive_rate is None
     assert c.undefined["true_positive_rate"] == "group c has no positive (class 1) examples"
-    assert c.false_positive_rate is not None and c.selection_rate is not None
+    assert c.binary.false_positive_rate is not None and c.binary.selection_rate is not None
     grouped = codes >= 0
     sensitive = np.array(names)[codes[grouped]]
     frame = _fairlearn_frame(label[grouped], pruned.pred[grouped], sensitive)
@@ -352,9 +367,9 @@ def test_a_group_without_positives_has_no_tpr_where_fairlearn_says_zero() -> Non
     tpr_spread = true_positive_rate_difference(label[has_positives], pruned.pred[has_positives],
                                                sensitive_features=np.array(names)[codes[has_positives]])
     fpr_spread = false_positive_rate_difference(label[grouped], pruned.pred[grouped], sensitive_features=sensitive)
-    assert result.equalized_odds_difference == pytest.approx(max(tpr_spread, fpr_spread), abs=1e-15)
+    assert result.aggregates.equalized_odds_difference == pytest.approx(max(tpr_spread, fpr_spread), abs=1e-15)
     assert "left out" in result.caveats["equalized_odds_difference"] and ": c" in result.caveats["equalized_odds_difference"]
-    json.dumps(dataclasses.asdict(result), allow_nan=False)
+    _json(result)
 
 
 def test_tpr_defined_for_fewer_than_two_groups_leaves_equalized_odds_undefined() -> None:
@@ -363,11 +378,11 @@ def test_tpr_defined_for_fewer_than_two_groups_leaves_equalized_odds_undefined()
     dense = dataclasses.replace(dense, label=label, correct=dense.pred == label)
     pruned = dataclasses.replace(pruned, label=label, correct=pruned.pred == label)
     result = attribute_metrics("g", dense, pruned, codes, names)
-    assert result.equalized_odds_difference is None
+    assert result.aggregates.equalized_odds_difference is None
     assert "TPR is defined for fewer than 2 groups" in result.undefined["equalized_odds_difference"]
     assert "FPR is defined for fewer than 2 groups" in result.undefined["equalized_odds_difference"]
-    assert result.demographic_parity_difference is not None
-    json.dumps(dataclasses.asdict(result), allow_nan=False)
+    assert result.aggregates.demographic_parity_difference is not None
+    _json(result)
 
 
 def test_no_positive_prediction_leaves_the_parity_ratio_undefined_where_fairlearn_gives_nan() -> None:
@@ -380,10 +395,10 @@ def test_no_positive_prediction_leaves_the_parity_ratio_undefined_where_fairlear
     grouped = codes >= 0
     assert math.isnan(demographic_parity_ratio(pruned.label[grouped], pred[grouped],
                                                sensitive_features=codes[grouped]))
-    assert result.demographic_parity_ratio is None
+    assert result.aggregates.demographic_parity_ratio is None
     assert "no group of g has any positive prediction" in result.undefined["demographic_parity_ratio"]
-    assert result.demographic_parity_difference == 0.0
-    assert result.dense_demographic_parity_ratio is not None
+    assert result.aggregates.demographic_parity_difference == 0.0
+    assert result.aggregates.dense_demographic_parity_ratio is not None
 
 
 def test_binary_labels_are_worked_out_when_the_outcomes_carry_none() -> None:
@@ -391,10 +406,11 @@ def test_binary_labels_are_worked_out_when_the_outcomes_carry_none() -> None:
     bare = [Outcomes(pred=o.pred, correct=o.correct, loss=o.loss) for o in (dense, pruned)]
     with_labels = attribute_metrics("g", dense, pruned, codes, names)
     without = attribute_metrics("g", *bare, codes, names, num_classes=2)
-    for a, b in zip(with_labels.group_details, without.group_details, strict=True):
-        assert a.confusion == b.confusion and a.true_positive_rate == b.true_positive_rate
-        assert b.error_proxy is None and "no probabilities" in b.undefined["proxies"]
-    assert without.equalized_odds_difference == with_labels.equalized_odds_difference
+    for a, b in zip(with_labels.groups, without.groups, strict=True):
+        assert a.confusion.confusion == b.confusion.confusion
+        assert a.binary.true_positive_rate == b.binary.true_positive_rate
+        assert b.boundary.error_proxy is None and "no probabilities" in b.undefined["proxies"]
+    assert without.aggregates.equalized_odds_difference == with_labels.aggregates.equalized_odds_difference
 
 
 def test_small_groups_are_flagged() -> None:
@@ -402,16 +418,17 @@ def test_small_groups_are_flagged() -> None:
     sizes = {g.group: g.n for g in attribute_metrics("g", dense, pruned, codes, names).groups}
     for threshold in (30, 100):
         result = attribute_metrics("g", dense, pruned, codes, names, min_group_size=threshold)
-        assert result.small_groups == [g for g in names if g in sizes and sizes[g] < threshold]
-        assert [d.small_group for d in result.group_details] == [sizes[d.group] < threshold for d in result.group_details]
-        assert result.min_group_size == threshold
+        assert result.aggregates.small_groups == [g for g in names if g in sizes and sizes[g] < threshold]
+        assert [g.small_group for g in result.groups] == [sizes[g.group] < threshold for g in result.groups]
+        assert result.aggregates.min_group_size == threshold
     assert any(n < 30 for n in sizes.values()) and any(n >= 30 for n in sizes.values())
 
 
 def test_confusion_over_the_cell_limit_is_left_out_with_a_reason() -> None:
     dense, pruned, codes, names = _random_case(10, num_classes=4, n=400)
     result = attribute_metrics("g", dense, pruned, codes, names, max_confusion_cells=20)
-    assert all(d.confusion is None and "over the limit of 20" in d.undefined["confusion"] for d in result.group_details)
+    assert all(g.confusion.confusion is None and g.confusion.dense_confusion is None
+               and "over the limit of 20" in g.undefined["confusion"] for g in result.groups)
 
 
 def test_every_none_has_a_reason_and_json_has_no_nan() -> None:
@@ -424,13 +441,13 @@ def test_every_none_has_a_reason_and_json_has_no_nan() -> None:
                           list("abcde"), bootstrap_resamples=50),
     ]
     for result in cases:
-        json.dumps(dataclasses.asdict(result), allow_nan=False)
+        _json(result)
         assert _none_fields(result) <= set(result.undefined)
-        for details in result.group_details:
-            covered = set(details.undefined)
+        for group in result.groups:
+            covered = set(group.undefined)
             for family in covered & set(GROUP_FIELD_FAMILIES):
                 covered |= set(GROUP_FIELD_FAMILIES[family])
-            none = {f.name for f in dataclasses.fields(details) if getattr(details, f.name) is None}
+            none = _none_group_fields(group)
             assert none <= covered, none - covered
 
 

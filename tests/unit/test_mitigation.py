@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from worker.engine.architectures import build_model
 from worker.engine.errors import EngineError
 from worker.engine.finetune import finetune
-from worker.engine.metrics import Outcomes, evaluate
 from worker.engine.mitigation import (
     ConstrainedExcessAccuracyGap,
     EqualizedLoss,
@@ -22,6 +21,7 @@ from worker.engine.mitigation import (
     ReplayBuffers,
     mitigate,
 )
+from worker.engine.outcomes import Outcomes, evaluate
 from worker.engine.pruning import MagnitudePruner, apply_masks, prunable_weights
 
 

@@ -3,7 +3,6 @@ determinism, memory at 1,000,000 examples; Spearman against the textbook formula
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tracemalloc
 
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 
 from worker.engine.errors import EngineError
-from worker.engine.metrics import Outcomes, attribute_metrics
+from worker.engine.metrics import attribute_metrics
+from worker.engine.outcomes import Outcomes
 from worker.engine.statistics import bootstrap_group_intervals, spearman
 
 SIZES = np.array([150, 300, 80])  # three groups, plus rows without a group
@@ -98,14 +98,15 @@ def test_intervals_are_deterministic_for_a_seed_and_contain_the_point_estimate()
     outcomes = [Outcomes(pred=np.zeros(len(codes)), correct=c, loss=l)
                 for c, l in ((dense_correct, dense_loss), (pruned_correct, pruned_loss))]
     result = attribute_metrics("g", *outcomes, codes, ["a", "b", "c"], bootstrap_resamples=1000, seed=11)
-    assert result.bootstrap_resamples == 1000 and result.bootstrap_seed == 11
-    for group, details in zip(result.groups, result.group_details, strict=True):
+    aggregates = result.aggregates
+    assert aggregates.bootstrap_resamples == 1000 and aggregates.bootstrap_seed == 11
+    for group in result.groups:
         for field in ("dense_accuracy", "accuracy", "accuracy_drop", "excess_accuracy_gap", "excessive_loss"):
-            low, high = getattr(details, f"{field}_ci")
+            low, high = getattr(group.confidence_intervals, f"{field}_ci")
             assert low <= getattr(group, field) <= high, (group.group, field)
-    low, high = result.max_excess_accuracy_gap_ci
-    assert low <= high and high >= result.max_excess_accuracy_gap
-    json.dumps(dataclasses.asdict(result), allow_nan=False)
+    low, high = aggregates.max_excess_accuracy_gap_ci
+    assert low <= high and high >= aggregates.max_excess_accuracy_gap
+    json.dumps(result.model_dump(mode="json"), allow_nan=False)
 
 
 def test_resamples_are_stratified_and_rows_without_a_group_count_in_the_overall_drop() -> None:

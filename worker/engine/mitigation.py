@@ -1,4 +1,4 @@
-"""Mitigations (SCIENCE.md §5): train a pruned model further so that the harm pruning did to some groups
+"""Mitigations (docs/METHODS.md): train a pruned model further so that the harm pruning did to some groups
 shrinks, on the training split, with the masks kept after every step.
 
 - `finetune`: plain cross-entropy fine-tuning; the baseline the constrained methods are judged against
@@ -44,7 +44,7 @@ from worker.engine.finetune import (
     make_optimizer,
     mask_keeper,
 )
-from worker.engine.metrics import Outcomes
+from worker.engine.outcomes import Outcomes
 from worker.engine.pruning import MaskKeeper
 
 MitigationName = Literal["finetune", "equalized_loss", "ceag"]
@@ -233,18 +233,7 @@ def mitigate(
     codes = check_codes(codes, len(y), n_groups)
     if dual_lr < 0 or tolerance < 0:
         raise EngineError("the dual step size and the tolerance must not be negative")
-    objective: EqualizedLoss | ConstrainedExcessAccuracyGap | None
-    if name == "finetune":
-        objective = None
-    elif name == "equalized_loss":
-        objective = EqualizedLoss(codes, n_groups, dual_lr)
-    elif name == "ceag":
-        if baseline is None:
-            raise EngineError("ceag needs the dense model's per-group training losses and accuracies (baseline)")
-        objective = ConstrainedExcessAccuracyGap(codes, n_groups, baseline, dual_lr=dual_lr, tolerance=tolerance,
-                                                 buffer_size=buffer_size)
-    else:
-        raise EngineError(f"unknown mitigation {name!r}; choose one of {', '.join(MITIGATIONS)}")
+    objective = _objective(name, codes, n_groups, baseline, dual_lr, tolerance, buffer_size)
     device = torch.device(device)
     model.to(device)
     trainer = Trainer(model, x, y, batch_size=batch_size,
@@ -270,3 +259,20 @@ def mitigate(
         dual_steps=None if objective is None else objective.dual_steps.copy(),
         seconds=time.perf_counter() - started,
     )
+
+
+def _objective(
+    name: MitigationName, codes: np.ndarray, n_groups: int, baseline: GroupBaseline | None, dual_lr: float,
+    tolerance: float, buffer_size: int,
+) -> EqualizedLoss | ConstrainedExcessAccuracyGap | None:
+    """The training objective of the named mitigation (None = plain cross-entropy)."""
+    if name == "finetune":
+        return None
+    if name == "equalized_loss":
+        return EqualizedLoss(codes, n_groups, dual_lr)
+    if name == "ceag":
+        if baseline is None:
+            raise EngineError("ceag needs the dense model's per-group training losses and accuracies (baseline)")
+        return ConstrainedExcessAccuracyGap(codes, n_groups, baseline, dual_lr=dual_lr, tolerance=tolerance,
+                                            buffer_size=buffer_size)
+    raise EngineError(f"unknown mitigation {name!r}; choose one of {', '.join(MITIGATIONS)}")

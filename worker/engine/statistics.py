@@ -1,4 +1,4 @@
-"""Statistical hygiene for the per-group report (SCIENCE.md §6): bootstrap 95% percentile intervals per group
+"""Statistical hygiene for the per-group report (docs/METHODS.md): bootstrap 95% percentile intervals per group
 for the dense and pruned accuracy, the accuracy drop Δa, the excess accuracy gap ψa and the excessive loss
 R(a), an interval for max_a ψa; and Spearman's rank correlation with a reason where it is undefined.
 
@@ -70,34 +70,13 @@ def bootstrap_group_intervals(
     """Paired, group-stratified percentile bootstrap of the per-group pruning metrics. `codes[i]` is example
     i's group (≥ 0) or −1 for no group; rows without a group are resampled too, for the overall Δ.
     Deterministic for a seed."""
-    dense_correct = np.asarray(dense_correct, dtype=bool)
-    pruned_correct = np.asarray(pruned_correct, dtype=bool)
-    d = np.asarray(pruned_loss, dtype=np.float64) - np.asarray(dense_loss, dtype=np.float64)
-    codes = np.asarray(codes, dtype=np.int64)
+    dense_correct, pruned_correct, d, codes = _checked_inputs(
+        dense_correct, pruned_correct, dense_loss, pruned_loss, codes, resamples, confidence
+    )
     n = len(codes)
-    if not (len(dense_correct) == len(pruned_correct) == len(d) == n):
-        raise EngineError("bootstrap inputs disagree on the number of examples")
-    if resamples < 1:
-        raise EngineError(f"the bootstrap needs at least 1 resample, got {resamples}")
-    if not 0 < confidence < 1:
-        raise EngineError(f"confidence must be between 0 and 1, got {confidence}")
-    if n == 0 or codes.max(initial=-1) < 0:
-        raise EngineError("the bootstrap needs at least one example with a group")
-    if not np.isfinite(d).all():
-        raise EngineError("bootstrap losses contain NaN or infinite values")
-
     rng = np.random.default_rng(seed)
-    has_group = codes >= 0
-    sizes = np.bincount(codes[has_group])
-    groups = np.flatnonzero(sizes)
+    groups, n_groups_sizes, stratum, n_strata = _strata(codes)
     n_groups = len(groups)
-    n_groups_sizes = sizes[groups]
-    # Strata: the groups with examples in code order, then the rows without a group (if any).
-    stratum_of_code = np.zeros(len(sizes), dtype=np.int64)
-    stratum_of_code[groups] = np.arange(n_groups)
-    stratum = np.full(n, n_groups, dtype=np.int64)
-    stratum[has_group] = stratum_of_code[codes[has_group]]
-    n_strata = n_groups + int((~has_group).any())
     category = 2 * dense_correct.astype(np.int64) + pruned_correct  # 0 ww, 1 wr, 2 rw, 3 rr (dense, pruned)
     category_counts = np.bincount(stratum * 4 + category, minlength=n_strata * 4).reshape(n_strata, 4)
     stratum_sizes = category_counts.sum(axis=1)
@@ -111,23 +90,8 @@ def bootstrap_group_intervals(
     drop = dense_accuracy - accuracy
     overall_drop = (dense_right.sum(axis=1) - pruned_right.sum(axis=1)) / n
     gap = drop - overall_drop[:, None]
-
-    excessive_loss = np.empty((resamples, n_groups))
-    order = np.argsort(stratum, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(n_groups_sizes)))
-    for g in range(n_groups):  # loop over groups only; each group's draws are blocked
-        size = int(n_groups_sizes[g])
-        values = d[order[starts[g]:starts[g + 1]]]
-        center = float(values.mean())
-        # Centred float32 copy: half the memory traffic of the random gather, and the rounding error sits
-        # on deviations from the mean (a constant group resamples to exactly its mean).
-        centred = (values - center).astype(np.float32)
-        index_dtype = np.int32 if size < 2**31 else np.int64
-        per_block = max(1, _CHUNK_DRAWS // size)
-        for first in range(0, resamples, per_block):
-            block = min(per_block, resamples - first)
-            index = rng.integers(0, size, size=(block, size), dtype=index_dtype)
-            excessive_loss[first:first + block, g] = center + centred.take(index).sum(axis=1, dtype=np.float64) / size
+    # Drawn after the multinomial above, from the same Generator: the order of the draws is part of the seed's result.
+    excessive_loss = _excessive_loss_draws(rng, d, stratum, n_groups_sizes, resamples)
 
     tail = (1 - confidence) / 2
     quantiles = [tail, 1 - tail]
@@ -147,6 +111,68 @@ def bootstrap_group_intervals(
         excessive_loss=interval(excessive_loss),
         max_excess_accuracy_gap=np.quantile(gap.max(axis=1), quantiles),
     )
+
+
+def _checked_inputs(
+    dense_correct: np.ndarray, pruned_correct: np.ndarray, dense_loss: np.ndarray, pruned_loss: np.ndarray,
+    codes: np.ndarray, resamples: int, confidence: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(dense_correct, pruned_correct, pruned − dense loss, codes) as bool, bool, float64, int64, checked."""
+    dense_correct = np.asarray(dense_correct, dtype=bool)
+    pruned_correct = np.asarray(pruned_correct, dtype=bool)
+    d = np.asarray(pruned_loss, dtype=np.float64) - np.asarray(dense_loss, dtype=np.float64)
+    codes = np.asarray(codes, dtype=np.int64)
+    n = len(codes)
+    if not (len(dense_correct) == len(pruned_correct) == len(d) == n):
+        raise EngineError("bootstrap inputs disagree on the number of examples")
+    if resamples < 1:
+        raise EngineError(f"the bootstrap needs at least 1 resample, got {resamples}")
+    if not 0 < confidence < 1:
+        raise EngineError(f"confidence must be between 0 and 1, got {confidence}")
+    if n == 0 or codes.max(initial=-1) < 0:
+        raise EngineError("the bootstrap needs at least one example with a group")
+    if not np.isfinite(d).all():
+        raise EngineError("bootstrap losses contain NaN or infinite values")
+    return dense_correct, pruned_correct, d, codes
+
+
+def _strata(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Strata: the groups with examples in code order, then the rows without a group (if any). Returns the
+    groups' codes, their sizes, each row's stratum and the number of strata."""
+    has_group = codes >= 0
+    sizes = np.bincount(codes[has_group])
+    groups = np.flatnonzero(sizes)
+    n_groups = len(groups)
+    stratum_of_code = np.zeros(len(sizes), dtype=np.int64)
+    stratum_of_code[groups] = np.arange(n_groups)
+    stratum = np.full(len(codes), n_groups, dtype=np.int64)
+    stratum[has_group] = stratum_of_code[codes[has_group]]
+    return groups, sizes[groups], stratum, n_groups + int((~has_group).any())
+
+
+def _excessive_loss_draws(
+    rng: np.random.Generator, d: np.ndarray, stratum: np.ndarray, group_sizes: np.ndarray, resamples: int
+) -> np.ndarray:
+    """(resamples, groups) bootstrap means of the per-example loss differences `d` within each group (strata
+    0..groups−1 of `stratum`), drawn group by group in blocks of at most _CHUNK_DRAWS indices."""
+    n_groups = len(group_sizes)
+    excessive_loss = np.empty((resamples, n_groups))
+    order = np.argsort(stratum, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(group_sizes)))
+    for g in range(n_groups):  # loop over groups only; each group's draws are blocked
+        size = int(group_sizes[g])
+        values = d[order[starts[g]:starts[g + 1]]]
+        center = float(values.mean())
+        # Centred float32 copy: half the memory traffic of the random gather, and the rounding error sits
+        # on deviations from the mean (a constant group resamples to exactly its mean).
+        centred = (values - center).astype(np.float32)
+        index_dtype = np.int32 if size < 2**31 else np.int64
+        per_block = max(1, _CHUNK_DRAWS // size)
+        for first in range(0, resamples, per_block):
+            block = min(per_block, resamples - first)
+            index = rng.integers(0, size, size=(block, size), dtype=index_dtype)
+            excessive_loss[first:first + block, g] = center + centred.take(index).sum(axis=1, dtype=np.float64) / size
+    return excessive_loss
 
 
 def spearman(a, b) -> tuple[float | None, str | None]:
