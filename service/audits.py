@@ -1,5 +1,5 @@
 """Audits: validate a spec against the stored model and dataset, record it, list it, and assemble the
-report from the stored runs and per-group rows."""
+report from the stored run results."""
 
 from __future__ import annotations
 
@@ -18,27 +18,7 @@ from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
 from service.policy import audit_verdict, metric_items, run_verdict
 from service.schemas.audits import AuditSpec, PolicySpec
 from service.tenancy import owned
-from service.schemas.reports import (
-    REPORT_VERSION,
-    AttributeAggregates,
-    AttributeReport,
-    AuditReport,
-    BinaryRates,
-    BoundaryProxies,
-    ConfidenceIntervals,
-    Confusion,
-    DatasetRef,
-    Flips,
-    GroupDiagnostics,
-    GroupRow,
-    MechanismDiagnostics,
-    MitigationReport,
-    ModelRef,
-    OverallReport,
-    RunReport,
-    SplitAttributeReport,
-    SplitReport,
-)
+from service.schemas.reports import REPORT_VERSION, AuditReport, DatasetRef, ModelRef, RunReport
 
 
 def prunable_layers(model: Model) -> list[str]:
@@ -174,77 +154,10 @@ def list_audits(session: Session, tenant_id: str, *, status: AuditStatus | None,
 
 
 def _run_report(run: Run, weights_url) -> RunReport:
-    """`verdict` is left null here; assemble_report applies the policy."""
-    rows: dict[tuple[str, str], list[GroupRow]] = {}
-    for row in run.group_metrics:
-        rows.setdefault((row.split, row.attribute), []).append(
-            GroupRow(
-                group=row.group,
-                n=row.n,
-                share=row.share,
-                dense_accuracy=row.dense_accuracy,
-                accuracy=row.accuracy,
-                dense_loss=row.dense_loss,
-                loss=row.loss,
-                accuracy_drop=row.accuracy_drop,
-                excess_accuracy_gap=row.excess_accuracy_gap,
-                excessive_loss=row.excessive_loss,
-                small_group=row.small_group,
-                confidence_intervals=ConfidenceIntervals.model_validate(row.details),
-                boundary=BoundaryProxies.model_validate(row.details),
-                flips=Flips.model_validate(row.details),
-                confusion=Confusion.model_validate(row.details),
-                binary=BinaryRates.model_validate(row.details),
-                diagnostics=GroupDiagnostics.model_validate(row.details),
-                undefined=row.details.get("undefined", {}),
-            )
-        )
-    attributes = [
-        AttributeReport(
-            attribute=attribute,
-            n_missing=summary["n_missing"],
-            groups=rows.get(("eval", attribute), []),
-            aggregates=AttributeAggregates(**summary["aggregates"]),
-            undefined=summary["undefined"],
-            caveats=summary["caveats"],
-            diagnostics=MechanismDiagnostics(**summary["diagnostics"]),
-        )
-        for attribute, summary in run.attributes.items()
-    ]
-    train = None
-    if run.train_overall is not None:
-        train = SplitReport(
-            overall=OverallReport(**run.train_overall),
-            attributes=[
-                SplitAttributeReport(
-                    attribute=attribute, n_missing=summary["n_missing"], groups=rows.get(("train", attribute), []),
-                    aggregates=AttributeAggregates(**summary["aggregates"]), undefined=summary["undefined"],
-                    caveats=summary["caveats"],
-                )
-                for attribute, summary in run.train_attributes.items()
-            ],
-        )
-    return RunReport(
-        id=run.id,
-        label=run.label,
-        method=run.method,
-        scope=run.scope,
-        ratio=run.ratio,
-        achieved_sparsity=run.achieved_sparsity,
-        layer_sparsity=run.layer_sparsity,
-        seconds=run.seconds,
-        delta_norm=run.delta_norm,
-        compression=run.compression,
-        recipe=run.recipe,
-        weights_url=weights_url(run) if run.weights_sha256 else None,
-        notes=run.notes,
-        overall=OverallReport(**run.overall),
-        verdict=None,
-        attributes=attributes,
-        mitigation=run.mitigation,
-        mitigation_details=MitigationReport(**run.mitigation_details) if run.mitigation_details else None,
-        train=train,
-    )
+    """The stored result with the run's id and weights link; `verdict` is left null here, assemble_report applies
+    the policy."""
+    return RunReport.model_validate({**run.result, "id": run.id, "verdict": None,
+                                     "weights_url": weights_url(run) if run.weights_sha256 else None})
 
 
 def succeeded_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
@@ -253,7 +166,7 @@ def succeeded_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
     audit = session.scalars(
         select(Audit)
         .where(Audit.id == audit_id)
-        .options(selectinload(Audit.runs).selectinload(Run.group_metrics))
+        .options(selectinload(Audit.runs))
         .execution_options(populate_existing=True)
     ).one()
     if audit.status != AuditStatus.succeeded:

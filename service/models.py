@@ -1,5 +1,6 @@
-"""ORM models. The audit row is the source of truth for an audit's state; results live in `runs` (one per
-pruning ratio and method, plus the dense baseline) and `group_metrics` (one row per run × attribute × group)."""
+"""ORM models. The audit row is the source of truth for an audit's state; results live in `runs`, one per
+method × ratio × mitigation plus the dense baseline, each holding its typed result (results.runs.RunResult)
+as JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import secrets
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -135,53 +136,9 @@ class Run(Base):
     method: Mapped[str] = mapped_column(String(32))
     scope: Mapped[str | None] = mapped_column(String(16))
     ratio: Mapped[float] = mapped_column(Float)
-    achieved_sparsity: Mapped[float] = mapped_column(Float)
-    layer_sparsity: Mapped[dict] = mapped_column(JSON)
-    seconds: Mapped[float] = mapped_column(Float)
-    overall: Mapped[dict] = mapped_column(JSON)
-    attributes: Mapped[dict] = mapped_column(JSON)
-    delta_norm: Mapped[float | None] = mapped_column(Float)
-    notes: Mapped[dict] = mapped_column(JSON, default=dict)
-    recipe: Mapped[dict] = mapped_column(JSON, default=dict)
-    compression: Mapped[dict] = mapped_column(JSON, default=dict)
-    weights_sha256: Mapped[str | None] = mapped_column(String(64))
-    # 'none', or the mitigation trained after (or before) pruning; its multipliers and wall time in the details.
     mitigation: Mapped[str] = mapped_column(String(32), default="none", server_default="none")
-    mitigation_details: Mapped[dict | None] = mapped_column(JSON)
-    # The same overall and per-attribute figures on the train split (audits with mitigations); rows: split 'train'.
-    train_overall: Mapped[dict | None] = mapped_column(JSON)
-    train_attributes: Mapped[dict | None] = mapped_column(JSON)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    # results.runs.RunResult as JSON: what the worker computed is what the report serves.
+    result: Mapped[dict] = mapped_column(JSON)
 
     audit: Mapped[Audit] = relationship(back_populates="runs")
-    group_metrics: Mapped[list[GroupMetric]] = relationship(
-        back_populates="run", order_by="GroupMetric.position", cascade="all, delete-orphan"
-    )
-
-
-class GroupMetric(Base):
-    __tablename__ = "group_metrics"
-    __table_args__ = (Index("ix_group_metrics_run_attribute", "run_id", "attribute"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    position: Mapped[int] = mapped_column(Integer)
-    split: Mapped[str] = mapped_column(String(8), default="eval", server_default="eval")  # 'eval' or 'train'
-    attribute: Mapped[str] = mapped_column(String(64))
-    group: Mapped[str] = mapped_column(String(200))
-    n: Mapped[int] = mapped_column(Integer)
-    share: Mapped[float] = mapped_column(Float)
-    dense_accuracy: Mapped[float] = mapped_column(Float)
-    accuracy: Mapped[float] = mapped_column(Float)
-    dense_loss: Mapped[float] = mapped_column(Float)
-    loss: Mapped[float] = mapped_column(Float)
-    accuracy_drop: Mapped[float] = mapped_column(Float)
-    excess_accuracy_gap: Mapped[float] = mapped_column(Float)
-    excessive_loss: Mapped[float] = mapped_column(Float)
-    small_group: Mapped[bool] = mapped_column(Boolean, default=False)
-    dense_gradient_norm: Mapped[float | None] = mapped_column(Float)
-    gradient_norm: Mapped[float | None] = mapped_column(Float)
-    predicted_excessive_loss: Mapped[float | None] = mapped_column(Float)
-    # Everything else per group (proxies, flips, confusion, binary rates, CIs, curvature), as the report shows it.
-    details: Mapped[dict] = mapped_column(JSON, default=dict)
-
-    run: Mapped[Run] = relationship(back_populates="group_metrics")

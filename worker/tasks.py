@@ -3,10 +3,10 @@ truth; every state change is a conditional UPDATE, so a duplicate delivery is a 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
@@ -14,12 +14,15 @@ from sqlalchemy.orm import object_session
 
 from service.audits import assemble_report
 from service.db import session_scope
-from service.models import Audit, AuditStatus, Dataset, GroupMetric, Run, utcnow
+from service.models import Audit, AuditStatus, Dataset, Run, utcnow
 from service.queue import RUN_AUDIT_TASK
-from service.schemas.audits import MethodSpec, MitigationSpec
 from service.settings import get_settings
 from service.storage import get_store
 from worker.celery_app import app
+from worker.inputs import AuditInputs, audit_inputs
+
+if TYPE_CHECKING:
+    from worker.pipeline.runner import AuditOutput
 
 log = logging.getLogger(__name__)
 
@@ -73,70 +76,10 @@ def finish(audit_id: str, attempt: int, status: AuditStatus, *, error: str | Non
         )
 
 
-def mitigation_inputs(mitigation: dict) -> dict:
-    """A stored mitigation spec with its run label and effective dual step size."""
-    parsed = MitigationSpec(**mitigation)
-    return {**mitigation, "label": parsed.label, "step_size": parsed.step_size}
-
-
-def pipeline_inputs(audit: Audit, output_dir: Path):
-    from worker.pipeline import AuditInputs
-
-    spec, dataset = audit.spec, audit.dataset
-    train_dataset = object_session(audit).get(Dataset, spec["train_dataset_id"]) if spec["train_dataset_id"] else None
-    store = get_store()
-    return AuditInputs(
-        architecture=audit.model.architecture,
-        weights_path=store.blob_path(audit.model.sha256),
-        dataset_dir=store.dataset_dir(dataset.id),
-        group_by=spec["group_by"],
-        group_names={a: dataset.groups[a]["names"] for a in spec["group_by"]},
-        ratios=spec["pruning"]["ratios"],
-        methods=[{**method, "label": MethodSpec(**method).label} for method in spec["pruning"]["methods"]],
-        train_dataset_dir=store.dataset_dir(spec["train_dataset_id"]) if spec["train_dataset_id"] else None,
-        output_dir=output_dir,
-        seed=spec["seed"],
-        batch_size=spec["batch_size"],
-        diagnostics=spec["diagnostics"],
-        statistics=spec["statistics"],
-        device=get_settings().device,
-        mitigations=[mitigation_inputs(mitigation) for mitigation in spec.get("mitigations", [])],
-        train_group_names={a: train_dataset.groups[a]["names"] for a in spec["group_by"] if a in train_dataset.groups}
-        if train_dataset is not None else {},
-    )
-
-
-def attribute_summary(attribute) -> dict:
-    """An engine AttributeMetrics as stored on the run: aggregates, and why any of them is null."""
-    summary = dataclasses.asdict(attribute)
-    for key in ("attribute", "groups", "group_details"):
-        summary.pop(key)
-    return {
-        "n_missing": summary.pop("n_missing"),
-        "undefined": summary.pop("undefined"),
-        "caveats": summary.pop("caveats"),
-        "aggregates": summary,
-    }
-
-
-def group_rows(attribute, figures: dict[str, dict] | None, split: str = "eval") -> list[GroupMetric]:
-    """Rows of one attribute; `figures` (diagnostics per group) exist on the evaluation split only."""
-    rows = []
-    for group, details in zip(attribute.groups, attribute.group_details, strict=True):
-        extra = {k: v for k, v in dataclasses.asdict(details).items() if k != "group"}
-        diagnostics = figures[group.group] if figures is not None else dict.fromkeys(
-            ("dense_gradient_norm", "gradient_norm", "predicted_excessive_loss"))
-        rows.append(GroupMetric(
-            split=split,
-            attribute=attribute.attribute,
-            **dataclasses.asdict(group),
-            small_group=details.small_group,
-            dense_gradient_norm=diagnostics["dense_gradient_norm"],
-            gradient_norm=diagnostics["gradient_norm"],
-            predicted_excessive_loss=diagnostics["predicted_excessive_loss"],
-            details={**extra, **diagnostics},
-        ))
-    return rows
+def pipeline_inputs(audit: Audit, output_dir: Path) -> AuditInputs:
+    train_id = audit.spec["train_dataset_id"]
+    train_dataset = object_session(audit).get(Dataset, train_id) if train_id else None
+    return audit_inputs(audit, train_dataset, get_store(), output_dir, get_settings().device)
 
 
 def render_html(audit: Audit, store) -> str | None:
@@ -154,34 +97,19 @@ def render_html(audit: Audit, store) -> str | None:
     return store.add_file(Path(handle.name))
 
 
-def store_results(audit_id: str, attempt: int, result) -> None:
+def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
     store = get_store()
     with session_scope() as session:
         audit = session.get(Audit, audit_id)
-        for position, run in enumerate(result.runs):
-            weights_sha256 = store.add_file(run.weights_path) if run.weights_path is not None else None
-            row = Run(
-                audit_id=audit_id, position=position, label=run.label, method=run.method, scope=run.scope,
-                ratio=run.ratio, recipe=run.recipe, compression=run.compression, weights_sha256=weights_sha256,
-                achieved_sparsity=run.achieved_sparsity, layer_sparsity=run.layer_sparsity, seconds=run.seconds,
-                overall=dataclasses.asdict(run.overall), delta_norm=run.delta_norm, notes=run.notes,
-                attributes={
-                    a.attribute: {**attribute_summary(a), "diagnostics": run.attribute_diagnostics[a.attribute]}
-                    for a in run.attributes
-                },
-                mitigation=run.mitigation, mitigation_details=run.mitigation_details,
-                train_overall=dataclasses.asdict(run.train.overall) if run.train else None,
-                train_attributes={a.attribute: attribute_summary(a) for a in run.train.attributes}
-                if run.train else None,
-            )
-            for attribute in run.attributes:
-                row.group_metrics.extend(group_rows(attribute, run.group_diagnostics[attribute.attribute]))
-            for attribute in run.train.attributes if run.train else []:
-                row.group_metrics.extend(group_rows(attribute, None, split="train"))
-            for group_position, group_row in enumerate(row.group_metrics):
-                group_row.position = group_position
-            session.add(row)
-        audit.environment = result.environment
+        for position, run in enumerate(output.runs):
+            result = run.result
+            session.add(Run(
+                audit_id=audit_id, position=position, label=result.label, method=result.method, scope=result.scope,
+                ratio=result.ratio, mitigation=result.mitigation,
+                weights_sha256=store.add_file(run.weights_path) if run.weights_path is not None else None,
+                result=result.model_dump(mode="json"),
+            ))
+        audit.environment = output.environment
         session.flush()
         session.expire(audit, ["runs"])
         finished_at = utcnow()
@@ -209,7 +137,7 @@ def run_audit(audit_id: str) -> None:
     # torch is imported in the child that runs the task, not in the worker's parent process.
     from worker.engine.errors import EngineError
     from worker.heartbeat import AttemptHeartbeat
-    from worker.pipeline import run_audit_pipeline
+    from worker.pipeline.runner import run_audit_pipeline
 
     settings = get_settings()
     try:
