@@ -75,7 +75,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         model = _build_base(validated.base)
         shrink_layers(model, validated.layers, validated.base.name)
         model.spec = validated  # input_shape, error messages and re-pruning see the pruned spec
-        return model.eval()
+        return model
     return _build_base(validated).eval()
 
 
@@ -106,9 +106,9 @@ def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
 
 def shrink_layers(model: nn.Module, layers: Mapping[Any, Any], architecture: str) -> None:
     """Shrink the named layers of freshly built `model` (of `architecture`) in place to the given
-    widths, with placeholder values (weights are loaded next), and run it once. The widths are
-    checked as untrusted input: known layers, the right kind, widths that only shrink, and a model
-    that runs."""
+    widths, with placeholder values (weights are loaded next), and run it once in eval mode, where it
+    is left. The widths are checked as untrusted input: known layers, the right kind, widths that only
+    shrink, and a model that runs."""
     modules = dict(model.named_modules())
     for name, widths in layers.items():
         module = modules.get(name) if isinstance(name, str) else None
@@ -116,6 +116,7 @@ def shrink_layers(model: nn.Module, layers: Mapping[Any, Any], architecture: str
             raise EngineError(f"the pruned architecture names {name!r}, which is not a Conv, Linear or BatchNorm "
                               f"layer of {architecture}")
         _resize(name, module, widths)
+    model.eval()  # a forward in training mode would move the BatchNorm statistics
     try:
         with torch.inference_mode():
             model(torch.zeros(1, *input_shape(model.spec)))

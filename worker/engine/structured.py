@@ -126,7 +126,7 @@ def rebuild_structured(spec: Mapping[str, Any], architecture: Mapping[str, Any])
     if "base" in architecture and _spec_dict(architecture["base"]) != base:
         raise EngineError(f"the pruned architecture was made from {architecture['base']}, not from {dict(spec)}")
     shrink_layers(model, architecture["layers"], base["name"])
-    return model.eval()
+    return model
 
 
 def model_cost(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
