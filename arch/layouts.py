@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # "float" for parameters and float buffers, "int" for integer buffers such as num_batches_tracked.
 DtypeKind = Literal["float", "int"]
 StateDictLayout = dict[str, tuple[tuple[int, ...], DtypeKind]]
-# Module name → its widths under the names `worker.engine.structured` records them with.
+# Module name → its widths, under the names `worker.engine.architectures.layer_widths` reads them with.
 LayerWidths = dict[str, dict[str, int]]
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -188,7 +188,7 @@ def base_layers(spec: BaseSpec) -> Layers:
 
 def pruned_widths(spec: PrunedSpec) -> LayerWidths:
     """Every layer of the base with the widths `spec` gives it (the base's where it gives none),
-    checked the way `worker.engine.structured.rebuild_structured` checks them, as far as that goes
+    checked the way `worker.engine.architectures.shrink_layers` checks them, as far as that goes
     without torch: known layer names, the right fields, widths from 1 up to the base's, groups that
     fit, each BatchNorm as wide as the conv before it, the input and the classes unchanged. (Whether
     the channels flow from layer to layer is left to the worker, which runs the rebuilt model once.)
