@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from arch.layouts import input_shape
 from bench.common import emit
-from service.architectures import input_shape
 from worker.engine.architectures import build_model
 from worker.engine.finetune import gradual_magnitude_prune
 from worker.engine.pruning import MagnitudePruner, apply_masks, default_dense_layers

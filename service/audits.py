@@ -12,7 +12,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from service import architectures, catalog
+from arch.layouts import expected_state_dict
+from arch.specs import architecture_adapter
+from service import catalog
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
 from service.policy import audit_verdict, metric_items, run_verdict
@@ -22,10 +24,10 @@ from service.schemas.reports import REPORT_VERSION, AuditReport, DatasetRef, Mod
 
 
 def prunable_layers(model: Model) -> list[str]:
-    spec = architectures.architecture_adapter.validate_python(model.architecture)
+    spec = architecture_adapter.validate_python(model.architecture)
     return [
         key.removesuffix(".weight")
-        for key, (shape, _kind) in architectures.expected_state_dict(spec).items()
+        for key, (shape, _kind) in expected_state_dict(spec).items()
         if key.endswith(".weight") and len(shape) >= 2
     ]
 

@@ -9,7 +9,9 @@ from typing import BinaryIO
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from service import architectures, ingest
+from arch.layouts import expected_state_dict, input_shape, parameter_count
+from arch.specs import REGISTRY, architecture_adapter
+from service import ingest
 from service.errors import InvalidInput
 from service.models import Dataset, Model
 from service.storage import BlobStore
@@ -18,9 +20,9 @@ from service.tenancy import owned
 
 def parse_architecture(raw: str):
     try:
-        return architectures.architecture_adapter.validate_json(raw)
+        return architecture_adapter.validate_json(raw)
     except ValidationError as exc:
-        names = ", ".join(sorted(architectures.REGISTRY))
+        names = ", ".join(sorted(REGISTRY))
         raise InvalidInput(
             f"architecture is not a valid spec (known architectures: {names}); see GET /v1/architectures",
             errors=json.loads(exc.json(include_url=False, include_input=False)),
@@ -33,7 +35,7 @@ def register_model(
 ) -> Model:
     spec = parse_architecture(architecture_json)
     # Checked before anything is stored or built: a worker allocates the whole architecture.
-    if (count := architectures.parameter_count(spec)) > max_parameters:
+    if (count := parameter_count(spec)) > max_parameters:
         raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
     staged = store.stage(weights, max_bytes)
     try:
@@ -48,7 +50,7 @@ def register_model(
             store.discard(staged)
             staged = store.stage_file(converted)
         tensors = ingest.read_safetensors_header(staged.path)
-        ingest.check_weights_fit(tensors, architectures.expected_state_dict(spec), spec.name)
+        ingest.check_weights_fit(tensors, expected_state_dict(spec), spec.name)
     except BaseException:
         store.discard(staged)
         raise
@@ -60,8 +62,8 @@ def register_model(
         size_bytes=staged.size_bytes,
         architecture=spec.model_dump(),
         architecture_name=spec.name,
-        parameter_count=architectures.parameter_count(spec),
-        input_shape=architectures.input_shape(spec),
+        parameter_count=parameter_count(spec),
+        input_shape=input_shape(spec),
         num_classes=spec.num_classes,
     )
     session.add(model)

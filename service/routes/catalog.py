@@ -5,7 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import ValidationError
 
-from service import architectures, catalog
+from arch.layouts import input_shape
+from arch.specs import REGISTRY
+from service import catalog
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
 from service.schemas.common import PROBLEM_RESPONSES, Problem
@@ -92,12 +94,12 @@ def list_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
             json_schema=spec.model_json_schema(),
             default_input_shape=_default_input_shape(name, spec),
         )
-        for name, spec in architectures.REGISTRY.items()
+        for name, spec in REGISTRY.items()
     ]
 
 
 def _default_input_shape(name: str, spec) -> list[int] | None:
     try:
-        return architectures.input_shape(spec.model_validate({"name": name}))
+        return input_shape(spec.model_validate({"name": name}))
     except ValidationError:
         return None

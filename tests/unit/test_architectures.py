@@ -1,5 +1,5 @@
-"""The JSON architecture specs (pure Python) against the torch modules built from them, and weight
-loading from safetensors."""
+"""The JSON architecture specs and layouts of `arch` (pure Python) against the torch modules the engine
+builds from the same tables, the layering of the two, and weight loading from safetensors."""
 
 from __future__ import annotations
 
@@ -13,18 +13,17 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from service.architectures import (
+from arch.layouts import expected_state_dict, input_shape, parameter_count
+from arch.mismatch import state_dict_mismatch
+from arch.specs import (
     REGISTRY,
     CNNSpec,
     MLPSpec,
     PrunedSpec,
     ResNet20Spec,
     architecture_adapter,
-    expected_state_dict,
-    input_shape,
-    parameter_count,
-    state_dict_mismatch,
 )
+from arch.tables import CIFAR_STEM, TABLES, MobileNetV2Table, ResNetTable, VGGTable
 from worker.engine.architectures import build_model, load_weights
 from worker.engine.errors import EngineError
 
@@ -268,13 +267,25 @@ def test_state_dict_mismatch_hints_at_a_missing_prefix() -> None:
     )
 
 
-def test_service_architectures_imports_neither_torch_nor_numpy() -> None:
-    code = (
-        "import sys, service.architectures; "
-        "heavy = sorted(m for m in ('torch', 'numpy') if m in sys.modules); "
-        "assert not heavy, heavy"
-    )
+def _imports(code: str) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+
+
+def test_arch_imports_neither_torch_nor_numpy_nor_the_service_or_the_worker() -> None:
+    _imports(
+        "import sys, arch, arch.layouts, arch.mismatch, arch.specs, arch.tables; "
+        "loaded = sorted(m for m in ('torch', 'numpy', 'service', 'worker') if m in sys.modules); "
+        "assert not loaded, loaded"
+    )
+
+
+def test_the_engine_imports_neither_the_service_nor_its_settings() -> None:
+    _imports(
+        "import importlib, pkgutil, sys, worker.engine; "
+        "[importlib.import_module(f'worker.engine.{m.name}') for m in pkgutil.iter_modules(worker.engine.__path__)]; "
+        "loaded = sorted(m for m in ('service', 'pydantic_settings') if m in sys.modules); "
+        "assert not loaded, loaded"
+    )
 
 
 # --- Named architectures: torchvision's and chenyaofo/pytorch-cifar-models' state-dict layouts ---
@@ -302,15 +313,49 @@ def _random_state(layout: dict) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("name", NAMED)
-def test_named_expected_state_dict_matches_the_torch_module(name: str, named_models: dict) -> None:
-    spec = architecture_adapter.validate_python(NAMED_SPECS[name])
-    model = named_models[name]
-    actual = {key: (tuple(t.shape), _kind(t)) for key, t in model.state_dict().items()}
+REGISTRY_EXAMPLES = [
+    (name, example) for name, spec_class in REGISTRY.items() for example in spec_class.model_json_schema()["examples"]
+]
+
+
+def _layout_of(model: torch.nn.Module) -> dict:
+    return {key: (tuple(t.shape), _kind(t)) for key, t in model.state_dict().items()}
+
+
+def test_every_registry_architecture_has_an_example() -> None:
+    assert {name for name, _ in REGISTRY_EXAMPLES} == set(REGISTRY)
+
+
+@pytest.mark.parametrize(("name", "example"), REGISTRY_EXAMPLES, ids=[name for name, _ in REGISTRY_EXAMPLES])
+def test_every_registry_architecture_builds_its_expected_layout(name: str, example: dict) -> None:
+    spec = architecture_adapter.validate_python(example)
+    model = build_model(example)
     expected = expected_state_dict(spec)
-    assert list(actual) == list(expected)  # same names in the same order
-    assert actual == expected
+    assert list(_layout_of(model)) == list(expected)  # same names in the same order
+    assert _layout_of(model) == expected  # same shapes and dtype kinds
     assert parameter_count(spec) == sum(p.numel() for p in model.parameters())
+
+
+# Small tables of each family, to show that the modules and the layouts follow whatever `TABLES` says.
+SMALL_TABLES = {
+    "resnet20": ResNetTable("bottleneck", (1, 2), (4, 8), CIFAR_STEM),
+    "vgg16_bn": VGGTable(config=(4, "M", 8, 8, "M"), pool_size=2, hidden=16),
+    "mobilenet_v2": MobileNetV2Table(stem=8, setting=((1, 8, 1, 1), (6, 16, 2, 2)), last=32),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_TABLES))
+def test_modules_and_layouts_are_both_built_from_the_one_table(name: str, monkeypatch) -> None:
+    spec = architecture_adapter.validate_python({"name": name, "image_size": 32})
+    default_layout = expected_state_dict(spec)
+    monkeypatch.setitem(TABLES, name, SMALL_TABLES[name])
+    model = build_model(spec.model_dump())
+    expected = expected_state_dict(spec)
+    assert expected != default_layout
+    assert list(_layout_of(model)) == list(expected)
+    assert _layout_of(model) == expected
+    with torch.no_grad():
+        assert model(torch.randn(2, *input_shape(spec))).shape == (2, spec.num_classes)
 
 
 @pytest.mark.parametrize("name", NAMED)

@@ -434,7 +434,7 @@ def test_convert_limits(tmp_path):
 # check_weights_fit
 # --------------------------------------------------------------------------------------------------
 
-# The mismatch rules and wording are tested on service.architectures.state_dict_mismatch
+# The mismatch rules and wording are tested on arch.state_dict_mismatch
 # (tests/unit/test_architectures.py); here only the wrapper: TensorInfo in, InvalidInput out.
 
 EXPECTED = {

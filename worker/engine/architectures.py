@@ -1,7 +1,8 @@
-"""Torch modules for the architectures in `service.architectures`, and safe weight loading.
+"""Torch modules for the architectures in `arch`, and safe weight loading.
 
 The JSON-spec networks (mlp, cnn) are here; the named torchvision-compatible ones (resnet18, …,
-resnet56) are in `worker.engine.zoo`; a "pruned" spec is rebuilt by `worker.engine.structured`.
+resnet56) are in `worker.engine.zoo`; a "pruned" spec is its base's module with its layers shrunk
+here to the recorded widths (`worker.engine.structured` records them).
 
 Weights are read only as safetensors (tensors, never pickled code) and checked key by key against
 the module before anything is copied in.
@@ -19,15 +20,14 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from service.architectures import (
-    CNNSpec,
-    MLPSpec,
-    PrunedSpec,
-    architecture_adapter,
-    state_dict_mismatch,
-)
+from arch.layouts import input_shape
+from arch.mismatch import state_dict_mismatch
+from arch.specs import BaseSpec, CNNSpec, MLPSpec, PrunedSpec, architecture_adapter
 from worker.engine import zoo
 from worker.engine.errors import EngineError
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class MLP(nn.Module):
@@ -71,24 +71,92 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         validated = architecture_adapter.validate_python(spec)
     except ValidationError as error:
         raise EngineError(f"architecture spec is invalid: {_describe_validation_error(error)}") from error
-    model: nn.Module
     if isinstance(validated, PrunedSpec):
-        # The base's module with its layers shrunk to the recorded widths (checked again there, and
-        # run once); imported here because structured.py builds its base models with this function.
-        from worker.engine.structured import rebuild_structured
-
-        base = validated.base.model_dump(mode="json")
-        model = rebuild_structured(base, {"version": validated.version, "base": base, "layers": validated.layers})
+        model = _build_base(validated.base)
+        shrink_layers(model, validated.layers, validated.base.name)
         model.spec = validated  # input_shape, error messages and re-pruning see the pruned spec
-    elif isinstance(validated, MLPSpec):
-        model = MLP(validated)
-    elif isinstance(validated, CNNSpec):
-        model = CNN(validated)
+        return model
+    return _build_base(validated).eval()
+
+
+def _build_base(spec: BaseSpec) -> nn.Module:
+    if isinstance(spec, MLPSpec):
+        return MLP(spec)
+    if isinstance(spec, CNNSpec):
+        return CNN(spec)
+    model = zoo.build_named(spec.name, spec.num_classes, spec.in_channels)
+    model.spec = spec  # not part of the state_dict: names the architecture in error messages
+    return model
+
+
+def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Every Conv, Linear and BatchNorm of `model` by module name, with its widths under the names
+    of `arch`'s pruned specs."""
+    widths: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _CONVS):
+            widths[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                            "groups": module.groups}
+        elif isinstance(module, nn.Linear):
+            widths[name] = {"in_features": module.in_features, "out_features": module.out_features}
+        elif isinstance(module, _BATCH_NORMS):
+            widths[name] = {"num_features": module.num_features}
+    return widths
+
+
+def shrink_layers(model: nn.Module, layers: Mapping[Any, Any], architecture: str) -> None:
+    """Shrink the named layers of freshly built `model` (of `architecture`) in place to the given
+    widths, with placeholder values (weights are loaded next), and run it once in eval mode, where it
+    is left. The widths are checked as untrusted input: known layers, the right kind, widths that only
+    shrink, and a model that runs."""
+    modules = dict(model.named_modules())
+    for name, widths in layers.items():
+        module = modules.get(name) if isinstance(name, str) else None
+        if module is None or not isinstance(module, (*_CONVS, nn.Linear, *_BATCH_NORMS)):
+            raise EngineError(f"the pruned architecture names {name!r}, which is not a Conv, Linear or BatchNorm "
+                              f"layer of {architecture}")
+        _resize(name, module, widths)
+    model.eval()  # a forward in training mode would move the BatchNorm statistics
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_shape(model.spec)))
+    except RuntimeError as error:
+        raise EngineError(f"the pruned architecture does not fit together: {error}") from error
+
+
+def _resize(name: str, module: nn.Module, widths: Any) -> None:
+    """Shrink one freshly built layer to `widths`, with placeholder values (weights are loaded next)."""
+    current = layer_widths(module)[""]
+    if not isinstance(widths, Mapping) or set(widths) != set(current):
+        raise EngineError(f"layer {name} of the pruned architecture must give exactly {', '.join(sorted(current))}")
+    for field, value in widths.items():
+        if type(value) is not int or not 1 <= value <= current[field]:
+            raise EngineError(f"layer {name}: {field} must be a whole number from 1 to {current[field]}, got {value!r}")
+    if isinstance(module, _CONVS):
+        groups, c_in, c_out = widths["groups"], widths["in_channels"], widths["out_channels"]
+        depthwise = current["groups"] > 1 and current["groups"] == current["in_channels"]
+        if (groups == 1) == depthwise or c_in % groups or c_out % groups or (depthwise and not groups == c_in == c_out):
+            raise EngineError(f"layer {name}: groups {groups} do not fit {c_in} input and {c_out} output channels "
+                              f"of a {'depthwise' if depthwise else 'dense'} convolution")
+        module.in_channels, module.out_channels, module.groups = c_in, c_out, groups
+        module.weight = nn.Parameter(module.weight.new_zeros(c_out, c_in // groups, *module.weight.shape[2:]))
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.new_zeros(c_out))
+    elif isinstance(module, nn.Linear):
+        c_in, c_out = widths["in_features"], widths["out_features"]
+        module.in_features, module.out_features = c_in, c_out
+        module.weight = nn.Parameter(module.weight.new_zeros(c_out, c_in))
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.new_zeros(c_out))
     else:
-        model = zoo.BUILDERS[validated.name](num_classes=validated.num_classes)
-        # Not part of the state_dict: only names the architecture in error messages.
-        model.spec = validated
-    return model.eval()
+        n = widths["num_features"]
+        module.num_features = n
+        if module.weight is not None:
+            module.weight = nn.Parameter(module.weight.new_ones(n))
+            module.bias = nn.Parameter(module.bias.new_zeros(n))
+        if module.running_mean is not None:
+            module.running_mean = module.running_mean.new_zeros(n)
+            module.running_var = module.running_var.new_ones(n)
 
 
 def load_weights(model: nn.Module, path: str | PathLike[str]) -> None:
@@ -111,7 +179,7 @@ def load_weights(model: nn.Module, path: str | PathLike[str]) -> None:
 
 
 def _dtype_kind(tensor: torch.Tensor) -> str:
-    """The kinds of `service.architectures.expected_state_dict` ("float", "int"); others by name."""
+    """The kinds of `arch.expected_state_dict` ("float", "int"); others by name."""
     if tensor.is_floating_point():
         return "float"
     if tensor.is_complex() or tensor.dtype == torch.bool:

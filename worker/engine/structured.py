@@ -32,16 +32,15 @@ import torch_pruning as tp
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from service.architectures import PrunedSpec, architecture_adapter, input_shape
-from worker.engine.architectures import build_model
+from arch.layouts import input_shape
+from arch.specs import PrunedSpec, architecture_adapter
+from worker.engine.architectures import build_model, layer_widths, shrink_layers
 from worker.engine.errors import EngineError
 from worker.engine.pruning import Scope, check_layer_names, check_ratio, prunable_layers
 
 Norm = Literal["l1", "l2"]
 ARCHITECTURE_VERSION = 1
 _NORMS = {"l1": 1, "l2": 2}
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class PrunedModel(NamedTuple):
@@ -109,7 +108,7 @@ class ChannelPruner:
 def pruned_architecture(model: nn.Module, spec: Any = None) -> dict[str, Any]:
     """The JSON-able description of `model`'s layer widths over its base `spec` (module docstring)."""
     base = _spec_dict(spec if spec is not None else _spec_of(model))
-    return {"version": ARCHITECTURE_VERSION, "base": base, "layers": _layer_shapes(model)}
+    return {"version": ARCHITECTURE_VERSION, "base": base, "layers": layer_widths(model)}
 
 
 def rebuild_structured(spec: Mapping[str, Any], architecture: Mapping[str, Any]) -> nn.Module:
@@ -126,19 +125,8 @@ def rebuild_structured(spec: Mapping[str, Any], architecture: Mapping[str, Any])
     base = _spec_dict(model.spec)
     if "base" in architecture and _spec_dict(architecture["base"]) != base:
         raise EngineError(f"the pruned architecture was made from {architecture['base']}, not from {dict(spec)}")
-    modules = dict(model.named_modules())
-    for name, widths in architecture["layers"].items():
-        module = modules.get(name) if isinstance(name, str) else None
-        if module is None or not isinstance(module, (*_CONVS, nn.Linear, *_BATCH_NORMS)):
-            raise EngineError(f"the pruned architecture names {name!r}, which is not a Conv, Linear or BatchNorm "
-                              f"layer of {base['name']}")
-        _resize(name, module, widths)
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, *input_shape(model.spec)))
-    except RuntimeError as error:
-        raise EngineError(f"the pruned architecture does not fit together: {error}") from error
-    return model.eval()
+    shrink_layers(model, architecture["layers"], base["name"])
+    return model
 
 
 def model_cost(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
@@ -237,51 +225,3 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
     # A re-uploaded pruned model is described over the registry architecture it came from (its
     # layer table lists every layer), so pruning it again never nests "pruned" specs.
     return (validated.base if isinstance(validated, PrunedSpec) else validated).model_dump(mode="json")
-
-
-def _layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    shapes: dict[str, dict[str, int]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _CONVS):
-            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                            "groups": module.groups}
-        elif isinstance(module, nn.Linear):
-            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
-        elif isinstance(module, _BATCH_NORMS):
-            shapes[name] = {"num_features": module.num_features}
-    return shapes
-
-
-def _resize(name: str, module: nn.Module, widths: Any) -> None:
-    """Shrink one freshly built layer to `widths`, with placeholder values (weights are loaded next)."""
-    current = _layer_shapes(module)[""]
-    if not isinstance(widths, Mapping) or set(widths) != set(current):
-        raise EngineError(f"layer {name} of the pruned architecture must give exactly {', '.join(sorted(current))}")
-    for field, value in widths.items():
-        if type(value) is not int or not 1 <= value <= current[field]:
-            raise EngineError(f"layer {name}: {field} must be a whole number from 1 to {current[field]}, got {value!r}")
-    if isinstance(module, _CONVS):
-        groups, c_in, c_out = widths["groups"], widths["in_channels"], widths["out_channels"]
-        depthwise = current["groups"] > 1 and current["groups"] == current["in_channels"]
-        if (groups == 1) == depthwise or c_in % groups or c_out % groups or (depthwise and not groups == c_in == c_out):
-            raise EngineError(f"layer {name}: groups {groups} do not fit {c_in} input and {c_out} output channels "
-                              f"of a {'depthwise' if depthwise else 'dense'} convolution")
-        module.in_channels, module.out_channels, module.groups = c_in, c_out, groups
-        module.weight = nn.Parameter(module.weight.new_zeros(c_out, c_in // groups, *module.weight.shape[2:]))
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.new_zeros(c_out))
-    elif isinstance(module, nn.Linear):
-        c_in, c_out = widths["in_features"], widths["out_features"]
-        module.in_features, module.out_features = c_in, c_out
-        module.weight = nn.Parameter(module.weight.new_zeros(c_out, c_in))
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.new_zeros(c_out))
-    else:
-        n = widths["num_features"]
-        module.num_features = n
-        if module.weight is not None:
-            module.weight = nn.Parameter(module.weight.new_ones(n))
-            module.bias = nn.Parameter(module.bias.new_zeros(n))
-        if module.running_mean is not None:
-            module.running_mean = module.running_mean.new_zeros(n)
-            module.running_var = module.running_var.new_ones(n)

@@ -5,15 +5,23 @@ loads here as is.
 
 Written in-repo after torchvision's module structure (torchvision is not a dependency): the same
 submodules are registered in the same order under the same attribute names, with the same default
-initialisation. The pure-Python layouts they must equal are in `service.architectures`.
+initialisation. Block counts, widths, strides and settings are read from `arch.tables`, the tables
+`arch`'s expected layouts are walked from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
+
+from arch.tables import (
+    TABLES,
+    InvertedResidualPlan,
+    MobileNetV2Table,
+    ResNetBlockPlan,
+    ResNetTable,
+    VGGTable,
+)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -24,18 +32,22 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
+def _downsample(plan: ResNetBlockPlan) -> nn.Module | None:
+    if not plan.downsample:
+        return None
+    return nn.Sequential(conv1x1(plan.inplanes, plan.out_channels, plan.stride), nn.BatchNorm2d(plan.out_channels))
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+
+class BasicBlock(nn.Module):
+    def __init__(self, plan: ResNetBlockPlan) -> None:
         super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1 = conv3x3(plan.inplanes, plan.planes, plan.stride)
+        self.bn1 = nn.BatchNorm2d(plan.planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
+        self.conv2 = conv3x3(plan.planes, plan.out_channels)
+        self.bn2 = nn.BatchNorm2d(plan.out_channels)
+        self.downsample = _downsample(plan)
+        self.stride = plan.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -47,19 +59,17 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3×3 conv."""
 
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, plan: ResNetBlockPlan) -> None:
         super().__init__()
-        self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.conv1 = conv1x1(plan.inplanes, plan.planes)
+        self.bn1 = nn.BatchNorm2d(plan.planes)
+        self.conv2 = conv3x3(plan.planes, plan.planes, plan.stride)
+        self.bn2 = nn.BatchNorm2d(plan.planes)
+        self.conv3 = conv1x1(plan.planes, plan.out_channels)
+        self.bn3 = nn.BatchNorm2d(plan.out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
+        self.downsample = _downsample(plan)
+        self.stride = plan.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -70,36 +80,28 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision.models.ResNet (stem: conv 7×7/2, BN, ReLU, maxpool 3×3/2; stages layer1..4 at
-    64/128/256/512 planes; adaptive average pool; `fc`), or with `cifar_stem` the CIFAR ResNet of
-    chenyaofo/pytorch-cifar-models (stem: conv 3×3/1, BN, ReLU, no maxpool; stages layer1..3 at
-    16/32/64). Both add a 1×1 conv + BN `downsample` where a stage changes stride or width."""
+    """torchvision.models.ResNet (stem: conv 7×7/2, BN, ReLU, maxpool 3×3/2) or the CIFAR ResNet of
+    chenyaofo/pytorch-cifar-models (stem: conv 3×3/1, BN, ReLU, no maxpool), as `table` gives it:
+    stages layer1, layer2, … of residual blocks, adaptive average pool, `fc`."""
 
-    def __init__(
-        self,
-        block: type[BasicBlock | Bottleneck],
-        layers: Sequence[int],
-        widths: Sequence[int],
-        num_classes: int,
-        *,
-        cifar_stem: bool = False,
-        in_channels: int = 3,
-    ) -> None:
+    def __init__(self, table: ResNetTable, num_classes: int, *, in_channels: int = 3) -> None:
         super().__init__()
-        self.inplanes = widths[0]
-        if cifar_stem:
-            self.conv1 = conv3x3(in_channels, self.inplanes)
-        else:
-            self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        stem = table.stem
+        self.conv1 = nn.Conv2d(in_channels, table.widths[0], kernel_size=stem.kernel, stride=stem.stride,
+                               padding=stem.kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(table.widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool: nn.Module = nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        for stage, (planes, blocks) in enumerate(zip(widths, layers, strict=True), start=1):
+        self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem.maxpool else nn.Identity()
+        block = Bottleneck if table.block == "bottleneck" else BasicBlock
+        stages: dict[int, list[nn.Module]] = {}
+        for plan in table.blocks():
+            stages.setdefault(plan.stage, []).append(block(plan))
+        for stage, blocks in stages.items():
             # layer1, layer2, …: registered in order, as torchvision's explicit attributes are.
-            setattr(self, f"layer{stage}", self._make_layer(block, planes, blocks, stride=1 if stage == 1 else 2))
-        self.stages = len(widths)
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.stages = len(stages)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+        self.fc = nn.Linear(table.out_channels, num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -108,18 +110,6 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers: list[nn.Module] = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in range(1, self.stages + 1):
@@ -127,33 +117,29 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
 class VGG(nn.Module):
-    """torchvision.models.VGG with `make_layers(cfgs["D"], batch_norm=True)`."""
+    """torchvision.models.VGG with `make_layers(table.config, batch_norm=True)`."""
 
-    def __init__(self, num_classes: int, *, in_channels: int = 3, dropout: float = 0.5) -> None:
+    def __init__(self, table: VGGTable, num_classes: int, *, in_channels: int = 3, dropout: float = 0.5) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_channels
-        for v in VGG16_CFG:
-            if v == "M":
+        for item in table.config:
+            if item == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
-                assert isinstance(v, int)
-                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                c_in = v
+                layers += [nn.Conv2d(c_in, item, kernel_size=3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                c_in = item
         self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.avgpool = nn.AdaptiveAvgPool2d((table.pool_size, table.pool_size))
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096),
+            nn.Linear(table.out_channels * table.pool_size**2, table.hidden),
             nn.ReLU(True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),
+            nn.Linear(table.hidden, table.hidden),
             nn.ReLU(True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, num_classes),
+            nn.Linear(table.hidden, num_classes),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -183,44 +169,37 @@ class Conv2dNormActivation(nn.Sequential):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
+    def __init__(self, plan: InvertedResidualPlan) -> None:
         super().__init__()
-        self.stride = stride
-        hidden_dim = int(round(inp * expand_ratio))
-        self.use_res_connect = stride == 1 and inp == oup
+        self.stride = plan.stride
+        self.use_res_connect = plan.stride == 1 and plan.in_channels == plan.out_channels
         layers: list[nn.Module] = []
-        if expand_ratio != 1:
-            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1))  # pw
+        if plan.expand:
+            layers.append(Conv2dNormActivation(plan.in_channels, plan.hidden, kernel_size=1))  # pw
         layers += [
-            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim),  # dw
-            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),  # pw-linear
-            nn.BatchNorm2d(oup),
+            Conv2dNormActivation(plan.hidden, plan.hidden, stride=plan.stride, groups=plan.hidden),  # dw
+            nn.Conv2d(plan.hidden, plan.out_channels, 1, 1, 0, bias=False),  # pw-linear
+            nn.BatchNorm2d(plan.out_channels),
         ]
         self.conv = nn.Sequential(*layers)
-        self.out_channels = oup
+        self.out_channels = plan.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-MOBILENET_V2_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
-                        [6, 320, 1, 1]]
-
-
 class MobileNetV2(nn.Module):
-    """torchvision.models.MobileNetV2 at width multiplier 1.0 (channel counts already multiples of 8)."""
+    """torchvision.models.MobileNetV2 at width multiplier 1.0, its blocks as `table` gives them."""
 
-    def __init__(self, num_classes: int, *, in_channels: int = 3, dropout: float = 0.2) -> None:
+    def __init__(self, table: MobileNetV2Table, num_classes: int, *, in_channels: int = 3,
+                 dropout: float = 0.2) -> None:
         super().__init__()
-        input_channel, self.last_channel = 32, 1280
-        features: list[nn.Module] = [Conv2dNormActivation(in_channels, input_channel, stride=2)]
-        for t, c, n, s in MOBILENET_V2_SETTING:
-            for i in range(n):
-                features.append(InvertedResidual(input_channel, c, s if i == 0 else 1, expand_ratio=t))
-                input_channel = c
-        features.append(Conv2dNormActivation(input_channel, self.last_channel, kernel_size=1))
+        features: list[nn.Module] = [Conv2dNormActivation(in_channels, table.stem, stride=2)]
+        features += [InvertedResidual(plan) for plan in table.blocks()]
+        features.append(Conv2dNormActivation(table.setting[-1][1], table.last, kernel_size=1))
+        self.last_channel = table.last
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(table.last, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -238,40 +217,11 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def resnet18(num_classes: int = 1000) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes)
-
-
-def resnet34(num_classes: int = 1000) -> ResNet:
-    return ResNet(BasicBlock, [3, 4, 6, 3], [64, 128, 256, 512], num_classes)
-
-
-def resnet50(num_classes: int = 1000) -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes)
-
-
-def vgg16_bn(num_classes: int = 1000) -> VGG:
-    return VGG(num_classes)
-
-
-def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:
-    return MobileNetV2(num_classes)
-
-
-def resnet20(num_classes: int = 10) -> ResNet:
-    return ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], num_classes, cifar_stem=True)
-
-
-def resnet56(num_classes: int = 10) -> ResNet:
-    return ResNet(BasicBlock, [9, 9, 9], [16, 32, 64], num_classes, cifar_stem=True)
-
-
-BUILDERS = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "vgg16_bn": vgg16_bn,
-    "mobilenet_v2": mobilenet_v2,
-    "resnet20": resnet20,
-    "resnet56": resnet56,
-}
+def build_named(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The freshly initialised module of the named architecture `name` (a key of `arch.TABLES`)."""
+    table = TABLES[name]
+    if isinstance(table, ResNetTable):
+        return ResNet(table, num_classes, in_channels=in_channels)
+    if isinstance(table, VGGTable):
+        return VGG(table, num_classes, in_channels=in_channels)
+    return MobileNetV2(table, num_classes, in_channels=in_channels)

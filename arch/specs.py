@@ -1,0 +1,302 @@
+"""The registry of architectures a model upload can name, as pydantic specs (JSON in, JSON out).
+
+Pure Python + pydantic: the web process validates uploads with this module and never imports torch.
+A spec's docstring is its description in GET /v1/architectures, and its examples are in its schema.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidatorFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+from arch.layouts import pruned_widths
+
+# Strict ints: JSON `true` or "64" is a mistake in an architecture, not a width.
+NumClasses = Annotated[StrictInt, Field(ge=2, le=100_000)]
+HiddenWidth = Annotated[StrictInt, Field(ge=1, le=65_536)]
+ConvChannels = Annotated[StrictInt, Field(ge=1, le=4_096)]
+
+
+class MLPSpec(BaseModel):
+    """Fully connected network: Linear → ReLU → … → Linear. Inputs are flattened first, so
+    [N, 1, 8, 8] data fits in_features=64."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10},
+                {"name": "mlp", "in_features": 30, "hidden": [], "num_classes": 2},
+            ]
+        },
+    )
+
+    name: Literal["mlp"]
+    in_features: Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+    hidden: Annotated[list[HiddenWidth], Field(max_length=16)]
+    num_classes: NumClasses
+
+
+class CNNSpec(BaseModel):
+    """Blocks of Conv3x3 (no bias) → BatchNorm → ReLU → MaxPool2 (Identity once the feature map is
+    1×1), then global average pooling and one Linear classifier. Square images only."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "cnn", "in_channels": 3, "image_size": 32, "channels": [32, 64, 128], "num_classes": 10},
+                {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [16, 32], "num_classes": 10},
+            ]
+        },
+    )
+
+    name: Literal["cnn"]
+    in_channels: Annotated[StrictInt, Field(ge=1, le=64)]
+    image_size: Annotated[StrictInt, Field(ge=4, le=1024)]
+    channels: Annotated[list[ConvChannels], Field(min_length=1, max_length=8)]
+    num_classes: NumClasses
+
+
+ImageSize = Annotated[StrictInt, Field(ge=32, le=1024)]
+CifarImageSize = Annotated[StrictInt, Field(ge=8, le=1024)]
+
+
+class _ImageNetSpec(BaseModel):
+    """Shared fields of the torchvision architectures: 3-channel square images, any size from 32
+    (the network ends in adaptive pooling), a classifier head of `num_classes` outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # narrowed to a Literal by each subclass; declared here so it comes first in dumps
+    num_classes: NumClasses = 1000
+    in_channels: Literal[3] = 3
+    image_size: ImageSize = 224
+
+
+class ResNet18Spec(_ImageNetSpec):
+    """torchvision ResNet-18 (BasicBlock, [2, 2, 2, 2]); state-dict keys and shapes are those of
+    `torchvision.models.resnet18(num_classes=...)`, so its safetensors file uploads as is."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "resnet18"}, {"name": "resnet18", "num_classes": 10, "image_size": 64}]
+        }
+    )
+    name: Literal["resnet18"]
+
+
+class ResNet34Spec(_ImageNetSpec):
+    """torchvision ResNet-34 (BasicBlock, [3, 4, 6, 3]); keys and shapes as
+    `torchvision.models.resnet34(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "resnet34"}, {"name": "resnet34", "num_classes": 100, "image_size": 64}]
+        }
+    )
+    name: Literal["resnet34"]
+
+
+class ResNet50Spec(_ImageNetSpec):
+    """torchvision ResNet-50 (Bottleneck with the stride on the 3×3 conv, [3, 4, 6, 3]); keys and
+    shapes as `torchvision.models.resnet50(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "resnet50"}, {"name": "resnet50", "num_classes": 10, "image_size": 96}]
+        }
+    )
+    name: Literal["resnet50"]
+
+
+class VGG16BNSpec(_ImageNetSpec):
+    """torchvision VGG-16 with BatchNorm (config D, AdaptiveAvgPool2d to 7×7, 4096-4096 classifier);
+    keys and shapes as `torchvision.models.vgg16_bn(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "vgg16_bn"}, {"name": "vgg16_bn", "num_classes": 10, "image_size": 32}]
+        }
+    )
+    name: Literal["vgg16_bn"]
+
+
+class MobileNetV2Spec(_ImageNetSpec):
+    """torchvision MobileNetV2 (width 1.0: inverted residuals, last 1×1 conv to 1280 channels,
+    `classifier.1` Linear); keys and shapes as `torchvision.models.mobilenet_v2(num_classes=...)`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "mobilenet_v2"}, {"name": "mobilenet_v2", "num_classes": 10, "image_size": 96}]
+        }
+    )
+    name: Literal["mobilenet_v2"]
+
+
+class _CifarResNetSpec(BaseModel):
+    """Shared fields of the CIFAR ResNets: 3-channel square images (32×32 for CIFAR), adaptive
+    average pooling before `fc`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # narrowed to a Literal by each subclass
+    num_classes: NumClasses = 10
+    in_channels: Literal[3] = 3
+    image_size: CifarImageSize = 32
+
+
+class ResNet20Spec(_CifarResNetSpec):
+    """CIFAR ResNet-20 (He et al. 2016: 3×3 stem, 3 stages of 3 BasicBlocks at 16/32/64 channels,
+    1×1 conv + BN `downsample` shortcuts). Keys and shapes as chenyaofo/pytorch-cifar-models
+    `cifar10_resnet20` / `cifar100_resnet20` (num_classes 10 / 100)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "resnet20"}, {"name": "resnet20", "num_classes": 100}]}
+    )
+    name: Literal["resnet20"]
+
+
+class ResNet56Spec(_CifarResNetSpec):
+    """CIFAR ResNet-56 (He et al. 2016: 3 stages of 9 BasicBlocks at 16/32/64 channels, 1×1 conv +
+    BN `downsample` shortcuts). Keys and shapes as chenyaofo/pytorch-cifar-models
+    `cifar10_resnet56` / `cifar100_resnet56` (num_classes 10 / 100)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "resnet56"}, {"name": "resnet56", "num_classes": 100}]}
+    )
+    name: Literal["resnet56"]
+
+
+ImageNetSpec = ResNet18Spec | ResNet34Spec | ResNet50Spec | VGG16BNSpec | MobileNetV2Spec
+CifarResNetSpec = ResNet20Spec | ResNet56Spec
+# Every spec but the MLP has in_channels and image_size: it takes [in_channels, image_size, image_size].
+BaseSpec = MLPSpec | CNNSpec | ImageNetSpec | CifarResNetSpec
+BaseArchitectureSpec = Annotated[BaseSpec, Field(discriminator="name")]
+
+MAX_PRUNED_LAYERS = 1_024
+LayerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+LayerWidths = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=32)], Annotated[StrictInt, Field(ge=1, le=1_000_000)]],
+    Field(max_length=3),
+]
+# What a pruned spec's dump repeats from its base (so readers of a stored spec find them where they
+# find them on the base); validation accepts them back only when they agree with the base.
+_FROM_BASE = ("num_classes", "in_features", "in_channels", "image_size")
+
+
+class PrunedSpec(BaseModel):
+    """A channel-pruned registry architecture, as written in a pruneaudit run recipe: `base` is the
+    architecture it was pruned from, and `layers` gives the pruned Conv ({in_channels, out_channels,
+    groups}), Linear ({in_features, out_features}) and BatchNorm ({num_features}) layers by module
+    name; each width at most the base's. Unlisted layers keep the base's widths. The classifier's
+    outputs and the first layer's inputs cannot be pruned."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "pruned",
+                    "version": 1,
+                    "base": {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [16, 32], "num_classes": 10},
+                    "layers": {
+                        "features.0": {"in_channels": 1, "out_channels": 8, "groups": 1},
+                        "features.1": {"num_features": 8},
+                        "features.4": {"in_channels": 8, "out_channels": 16, "groups": 1},
+                        "features.5": {"num_features": 16},
+                        "classifier": {"in_features": 16, "out_features": 10},
+                    },
+                }
+            ]
+        },
+    )
+
+    name: Literal["pruned"]
+    version: Literal[1]
+    base: BaseArchitectureSpec
+    layers: Annotated[dict[LayerName, LayerWidths], Field(max_length=MAX_PRUNED_LAYERS)]
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    # AttributeError where the base has no such field, so hasattr() and getattr(spec, key, default) work.
+    @property
+    def in_features(self) -> int:
+        if isinstance(self.base, MLPSpec):
+            return self.base.in_features
+        raise AttributeError(f"a pruned {self.base.name} has no in_features")
+
+    @property
+    def in_channels(self) -> int:
+        if not isinstance(self.base, MLPSpec):
+            return self.base.in_channels
+        raise AttributeError("a pruned mlp has no in_channels")
+
+    @property
+    def image_size(self) -> int:
+        if not isinstance(self.base, MLPSpec):
+            return self.base.image_size
+        raise AttributeError("a pruned mlp has no image_size")
+
+    def base_fields(self) -> dict[str, int]:
+        """num_classes and the input fields of the base (in_features, or in_channels and image_size)."""
+        return {key: getattr(self, key) for key in _FROM_BASE if hasattr(self, key)}
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _accept_base_fields(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> PrunedSpec:
+        """A dump (with the base's fields repeated) validates back to the same spec."""
+        repeated: dict[str, Any] = {}
+        if isinstance(data, dict):
+            repeated = {key: data[key] for key in _FROM_BASE if key in data}
+            data = {key: value for key, value in data.items() if key not in _FROM_BASE}
+        spec = handler(data)
+        fields = spec.base_fields()
+        for key, value in repeated.items():
+            if key not in fields:
+                raise ValueError(f"{key} is not a field of a pruned {spec.base.name} architecture")
+            if type(value) is not int or value != fields[key]:
+                raise ValueError(f"{key} is {value!r} but the base architecture has {fields[key]}")
+        return spec
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> PrunedSpec:
+        pruned_widths(self)  # raises ValueError with the reason
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_with_base_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {**handler(self), **self.base_fields()}
+
+
+AnySpec = BaseSpec | PrunedSpec
+
+ArchitectureSpec = Annotated[AnySpec, Field(discriminator="name")]
+architecture_adapter: TypeAdapter[AnySpec] = TypeAdapter(ArchitectureSpec)
+
+REGISTRY: dict[str, type[BaseModel]] = {
+    "mlp": MLPSpec,
+    "cnn": CNNSpec,
+    "resnet18": ResNet18Spec,
+    "resnet34": ResNet34Spec,
+    "resnet50": ResNet50Spec,
+    "vgg16_bn": VGG16BNSpec,
+    "mobilenet_v2": MobileNetV2Spec,
+    "resnet20": ResNet20Spec,
+    "resnet56": ResNet56Spec,
+    "pruned": PrunedSpec,
+}
