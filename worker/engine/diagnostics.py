@@ -1,4 +1,4 @@
-"""Per-group loss geometry of a model (SCIENCE.md §2-3): exact gradient norms of each group's mean
+"""Per-group loss geometry of a model (docs/METHODS.md §9–§12): exact gradient norms of each group's mean
 loss, Hessian trace (Hutchinson) and top eigenvalue (power iteration) on a capped subsample, the
 quadratic form δᵀH_aδ, and Tran's second-order prediction of the excessive loss
 R_hat(a) = g_a·δ + ½ δᵀH_aδ with its two Theorem-1 bound terms.
@@ -370,7 +370,7 @@ def top_eigenvalue(
     iteration on Hessian-vector products (at most `iterations`, stopping once the Rayleigh quotient
     moves less than `tolerance` relatively), on the `curvature_subsample`. Power iteration finds
     the largest |λ|; if that eigenvalue is negative (or ±λ of similar size keep it from settling),
-    it iterates again on H + ρI, ρ the spectral radius found, and subtracts ρ (SCIENCE.md §3.3), so
+    it iterates again on H + ρI, ρ the spectral radius found, and subtracts ρ (docs/METHODS.md §11), so
     the cost is up to 2 × `iterations` products."""
     _check_iterations(iterations, tolerance)
     _check_data(x, y)
