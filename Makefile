@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench reproduce clean
+.PHONY: install run lint test bench reproduce clean
 
 # Re-installs only when pyproject.toml changes; torch==2.13.0 is the CPU wheel already on these machines.
 $(STAMP): pyproject.toml
@@ -32,7 +32,17 @@ $(DOCKER_COMPOSE):
 	DEBIAN_FRONTEND=noninteractive apt-get install -y docker-compose \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker-compose; }
 
-test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE)
+# Type-checked packages; arch/ and results/ arrive with the redesign, and $(wildcard) keeps `make lint`
+# working on a tree that does not have them yet.
+MYPY_PATHS := $(wildcard service worker/engine arch results)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(MYPY_PATHS)
+
+# lint first: its prerequisites and recipe finish before pytest starts.
+test: lint $(CHROMIUM) $(DOCKER_COMPOSE)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

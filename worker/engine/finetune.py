@@ -1,5 +1,5 @@
 """Fine-tuning a (pruned) classifier on numpy arrays, and gradual magnitude pruning (GMP) with the
-cubic schedule of Zhu & Gupta 2017 (SCIENCE.md §4) interleaved with that fine-tuning.
+cubic schedule of Zhu & Gupta 2017 (docs/METHODS.md §14) interleaved with that fine-tuning.
 
 One-shot pruning followed by fine-tuning is: masks = pruner.compute_masks(model, ratio);
 `finetune(model, x, y, ..., masks=masks)`, which applies the masks and keeps them through every

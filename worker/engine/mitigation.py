@@ -1,4 +1,4 @@
-"""Mitigations (docs/METHODS.md): train a pruned model further so that the harm pruning did to some groups
+"""Mitigations (docs/METHODS.md §16): train a pruned model further so that the harm pruning did to some groups
 shrinks, on the training split, with the masks kept after every step.
 
 - `finetune`: plain cross-entropy fine-tuning; the baseline the constrained methods are judged against

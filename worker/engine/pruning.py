@@ -1,6 +1,6 @@
 """Unstructured pruning, in the style of Torch-Pruning: a pruner computes masks, a separate step
 applies them, and measuring sparsity is a third. Only the weights of Linear and Conv layers are
-pruned; biases and normalisation layers never are (as in Balancing Act and FairGRAPE).
+pruned; biases and normalisation layers never are (as in Balancing Act and FairGRAPE; docs/METHODS.md §14).
 
 A pruner is an importance (|w| for `MagnitudePruner`, seeded uniform noise for `RandomPruner`), a
 scope, the layers kept dense and optional per-layer ratios. Both remove exact counts: the

@@ -1,4 +1,4 @@
-"""Statistical hygiene for the per-group report (docs/METHODS.md): bootstrap 95% percentile intervals per group
+"""Statistical hygiene for the per-group report (docs/METHODS.md §8, §13): bootstrap 95% percentile intervals per group
 for the dense and pruned accuracy, the accuracy drop Δa, the excess accuracy gap ψa and the excessive loss
 R(a), an interval for max_a ψa; and Spearman's rank correlation with a reason where it is undefined.
 
