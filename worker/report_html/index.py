@@ -3,13 +3,20 @@ order of appearance, the dense figures of each group, and the pruning method and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from service.schemas.audits import MitigationSpec
 
 if TYPE_CHECKING:
-    from service.schemas.reports import AttributeAggregates, AttributeReport, AuditReport, GroupRow, RunReport
+    from service.schemas.reports import (
+        AttributeAggregates,
+        AttributeReport,
+        AuditReport,
+        GroupRow,
+        RunReport,
+        SplitAttributeReport,
+    )
 
 ReadRow = Callable[["GroupRow"], Any]
 
@@ -100,6 +107,7 @@ class ReportIndex:
 
     def split_aggregates(self, run: RunReport, name: str, split: str) -> AttributeAggregates | None:
         """The attribute's aggregates on the 'eval' or the 'train' split."""
+        attributes: Sequence[AttributeReport | SplitAttributeReport]
         if split == "eval":
             attributes = run.attributes
         else:

@@ -14,8 +14,15 @@ from worker.report_html.format import MISSING, count, fraction, number, points, 
 from worker.report_html.index import ReportIndex
 from worker.report_html.plots import Plots
 from worker.report_html.prose import explanation, mitigation_sentences
-from worker.report_html.tables import (aggregates_table, compression_table, diagnostics_table, group_table,
-                                       mitigation_table, run_checks, verdict_table)
+from worker.report_html.tables import (
+    aggregates_table,
+    compression_table,
+    diagnostics_table,
+    group_table,
+    mitigation_table,
+    run_checks,
+    verdict_table,
+)
 
 if TYPE_CHECKING:
     from service.schemas.reports import AuditReport

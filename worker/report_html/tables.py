@@ -6,8 +6,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from worker.report_html.format import (MISSING, count, fraction, interval, mathtext_escaped, ms, number, points, ratio,
-                                       times)
+from worker.report_html.format import (
+    MISSING,
+    count,
+    fraction,
+    interval,
+    mathtext_escaped,
+    ms,
+    number,
+    points,
+    ratio,
+    times,
+)
 from worker.report_html.index import ReportIndex, mitigation_label, verdict_passed
 
 if TYPE_CHECKING:
