@@ -36,14 +36,17 @@ def mitigation_label(run: RunReport) -> str:
 
 
 class ReportIndex:
+    """Lookups over one report. `labels` are the pruned runs' labels in order of appearance (a mitigated run's
+    label names its mitigation too: 'magnitude-global+ceag'); `runs_by_label` holds each label's runs by ratio."""
+
     def __init__(self, report: AuditReport):
         self.report = report
         self.dense = report.dense
         self.runs = list(report.runs)
         self.policy = report.policy
-        self.methods = list(dict.fromkeys(run.label for run in self.runs))
-        self.by_method = {method: sorted((r for r in self.runs if r.label == method), key=lambda r: r.ratio)
-                          for method in self.methods}
+        self.labels = list(dict.fromkeys(run.label for run in self.runs))
+        self.runs_by_label = {label: sorted((r for r in self.runs if r.label == label), key=lambda r: r.ratio)
+                              for label in self.labels}
         self.attributes = list(dict.fromkeys(a.attribute for run in self.all_runs for a in run.attributes))
         # A mitigated run trains the unmitigated run listed before it (runs come per method and ratio: the
         # unmitigated run, then one run per mitigation), so it belongs to that run's pruning method.
@@ -59,7 +62,7 @@ class ReportIndex:
 
     def ordered_runs(self) -> list[RunReport]:
         """The pruned runs per label in order of appearance, each label's by ratio."""
-        return [run for method in self.methods for run in self.by_method[method]]
+        return [run for label in self.labels for run in self.runs_by_label[label]]
 
     def attribute(self, run: RunReport, name: str) -> AttributeReport | None:
         return next((a for a in run.attributes if a.attribute == name), None)

@@ -120,13 +120,13 @@ class Plots:
         """Per-group accuracy as sparsity grows: the dense model at ratio 0, one line per group, one panel per
         method, and the overall accuracy dashed."""
         index, groups = self.index, self.index.groups(attribute)
-        if not index.methods or not groups:
+        if not index.labels or not groups:
             return None
-        fig, axes = _panels(len(index.methods), 3.4, panel_width=_panel_width(len(index.methods)))
+        fig, axes = _panels(len(index.labels), 3.4, panel_width=_panel_width(len(index.labels)))
         colors = _colors(len(groups))
         handles: list = []
-        for ax, method in zip(axes, index.methods):
-            runs = index.by_method[method]
+        for ax, method in zip(axes, index.labels):
+            runs = index.runs_by_label[method]
             for i, group in enumerate(groups):
                 xs, ys = [], []
                 dense_accuracy = index.dense_row(attribute, group).dense_accuracy
@@ -162,15 +162,15 @@ class Plots:
         """One panel per method: for each group a bar per ratio (darker = higher ratio); `negative` is drawn
         downwards and hatched, `markers` as red diamonds."""
         index, groups = self.index, self.index.groups(attribute)
-        if not index.methods or not groups:
+        if not index.labels or not groups:
             return None
         if not any(finite(index.value(run, attribute, g, value)) for run in index.runs for g in groups):
             return None
-        fig, axes = _panels(len(index.methods), 3.2, extra_width=1.4,
-                            panel_width=max(_panel_width(len(index.methods)), 0.3 * len(groups) + 1.0))
-        for ax, method in zip(axes, index.methods):
+        fig, axes = _panels(len(index.labels), 3.2, extra_width=1.4,
+                            panel_width=max(_panel_width(len(index.labels)), 0.3 * len(groups) + 1.0))
+        for ax, method in zip(axes, index.labels):
             ax.set_xlim(-0.6, len(groups) - 0.4)
-            self._bars_per_ratio(ax, index.by_method[method], attribute, groups, value, scale, markers, negative)
+            self._bars_per_ratio(ax, index.runs_by_label[method], attribute, groups, value, scale, markers, negative)
             ax.axhline(0, color="black", linewidth=0.8)
             if hline is not None:
                 ax.axhline(hline[0], color=RED, linestyle="--", linewidth=1.2, label=hline[1])

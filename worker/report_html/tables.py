@@ -155,8 +155,8 @@ def verdict_table(index: ReportIndex) -> dict:
     verdict = index.report.verdict
     highest = verdict.highest_passing_ratio
     methods = []
-    for method in index.methods or list(highest):
-        runs = index.by_method.get(method, [])
+    for method in index.labels or list(highest):
+        runs = index.runs_by_label.get(method, [])
         first_failing = next((r for r in runs if verdict_passed(r) is False), None)
         methods.append({
             "label": method,
