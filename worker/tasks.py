@@ -87,7 +87,7 @@ def render_html(audit: Audit, store) -> str | None:
     from worker.report_html import render_report_html
 
     try:
-        html = render_report_html(assemble_report(audit).model_dump(mode="json"))
+        html = render_report_html(assemble_report(audit))
     except Exception:
         log.exception("audit %s: the HTML report could not be rendered", audit.id)
         return None

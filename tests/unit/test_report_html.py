@@ -1,8 +1,8 @@
-"""The HTML report (worker/report_html.py) from a realistic report JSON: three groups (one small), two methods
-at two ratios with one run failing the policy. Checks that the page refers to nothing outside itself, that
-every number in its tables is the JSON value formatted the documented way (the formats are written out
-again here, not imported, so a change on either side shows), that the plots are real SVG, that nulls show as
-"—", and that the plain-language paragraph explains the right run with the right numbers."""
+"""The HTML report (worker/report_html/) from a realistic report, validated into `AuditReport`: three groups
+(one small), two methods at two ratios with one run failing the policy. Checks that the page refers to nothing
+outside itself, that every number in its tables is the JSON value formatted the documented way (the formats are
+written out again here, not imported, so a change on either side shows), that the plots are real SVG, that nulls
+show as "—", and that the plain-language paragraph explains the right run with the right numbers."""
 
 from __future__ import annotations
 
@@ -260,6 +260,10 @@ def cells(row: Node) -> dict[str, str]:
             if td.attrs.get("data-field", "group") != "group"}
 
 
+def render(report: dict) -> str:
+    return render_report_html(AuditReport.model_validate(report))
+
+
 @pytest.fixture(scope="module")
 def report() -> dict:
     return make_report()
@@ -267,7 +271,7 @@ def report() -> dict:
 
 @pytest.fixture(scope="module")
 def page(report) -> str:
-    return render_report_html(report)
+    return render(report)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +338,7 @@ def test_a_failing_audit_says_fail_and_null_ratios_show_a_dash(report):
         run["verdict"] = {"passed": False, "reasons": [f"sex: made to fail at {run['ratio']}"],
                           "checks": [{"name": "max_excess_accuracy_gap", "attribute": "sex", "value": None,
                                       "threshold": 0.01, "passed": False}]}
-    (verdict,) = parse(render_report_html(failing)).find_all(data_testid="verdict")
+    (verdict,) = parse(render(failing)).find_all(data_testid="verdict")
     assert verdict.attrs["data-passed"] == "false"
     text = " ".join(verdict.text().split())
     assert "FAIL" in text and failing["verdict"]["summary"] in text
@@ -496,27 +500,33 @@ def test_without_a_failing_run_the_paragraph_takes_the_highest_ratio(report):
     passing = copy.deepcopy(report)
     for run in passing["runs"]:
         run["verdict"] = {"passed": True, "reasons": [], "checks": []}
-    (explanation,) = parse(render_report_html(passing)).find_all(data_testid="explanation")
+    (explanation,) = parse(render(passing)).find_all(data_testid="explanation")
     text = " ".join(explanation.text().split())
     # At 90%: magnitude-global's max ψ is larger than channel's.
     assert text.startswith(f"At {RATIO(0.9)} sparsity (magnitude-global)") and "passes the policy" in text
 
 
-def test_missing_diagnostics_policy_and_verdict_still_render(report):
+def test_missing_diagnostics_policy_and_run_verdicts_still_render(report):
     bare = copy.deepcopy(report)
-    del bare["policy"], bare["verdict"]
+    bare["policy"] = {}
     for run in [bare["dense"], *bare["runs"]]:
-        run.pop("verdict", None)
+        run["verdict"] = None
         run["compression"] = {}
         for attribute in run["attributes"]:
-            attribute["diagnostics"] = {}
+            attribute["diagnostics"] = {key: {"rho": None} for key in attribute["diagnostics"]}
             for group in attribute["groups"]:
                 group["diagnostics"] = {}
                 group["boundary"] = {}
-    page = render_report_html(bare)
+    page = render(bare)
     dom = parse(page)
     (verdict,) = dom.find_all(data_testid="verdict")
-    assert verdict.attrs["data-passed"] == "unknown" and "NO VERDICT" in verdict.text()
+    assert verdict.attrs["data-passed"] == "true" and bare["verdict"]["summary"] in verdict.text()
+    policy = [n.text() for n in verdict.find_all("li") if "data-field" in n.attrs]
+    assert len(policy) == 4 and all(f"{DASH} (not checked)" in item for item in policy)
+    (checks,) = dom.find_all("table", data_testid="checks-table")
+    assert " ".join(checks.text().split()).count(f"{DASH} no checks") == len(bare["runs"])
+    (explanation,) = dom.find_all(data_testid="explanation")
+    assert "size vs dense gradient norm is not available (not computed)" in " ".join(explanation.text().split())
     empty = [f for f in dom.find_all("figure") if not f.find_all("svg")]
     assert {f.attrs["data-testid"] for f in empty} == {"plot-gradient-vs-size", "plot-curvature-vs-boundary"}
     assert all("Not available" in f.text() for f in empty)
@@ -532,14 +542,14 @@ def test_group_names_are_data_escaped_in_html_and_plots(report):
     name = "<script>alert('x')</script> $\\alpha$ & co"
     for run in [hostile["dense"], *hostile["runs"]]:
         run["attributes"][0]["groups"][0]["group"] = name
-    page = render_report_html(hostile)
+    page = render(hostile)
     assert "<script>" not in page
     assert html.escape(name, quote=False) in page
     assert len(parse(page).find_all(data_testid="plot-accuracy")) == 1
 
 
 def test_rendering_is_deterministic(report, page):
-    assert render_report_html(copy.deepcopy(report)) == page
+    assert render(copy.deepcopy(report)) == page
 
 
 def test_page_is_print_friendly_and_sized_for_a_laptop(page):
@@ -555,7 +565,7 @@ def test_every_attribute_gets_its_section_plots_and_table(report):
         for group in extra["groups"]:
             group["group"] = f"{group['group']}&old"
         run["attributes"].append(extra)
-    dom = parse(render_report_html(several))
+    dom = parse(render(several))
     tables = dom.find_all("table", data_testid="group-table")
     assert [t.attrs["data-attribute"] for t in tables] == ["sex", "sex&age"]
     figures = [f for f in dom.find_all("figure") if f.attrs.get("data-testid", "").startswith("plot-")]
