@@ -146,7 +146,7 @@ def _open_validated(path: Path) -> dict[str, TensorInfo]:
     """safe_open checks the entries (dtype, shape, data_offsets), that the tensors lie back to back
     without gap or overlap, that each span fits its dtype and shape, and that they cover the file."""
     # Imported here: the web process imports this module at start-up and stays light until a model
-    # is uploaded.
+    # is uploaded (tests/integration/test_web_process.py holds it to that).
     from safetensors import SafetensorError, safe_open
 
     try:
