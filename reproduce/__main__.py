@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from scipy import stats
 
 from reproduce.datasets import TASKS, Task
+from service.dataset_files import write_dataset_files
 from service.schemas.audits import AuditSpec
 from worker.engine.architectures import build_model
 from worker.engine.finetune import finetune
@@ -67,11 +68,7 @@ def train_dense(task: Task, seed: int) -> tuple[dict, torch.nn.Module]:
 
 
 def write_split(directory: Path, split) -> None:
-    directory.mkdir()
-    np.save(directory / "x.npy", split.x)
-    np.save(directory / "y.npy", split.y)
-    for attribute, codes in split.groups.items():
-        np.save(directory / f"group_{attribute}.npy", codes)
+    write_dataset_files(directory, split.x, split.y, split.groups)
 
 
 def audit(task: Task, seed: int, workdir: Path) -> list[RunResult]:

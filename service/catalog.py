@@ -11,8 +11,12 @@ from sqlalchemy.orm import Session
 
 from arch.layouts import expected_state_dict, input_shape, parameter_count
 from arch.specs import REGISTRY, architecture_adapter
-from service import ingest
 from service.errors import InvalidInput
+from service.ingest.csv import read_csv_dataset
+from service.ingest.dataset import save_dataset
+from service.ingest.npz import read_npz_dataset
+from service.ingest.safetensors import check_weights_fit, read_safetensors_header
+from service.ingest.torch_files import convert_torch_checkpoint, identify_model_file
 from service.models import Dataset, Model
 from service.storage import BlobStore
 from service.tenancy import owned
@@ -39,18 +43,18 @@ def register_model(
         raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
     staged = store.stage(weights, max_bytes)
     try:
-        if ingest.identify_model_file(staged.path) == "torch-checkpoint":
+        if identify_model_file(staged.path) == "torch-checkpoint":
             # What is stored is the safetensors written from the loaded tensors, never the pickle.
             converted = store.temp_path(".safetensors")
             try:
-                ingest.convert_torch_checkpoint(staged.path, converted, max_output_bytes=max_bytes)
+                convert_torch_checkpoint(staged.path, converted, max_output_bytes=max_bytes)
             except BaseException:
                 converted.unlink(missing_ok=True)
                 raise
             store.discard(staged)
             staged = store.stage_file(converted)
-        tensors = ingest.read_safetensors_header(staged.path)
-        ingest.check_weights_fit(tensors, expected_state_dict(spec), spec.name)
+        tensors = read_safetensors_header(staged.path)
+        check_weights_fit(tensors, expected_state_dict(spec), spec.name)
     except BaseException:
         store.discard(staged)
         raise
@@ -102,7 +106,7 @@ def register_dataset(
     try:
         fmt = dataset_format(filename, staged.path)
         if fmt == "npz":
-            parsed = ingest.read_npz_dataset(staged.path)
+            parsed = read_npz_dataset(staged.path)
         else:
             group_columns = _split_columns(groups)
             if not label or not group_columns:
@@ -110,7 +114,7 @@ def register_dataset(
                     "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
                     "(comma-separated group attribute columns); 'features' is optional"
                 )
-            parsed = ingest.read_csv_dataset(
+            parsed = read_csv_dataset(
                 staged.path, label=label, features=_split_columns(features), groups=group_columns
             )
     finally:
@@ -119,7 +123,7 @@ def register_dataset(
                       feature_shape=[], classes=[], groups={})
     session.add(dataset)
     session.flush()
-    summary = ingest.save_dataset(parsed, store.dataset_dir(dataset.id))
+    summary = save_dataset(parsed, store.dataset_dir(dataset.id))
     dataset.rows = summary["rows"]
     dataset.feature_shape = summary["feature_shape"]
     dataset.classes = summary["classes"]

@@ -1,5 +1,5 @@
-"""The service's error hierarchy. Every error a client can cause is one of these; `service.app` maps
-them to RFC 9457 problem+json in one place, so handlers and services only raise."""
+"""The service's error hierarchy. Every error a client can cause is one of these; `service.problems`
+maps them to RFC 9457 problem+json in one place, so handlers and services only raise."""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.problems import problem
 from service.settings import get_settings
 
 API_KEY_HEADER = b"x-api-key"
@@ -101,8 +102,8 @@ def is_exempt(path: str) -> bool:
 
 
 class RateLimitMiddleware:
-    """ASGI middleware: 429 problem+json (the app's ``problem()``) with ``Retry-After`` once a client's bucket
-    is empty. ``buckets`` is built from settings when not given; None there means the limit is off."""
+    """ASGI middleware: 429 problem+json (``service.problems.problem``) with ``Retry-After`` once a client's
+    bucket is empty. ``buckets`` is built from settings when not given; None there means the limit is off."""
 
     def __init__(self, app: ASGIApp, buckets: TokenBuckets | None = None) -> None:
         self.app = app
@@ -120,9 +121,6 @@ class RateLimitMiddleware:
         if decision.allowed:
             await self.app(scope, receive, send)
             return
-        # Imported here, not at module level: service.app imports this module.
-        from service.app import problem
-
         response = problem(Request(scope), 429, "Too many requests",
                            f"rate limit of {self.buckets.rate:g} requests/s (bursts of {self.buckets.burst:g}) per "
                            f"API key exceeded; retry after {decision.retry_after_s} s", "rate-limited")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge
+from service.problems import PROBLEM_MEDIA_TYPE, problem_body
 from service.settings import get_settings
 
 # Room for the multipart envelope (boundaries, part headers, small form fields) around a file that
@@ -26,17 +27,13 @@ class _BodyTooLarge(Exception):
 
 
 def _problem(scope: Scope, detail: str) -> tuple[dict, bytes]:
-    from service.app import PROBLEM_BASE  # here, not at import: service.app imports this module
-
-    body = json.dumps({
-        "type": PROBLEM_BASE + PayloadTooLarge.slug, "title": PayloadTooLarge.title,
-        "status": PayloadTooLarge.status, "detail": detail, "instance": scope.get("path", ""), "errors": [],
-    }).encode()
+    body = json.dumps(problem_body(PayloadTooLarge.status, PayloadTooLarge.title, detail, PayloadTooLarge.slug,
+                                   scope.get("path", ""))).encode()
     start = {
         "type": "http.response.start",
         "status": PayloadTooLarge.status,
         # The unread rest of the body cannot be skipped cheaply: end the connection after this answer.
-        "headers": [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode()),
+        "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close")],
     }
     return start, body

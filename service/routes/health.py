@@ -27,7 +27,7 @@ def healthz() -> dict:
 @releases_connection
 def readyz(session: SessionDep, store: StoreDep) -> dict:
     """Readiness: the database answers and the blob store is there; 503 problem+json otherwise (a database
-    error becomes 503 in service.app, like on every other endpoint)."""
+    error becomes 503 in service.problems, like on every other endpoint)."""
     session.execute(text("SELECT 1"))
     if not store.root.is_dir():
         raise BlobStoreUnavailable(f"blob store {store.root} is missing")
