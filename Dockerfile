@@ -12,7 +12,9 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
 # README.md* so the build does not break while the README is absent (setuptools only warns then).
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md* LICENSE ./
+COPY arch ./arch
+COPY results ./results
 COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations

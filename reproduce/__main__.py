@@ -19,12 +19,14 @@ from scipy import stats
 
 from reproduce.datasets import TASKS, Task
 from service.dataset_files import write_dataset_files
+from results.attributes import AttributeResult
+from results.runs import RunResult
 from service.schemas.audits import AuditSpec
 from worker.engine.architectures import build_model
 from worker.engine.finetune import finetune
 from worker.engine.statistics import spearman
-from worker.pipeline import AuditInputs, RunResult, intra_op_threads, run_audit_pipeline
-from worker.tasks import mitigation_inputs
+from worker.inputs import AuditInputs, DatasetInput
+from worker.pipeline.runner import intra_op_threads, run_audit_pipeline
 
 RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95]
 SEEDS = [0, 1, 2, 3, 4]
@@ -67,15 +69,11 @@ def train_dense(task: Task, seed: int) -> tuple[dict, torch.nn.Module]:
     return architecture, model
 
 
-def write_split(directory: Path, split) -> None:
-    write_dataset_files(directory, split.x, split.y, split.groups)
-
-
 def audit(task: Task, seed: int, workdir: Path) -> list[RunResult]:
     architecture, model = train_dense(task, seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, workdir / "dense.safetensors")
-    write_split(workdir / "train", task.train)
-    write_split(workdir / "eval", task.eval)
+    for name, split in (("train", task.train), ("eval", task.eval)):
+        write_dataset_files(workdir / name, split.x, split.y, split.groups)
     group_by = list(task.group_names)
     spec = AuditSpec(
         model_id="-", dataset_id="-", train_dataset_id="-", group_by=group_by,
@@ -84,20 +82,14 @@ def audit(task: Task, seed: int, workdir: Path) -> list[RunResult]:
         diagnostics={"hutchinson_probes": 16, "power_iterations": 10, "max_examples_per_group": 256},
         statistics={"bootstrap_resamples": 0}, seed=seed,
     )
-    inputs = AuditInputs(
-        architecture=architecture, weights_path=workdir / "dense.safetensors", dataset_dir=workdir / "eval",
-        group_by=group_by, group_names=task.group_names, ratios=spec.pruning.ratios,
-        methods=[{**m.model_dump(), "label": m.label} for m in spec.pruning.methods],
-        train_dataset_dir=workdir / "train", output_dir=workdir, seed=seed, batch_size=spec.batch_size,
-        diagnostics=spec.diagnostics.model_dump(), statistics=spec.statistics.model_dump(), device="cpu",
-        mitigations=[mitigation_inputs(m.model_dump()) for m in spec.mitigations],
-        train_group_names=task.group_names,
-    )
-    return run_audit_pipeline(inputs, lambda _fraction, _message: None).runs
+    datasets = {name: DatasetInput(workdir / name, task.group_names) for name in ("train", "eval")}
+    inputs = AuditInputs(spec=spec, architecture=architecture, weights_path=workdir / "dense.safetensors",
+                         evaluation=datasets["eval"], train=datasets["train"], output_dir=workdir, device="cpu")
+    return [run.result for run in run_audit_pipeline(inputs, lambda _fraction, _message: None).runs]
 
 
-def rank_correlation(attribute, figures: dict[str, dict], figure: str) -> float | None:
-    values = [figures[g.group][figure] for g in attribute.groups]
+def rank_correlation(attribute: AttributeResult, figure: str) -> float | None:
+    values = [getattr(g.diagnostics, figure) for g in attribute.groups]
     if any(v is None for v in values):
         return None
     rho, _reason = spearman(np.asarray(values, float), np.asarray([g.excessive_loss for g in attribute.groups]))
@@ -110,20 +102,21 @@ def rows_of(task: Task, seed: int, runs: list[RunResult]) -> list[Row]:
         # The constrained grouping: the intersection when there are several attributes, as the mitigations use.
         attribute = run.attributes[-1]
         train_attribute = run.train.attributes[-1]
-        figures = run.group_diagnostics[attribute.attribute]
-        details = run.mitigation_details or {}
-        multipliers = details.get("multipliers") or {}
+        details = run.mitigation_details
+        multipliers = details.multipliers if details and details.multipliers else {}
         rows.append(Row(
             dataset=task.name, seed=seed, ratio=run.ratio, mitigation=run.mitigation, attribute=attribute.attribute,
             accuracy=run.overall.accuracy, train_accuracy=run.train.overall.accuracy,
-            max_gap=attribute.max_excess_accuracy_gap, train_max_gap=train_attribute.max_excess_accuracy_gap,
-            loss_violation=attribute.loss_fairness_violation, worst_drop=attribute.max_accuracy_drop,
-            gradient_vs_harm=rank_correlation(attribute, figures, "dense_gradient_norm"),
-            curvature_vs_harm=rank_correlation(attribute, figures, "dense_hessian_trace"),
-            size_vs_gradient=run.attribute_diagnostics[attribute.attribute]["size_vs_dense_gradient_norm"]["rho"],
-            predicted_vs_measured=run.attribute_diagnostics[attribute.attribute]["predicted_vs_excessive_loss"]["rho"],
+            max_gap=attribute.aggregates.max_excess_accuracy_gap,
+            train_max_gap=train_attribute.aggregates.max_excess_accuracy_gap,
+            loss_violation=attribute.aggregates.loss_fairness_violation,
+            worst_drop=attribute.aggregates.max_accuracy_drop,
+            gradient_vs_harm=rank_correlation(attribute, "dense_gradient_norm"),
+            curvature_vs_harm=rank_correlation(attribute, "dense_hessian_trace"),
+            size_vs_gradient=attribute.diagnostics.size_vs_dense_gradient_norm.rho,
+            predicted_vs_measured=attribute.diagnostics.predicted_vs_excessive_loss.rho,
             largest_multiplier=max(multipliers.values()) if multipliers else None,
-            mitigation_seconds=details.get("seconds"),
+            mitigation_seconds=details.seconds if details else None,
         ))
     return rows
 

@@ -1,5 +1,5 @@
 """One attribute (or the intersection of several, named 'a&b') on one split: its groups and the aggregates
-over them. Definitions: docs/METHODS.md."""
+over them. Definitions: docs/METHODS.md §4 (aggregates) and §13 (mechanism checks)."""
 
 from __future__ import annotations
 

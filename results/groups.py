@@ -1,6 +1,6 @@
 """One group of one attribute on one split: its figures, grouped in sections as the report shows them.
 Unprefixed figures are the pruned model's (θs), `dense_` ones the dense model's (θd). Definitions:
-docs/METHODS.md."""
+docs/METHODS.md §3 (core), §5 (proxies), §6 (flips, confusion), §7 (binary rates), §8 (intervals)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from results.base import Interval, Result
 
 
 class BoundaryProxies(Result):
-    """Distance-to-boundary proxies, group means per model."""
+    """Distance-to-boundary proxies, group means per model (docs/METHODS.md §5)."""
 
     dense_error_proxy: float | None = Field(None, description="mean(1 − p_y)")
     error_proxy: float | None = None
@@ -58,7 +58,7 @@ class ConfidenceIntervals(Result):
 
 
 class GroupDiagnostics(Result):
-    """Why the group is hurt (Tran et al. 2022; docs/METHODS.md). `dense_` = at θd, else at θs (unmasked
+    """Why the group is hurt (Tran et al. 2022; docs/METHODS.md §10–§12). `dense_` = at θd, else at θs (unmasked
     parameters only). Computed on the evaluation split only; null on the train split."""
 
     dense_gradient_norm: float | None = Field(None, description="‖∇J_a(θd)‖ of the group's mean loss, exact")

@@ -119,6 +119,30 @@ def downgrade() -> None:
     with op.batch_alter_table('runs', schema=None) as batch_op:
         for name, kind in FIGURE_COLUMNS.items():
             batch_op.add_column(sa.Column(name, kind, nullable=True))
+    connection = op.get_bind()
+    stored = connection.execute(sa.select(runs.c.id, runs.c.result)).all()
+    for run_id, result in stored:
+        train = result["train"]
+        connection.execute(runs.update().where(runs.c.id == run_id).values(
+            **{name: result[name] for name in ("achieved_sparsity", "layer_sparsity", "seconds", "delta_norm",
+                                               "compression", "recipe", "notes", "overall", "mitigation_details")},
+            attributes=_summaries(result["attributes"], True),
+            train_overall=train["overall"] if train else None,
+            train_attributes=_summaries(train["attributes"], False) if train else None,
+        ))
+    # Before group_metrics exists: on SQLite the batch rebuild of `runs` would cascade-delete its rows.
+    with op.batch_alter_table('runs', schema=None) as batch_op:
+        for name in FIGURE_COLUMNS:
+            if name not in NULLABLE:
+                batch_op.alter_column(name, existing_type=FIGURE_COLUMNS[name], nullable=False)
+        batch_op.drop_column('result')
+    _create_group_metrics()
+    rows = [row for run_id, result in stored for row in _rows(run_id, result)]
+    if rows:
+        connection.execute(group_metrics.insert(), rows)
+
+
+def _create_group_metrics() -> None:
     op.create_table(
         'group_metrics',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
@@ -138,21 +162,3 @@ def downgrade() -> None:
         sa.PrimaryKeyConstraint('id'),
     )
     op.create_index('ix_group_metrics_run_attribute', 'group_metrics', ['run_id', 'attribute'], unique=False)
-    connection = op.get_bind()
-    for run_id, result in connection.execute(sa.select(runs.c.id, runs.c.result)).all():
-        train = result["train"]
-        connection.execute(runs.update().where(runs.c.id == run_id).values(
-            **{name: result[name] for name in ("achieved_sparsity", "layer_sparsity", "seconds", "delta_norm",
-                                               "compression", "recipe", "notes", "overall", "mitigation_details")},
-            attributes=_summaries(result["attributes"], True),
-            train_overall=train["overall"] if train else None,
-            train_attributes=_summaries(train["attributes"], False) if train else None,
-        ))
-        rows = _rows(run_id, result)
-        if rows:
-            connection.execute(group_metrics.insert(), rows)
-    with op.batch_alter_table('runs', schema=None) as batch_op:
-        for name in FIGURE_COLUMNS:
-            if name not in NULLABLE:
-                batch_op.alter_column(name, existing_type=FIGURE_COLUMNS[name], nullable=False)
-        batch_op.drop_column('result')

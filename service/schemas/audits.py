@@ -77,7 +77,7 @@ DEFAULT_DUAL_LR = {"equalized_loss": 0.2, "ceag": 0.01}
 
 
 class MitigationSpec(BaseModel):
-    """Training after pruning that tries to undo the harm (SCIENCE.md §5); each becomes its own runs, labelled
+    """Training after pruning that tries to undo the harm (docs/METHODS.md §16); each becomes its own runs, labelled
     '<method>+<mitigation>', next to the unmitigated ones. All train on train_dataset_id with the masks kept."""
 
     model_config = ConfigDict(extra="forbid")

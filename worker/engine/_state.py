@@ -1,6 +1,6 @@
 """What the group diagnostics (worker.engine.gradients, .directional, .curvature) share: the point a model's
 loss is differentiated at (`State`), batches, the cells of several groupings, and the checks of their inputs.
-Definitions: docs/METHODS.md.
+Definitions: docs/METHODS.md §10–§12.
 
 Conventions shared by every diagnostics function:
 

@@ -1,6 +1,6 @@
 """Binary tasks (class 1 positive, Fairlearn's default pos_label): per-group selection rate, true and false
 positive rates from confusion counts, and Fairlearn's between-groups aggregates (demographic parity difference and
-ratio, equalized odds difference, worst case). Definitions: docs/METHODS.md."""
+ratio, equalized odds difference, worst case). Definitions: docs/METHODS.md §7."""
 
 from __future__ import annotations
 

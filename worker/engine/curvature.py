@@ -1,6 +1,6 @@
 """Curvature of every group's mean loss on a capped, seeded subsample: Hessian trace (Hutchinson, with its
 standard error) and top eigenvalue (power iteration, shifted when the largest |λ| is negative), from
-Hessian-vector products. Definitions: docs/METHODS.md.
+Hessian-vector products. Definitions: docs/METHODS.md §11.
 
 Conventions (params, masks, groupings, seeds, eval mode): worker/engine/_state.py.
 """
@@ -95,7 +95,7 @@ def top_eigenvalue(
     iteration on Hessian-vector products (at most `iterations`, stopping once the Rayleigh quotient
     moves less than `tolerance` relatively), on the `curvature_subsample`. Power iteration finds
     the largest |λ|; if that eigenvalue is negative (or ±λ of similar size keep it from settling),
-    it iterates again on H + ρI, ρ the spectral radius found, and subtracts ρ (docs/METHODS.md), so
+    it iterates again on H + ρI, ρ the spectral radius found, and subtracts ρ (docs/METHODS.md §11), so
     the cost is up to 2 × `iterations` products."""
     _check_iterations(iterations, tolerance)
     check_data(x, y)

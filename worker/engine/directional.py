@@ -1,6 +1,6 @@
 """Directional derivatives of every group's mean loss J_a along δ = θs − θd (or any given directions): g_a·δ and
 δᵀH_aδ over all of a group's examples; δ itself and its norm; and Tran's second-order prediction of the excessive
-loss R_hat(a) = g_a·δ + ½ δᵀH_aδ with its two Theorem-1 bound terms. Definitions: docs/METHODS.md.
+loss R_hat(a) = g_a·δ + ½ δᵀH_aδ with its two Theorem-1 bound terms. Definitions: docs/METHODS.md §12.
 
 Conventions (params, masks, groupings, seeds, eval mode): worker/engine/_state.py.
 """

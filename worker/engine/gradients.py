@@ -1,5 +1,5 @@
 """Exact gradient norms ‖g_a‖ of every group's mean loss J_a (and g_a·δ for given directions δ), for several
-groupings in one forward+backward pass over the data. Definitions: docs/METHODS.md.
+groupings in one forward+backward pass over the data. Definitions: docs/METHODS.md §10.
 
 Conventions (params, masks, groupings, seeds, eval mode): worker/engine/_state.py.
 """

@@ -1,6 +1,6 @@
 """Groups of examples: one attribute's integer codes (−1 = no group) checked against its names, the
 intersection of several attributes, per-group means and counts by bincount over the groups that have examples,
-and the spread over groups. No Python loop over examples. Definitions: docs/METHODS.md."""
+and the spread over groups. No Python loop over examples. Definitions: docs/METHODS.md §1, §4."""
 
 from __future__ import annotations
 

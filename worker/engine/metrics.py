@@ -2,7 +2,7 @@
 `Outcomes`: accuracy drop Δa, excess accuracy gap ψa (Balancing Act), excessive loss R(a) and the loss fairness
 violation ξ (Tran et al.); distance-to-boundary proxies, flips, confusion matrices, binary-task rates
 (worker.engine.binary), small-group flags and bootstrap confidence intervals (worker.engine.statistics).
-Definitions: docs/METHODS.md.
+Definitions: docs/METHODS.md §3–§8.
 
 Accuracies are fractions (ε = 0.01 is one percentage point), losses are mean cross-entropy in nats.
 Every per-group quantity is a bincount over the group codes: no Python loop over examples. A value
@@ -25,7 +25,7 @@ from worker.engine.groupings import Grouping, checked_codes, spread, too_few_gro
 from worker.engine.outcomes import Outcomes
 from worker.engine.statistics import bootstrap_group_intervals
 
-DEFAULT_MIN_GROUP_SIZE = 30  # docs/METHODS.md: flag n_a < 30 as unreliable
+DEFAULT_MIN_GROUP_SIZE = 30  # docs/METHODS.md §3: flag n_a < 30 as unreliable
 DEFAULT_MAX_CONFUSION_CELLS = 1_000_000  # groups × classes² per model; beyond it the matrices are left out
 
 

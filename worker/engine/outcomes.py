@@ -1,6 +1,6 @@
 """What one model did on each example: `Outcomes` (prediction, correctness, float64 cross-entropy and the
 distance-to-boundary inputs p_y, 1 − Σp², logit margin) and `evaluate`, which computes them batch by batch.
-Definitions: docs/METHODS.md."""
+Definitions: docs/METHODS.md §2."""
 
 from __future__ import annotations
 

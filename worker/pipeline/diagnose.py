@@ -1,4 +1,4 @@
-"""Why groups are hurt (Tran et al. 2022; docs/METHODS.md): per-group gradient norms and curvature of a model,
+"""Why groups are hurt (Tran et al. 2022; docs/METHODS.md §9–§13): per-group gradient norms and curvature of a model,
 the directional terms along δ = θs − θd, and the figures and mechanism checks a run reports, all computed by
 worker.engine's gradients, curvature and directional modules."""
 

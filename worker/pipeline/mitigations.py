@@ -1,5 +1,5 @@
 """Mitigated runs: the pruned model trained under a mitigation (finetune, equalized_loss, ceag) on the train
-split with its masks kept, before and/or after pruning (docs/METHODS.md)."""
+split with its masks kept, before and/or after pruning (docs/METHODS.md §16)."""
 
 from __future__ import annotations
 
