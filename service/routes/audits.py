@@ -25,19 +25,31 @@ def audit_out(audit: Audit, request: Request) -> AuditOut:
     if audit.status == AuditStatus.succeeded:
         out.report_url = str(request.url_for("read_report", audit_id=audit.id))
         if audit.report_token and audit.report_html_sha256:
-            out.report_html_url = str(request.url_for("read_report_html", audit_id=audit.id)
-                                      .include_query_params(token=audit.report_token))
+            out.report_html_url = str(
+                request.url_for("read_report_html", audit_id=audit.id).include_query_params(token=audit.report_token)
+            )
     return out
 
 
 @router.post("", status_code=202, response_model=AuditOut)
 @releases_connection
 def create_audit(
-    spec: AuditSpec, session: SessionDep, tenant: TenantDep, settings: SettingsDep, request: Request,
+    spec: AuditSpec,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    request: Request,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255, description=(
-        "Retry-safe creation (IETF draft): the same key and body replays the first response; the same key "
-        "with another body is 422; while the first request is still in flight, 409."))] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description=(
+                "Retry-safe creation (IETF draft): the same key and body replays the first response; the same key "
+                "with another body is 422; while the first request is still in flight, 409."
+            ),
+        ),
+    ] = None,
 ) -> AuditOut:
     """Queue an audit: the dense model and each method × ratio are evaluated per group by a worker."""
     if idempotency_key and (earlier := audits.replayed_audit(session, tenant, idempotency_key, spec)):
@@ -104,8 +116,11 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
     )
 
 
-@router.get("/{audit_id}/report.csv", response_class=PlainTextResponse,
-            responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}})
+@router.get(
+    "/{audit_id}/report.csv",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}},
+)
 @releases_connection
 def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
     """The per-group table, one row per run × attribute × group, numbers exactly as in the JSON."""
@@ -113,18 +128,29 @@ def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, reque
     etag = audits.report_etag(audit)
     if cached := not_modified(request, etag):
         return cached
-    return Response(audits.report_csv(audits.assemble_report(audit)), media_type="text/csv",
-                    headers={"ETag": etag, "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'})
+    return Response(
+        audits.report_csv(audits.assemble_report(audit)),
+        media_type="text/csv",
+        headers={"ETag": etag, "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'},
+    )
 
 
-@router.get("/{audit_id}/report.html", response_class=HTMLResponse,
-            responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}})
+@router.get(
+    "/{audit_id}/report.html",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}},
+)
 @releases_connection
 def read_report_html(
-    audit_id: str, session: SessionDep, store: StoreDep, request: Request,
+    audit_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    request: Request,
     api_key: Annotated[str | None, Depends(api_key_header)] = None,
-    token: Annotated[str | None, Query(max_length=64, description="The share token of `report_html_url`: "
-                                       "opens this report without an API key.")] = None,
+    token: Annotated[
+        str | None,
+        Query(max_length=64, description="The share token of `report_html_url`: opens this report without an API key."),
+    ] = None,
 ) -> Response:
     """The report for people: verdict, per-group curves and diagnostics plots, self-contained (no outside requests).
     Opens with the tenant's API key, or with the audit's share token (`report_html_url`) in a browser."""
@@ -135,8 +161,9 @@ def read_report_html(
     etag = audits.report_etag(audit)
     if cached := not_modified(request, etag):
         return cached
-    return FileResponse(store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8",
-                        headers={"ETag": etag})
+    return FileResponse(
+        store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8", headers={"ETag": etag}
+    )
 
 
 @router.get(
@@ -145,8 +172,9 @@ def read_report_html(
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
 @releases_connection
-def download_run_weights(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep,
-                         store: StoreDep) -> FileResponse:
+def download_run_weights(
+    audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep
+) -> FileResponse:
     """The run's pruned (and fine-tuned) weights as safetensors; re-upload them with the run's
     recipe.architecture to evaluate the same model again."""
     run = audits.get_run(session, tenant, audit_id, run_id)
@@ -160,4 +188,4 @@ def download_run_weights(audit_id: str, run_id: str, session: SessionDep, tenant
 @releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""
-    return audits.get_run(session, tenant, audit_id, run_id).recipe
+    return audits.get_run(session, tenant, audit_id, run_id).result["recipe"]

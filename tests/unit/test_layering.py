@@ -4,10 +4,10 @@ import hidden inside a function counts as much as one at the top of a file).
 Rules, over the packages service/, worker/, arch/ and results/ (a package not in the tree yet is skipped; its
 rules apply as soon as it exists):
 
-1. No import cycle among the first-party modules. The graph has an edge A → B when A's module body imports B:
-   imports inside functions, and under `if TYPE_CHECKING:`, are left out, because they run only when called
-   (after every module has loaded), which is how a deliberate lazy import breaks a cycle. Relative imports are
-   resolved against the importing module's package; `from x import y` is an edge to the module `x.y` when that
+1. No import cycle among the first-party modules. The graph has an edge A → B when A imports B anywhere, in its
+   module body or inside a function: a lazy import only hides a circle of dependencies, it does not remove it.
+   Imports under `if TYPE_CHECKING:` are left out (they never run; annotations may name each other). Relative
+   imports are resolved against the importing module's package; `from x import y` is an edge to the module `x.y` when that
    is a first-party module, else to `x`. Edges go to the named module only, not its parent packages: a parent
    is already in `sys.modules` while its submodules load, so a submodule importing a sibling is no cycle.
 2. Forbidden imports, anywhere in a file (function level included), `importlib.import_module("…")` and
@@ -52,7 +52,7 @@ class Import:
     path: Path  # the importing file
     line: int
     module: str  # absolute dotted name of what is imported
-    at_load: bool  # runs when the importing module loads (module or class body, not a function or TYPE_CHECKING)
+    type_only: bool  # under `if TYPE_CHECKING:`: never runs
 
 
 def python_files(root: Path, package: str) -> list[Path]:
@@ -84,29 +84,28 @@ def file_imports(root: Path, path: Path, known: set[str] | dict[str, Path]) -> l
         submodule = f"{base}.{name}" if base else name
         return submodule if submodule in known else base
 
-    def visit(node: ast.AST, at_load: bool) -> None:
+    def visit(node: ast.AST, type_only: bool) -> None:
         if isinstance(node, ast.Import):
-            found.extend(Import(path, node.lineno, alias.name, at_load) for alias in node.names)
+            found.extend(Import(path, node.lineno, alias.name, type_only) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            found.extend(Import(path, node.lineno, target(base, alias.name), at_load) for alias in node.names)
+            found.extend(Import(path, node.lineno, target(base, alias.name), type_only) for alias in node.names)
         elif isinstance(node, ast.Call) and _literal_import_call(node):
-            found.append(Import(path, node.lineno, node.args[0].value, at_load))
+            found.append(Import(path, node.lineno, node.args[0].value, type_only))
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             for child in node.body:
-                visit(child, False)
+                visit(child, True)
             for child in node.orelse:
-                visit(child, at_load)
+                visit(child, type_only)
             return
-        nested = at_load and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
         for child in ast.iter_child_nodes(node):
-            visit(child, nested)
+            visit(child, type_only)
 
-    visit(ast.parse(path.read_text(), filename=str(path)), True)
+    visit(ast.parse(path.read_text(), filename=str(path)), False)
     return found
 
 
@@ -128,15 +127,15 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def import_cycles(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[list[str]]:
-    """One cycle (a list of modules, first = last) per strongly connected group of modules in the load-time
-    import graph, found with Tarjan's algorithm."""
+    """One cycle (a list of modules, first = last) per strongly connected group of modules in the import graph
+    (every import that can run, function level included), found with Tarjan's algorithm."""
     modules = first_party_modules(root, packages)
     graph = {
         name: sorted(
             {
                 i.module
                 for i in file_imports(root, path, modules)
-                if i.at_load and i.module in modules and i.module != name
+                if not i.type_only and i.module in modules and i.module != name
             }
         )
         for name, path in modules.items()
@@ -294,19 +293,15 @@ def test_a_cycle_through_relative_and_submodule_imports_is_caught(tmp_path):
     assert import_cycles(root) == [["service.a", "service.b", "service.sub.c", "service.a"]]
 
 
-def test_lazy_and_type_checking_imports_make_no_cycle(tmp_path):
-    root = write(
-        tmp_path,
-        {
-            "worker/__init__.py": "",
-            "worker/a.py": "import worker.b\n",
-            "worker/b.py": (
-                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import worker.a\n"
-                "def late():\n    import worker.a\n"
-            ),
-        },
-    )
-    assert import_cycles(root) == []
+def test_type_checking_imports_make_no_cycle_but_lazy_ones_do(tmp_path):
+    files = {
+        "worker/__init__.py": "",
+        "worker/a.py": "import worker.b\n",
+        "worker/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import worker.a\n",
+    }
+    assert import_cycles(write(tmp_path / "typing", files)) == []
+    files["worker/b.py"] += "def late():\n    import worker.a\n"
+    assert import_cycles(write(tmp_path / "lazy", files)) == [["worker.a", "worker.b", "worker.a"]]
 
 
 @pytest.mark.parametrize(
