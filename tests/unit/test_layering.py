@@ -7,9 +7,10 @@ rules apply as soon as it exists):
 1. No import cycle among the first-party modules. The graph has an edge A → B when A imports B anywhere, in its
    module body or inside a function: a lazy import only hides a circle of dependencies, it does not remove it.
    Imports under `if TYPE_CHECKING:` are left out (they never run; annotations may name each other). Relative
-   imports are resolved against the importing module's package; `from x import y` is an edge to the module `x.y` when that
-   is a first-party module, else to `x`. Edges go to the named module only, not its parent packages: a parent
-   is already in `sys.modules` while its submodules load, so a submodule importing a sibling is no cycle.
+   imports are resolved against the importing module's package; `from x import y` is an edge to the module
+   `x.y` when that is a first-party module, else to `x`. Edges go to the named module only, not its parent
+   packages: a parent is already in `sys.modules` while its submodules load, so a submodule importing a
+   sibling is no cycle.
 2. Forbidden imports, anywhere in a file (function level included), `importlib.import_module("…")` and
    `__import__("…")` with a literal name too: worker/engine/ (a library: DESIGN invariant 6) imports neither
    service nor pydantic_settings, celery, fastapi, sqlalchemy; service/ (the light HTTP process, invariants 5
