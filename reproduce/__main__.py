@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from scipy import stats
 
 from reproduce.datasets import TASKS, Task
-from service.dataset_files import write_dataset_files
 from results.attributes import AttributeResult
 from results.runs import RunResult
+from service.dataset_files import write_dataset_files
 from service.schemas.audits import AuditSpec
 from worker.engine.architectures import build_model
 from worker.engine.finetune import finetune
@@ -59,13 +59,18 @@ class Row:
 
 
 def train_dense(task: Task, seed: int) -> tuple[dict, torch.nn.Module]:
-    architecture = {"name": "mlp", "in_features": task.train.x.shape[1], "hidden": HIDDEN,
-                    "num_classes": len(task.classes)}
+    architecture = {
+        "name": "mlp",
+        "in_features": task.train.x.shape[1],
+        "hidden": HIDDEN,
+        "num_classes": len(task.classes),
+    }
     torch.manual_seed(seed)
     model = build_model(architecture)
     with intra_op_threads(sum(p.numel() for p in model.parameters()), torch.device("cpu")):
-        finetune(model, task.train.x, task.train.y, epochs=DENSE_EPOCHS, lr=1e-3, optimizer="adam", batch_size=64,
-                 seed=seed)
+        finetune(
+            model, task.train.x, task.train.y, epochs=DENSE_EPOCHS, lr=1e-3, optimizer="adam", batch_size=64, seed=seed
+        )
     return architecture, model
 
 
@@ -76,15 +81,26 @@ def audit(task: Task, seed: int, workdir: Path) -> list[RunResult]:
         write_dataset_files(workdir / name, split.x, split.y, split.groups)
     group_by = list(task.group_names)
     spec = AuditSpec(
-        model_id="-", dataset_id="-", train_dataset_id="-", group_by=group_by,
+        model_id="-",
+        dataset_id="-",
+        train_dataset_id="-",
+        group_by=group_by,
         pruning={"ratios": RATIOS, "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}]},
         mitigations=[{"name": name, **MITIGATION_OPTIONS} for name in MITIGATIONS if name != "none"],
         diagnostics={"hutchinson_probes": 16, "power_iterations": 10, "max_examples_per_group": 256},
-        statistics={"bootstrap_resamples": 0}, seed=seed,
+        statistics={"bootstrap_resamples": 0},
+        seed=seed,
     )
     datasets = {name: DatasetInput(workdir / name, task.group_names) for name in ("train", "eval")}
-    inputs = AuditInputs(spec=spec, architecture=architecture, weights_path=workdir / "dense.safetensors",
-                         evaluation=datasets["eval"], train=datasets["train"], output_dir=workdir, device="cpu")
+    inputs = AuditInputs(
+        spec=spec,
+        architecture=architecture,
+        weights_path=workdir / "dense.safetensors",
+        evaluation=datasets["eval"],
+        train=datasets["train"],
+        output_dir=workdir,
+        device="cpu",
+    )
     return [run.result for run in run_audit_pipeline(inputs, lambda _fraction, _message: None).runs]
 
 
@@ -104,20 +120,27 @@ def rows_of(task: Task, seed: int, runs: list[RunResult]) -> list[Row]:
         train_attribute = run.train.attributes[-1]
         details = run.mitigation_details
         multipliers = details.multipliers if details and details.multipliers else {}
-        rows.append(Row(
-            dataset=task.name, seed=seed, ratio=run.ratio, mitigation=run.mitigation, attribute=attribute.attribute,
-            accuracy=run.overall.accuracy, train_accuracy=run.train.overall.accuracy,
-            max_gap=attribute.aggregates.max_excess_accuracy_gap,
-            train_max_gap=train_attribute.aggregates.max_excess_accuracy_gap,
-            loss_violation=attribute.aggregates.loss_fairness_violation,
-            worst_drop=attribute.aggregates.max_accuracy_drop,
-            gradient_vs_harm=rank_correlation(attribute, "dense_gradient_norm"),
-            curvature_vs_harm=rank_correlation(attribute, "dense_hessian_trace"),
-            size_vs_gradient=attribute.diagnostics.size_vs_dense_gradient_norm.rho,
-            predicted_vs_measured=attribute.diagnostics.predicted_vs_excessive_loss.rho,
-            largest_multiplier=max(multipliers.values()) if multipliers else None,
-            mitigation_seconds=details.seconds if details else None,
-        ))
+        rows.append(
+            Row(
+                dataset=task.name,
+                seed=seed,
+                ratio=run.ratio,
+                mitigation=run.mitigation,
+                attribute=attribute.attribute,
+                accuracy=run.overall.accuracy,
+                train_accuracy=run.train.overall.accuracy,
+                max_gap=attribute.aggregates.max_excess_accuracy_gap,
+                train_max_gap=train_attribute.aggregates.max_excess_accuracy_gap,
+                loss_violation=attribute.aggregates.loss_fairness_violation,
+                worst_drop=attribute.aggregates.max_accuracy_drop,
+                gradient_vs_harm=rank_correlation(attribute, "dense_gradient_norm"),
+                curvature_vs_harm=rank_correlation(attribute, "dense_hessian_trace"),
+                size_vs_gradient=attribute.diagnostics.size_vs_dense_gradient_norm.rho,
+                predicted_vs_measured=attribute.diagnostics.predicted_vs_excessive_loss.rho,
+                largest_multiplier=max(multipliers.values()) if multipliers else None,
+                mitigation_seconds=details.seconds if details else None,
+            )
+        )
     return rows
 
 
@@ -145,9 +168,11 @@ def select(rows: list[Row], **where) -> list[Row]:
 
 
 def table(rows: list[Row]) -> list[str]:
-    lines = ["| ratio | mitigation | accuracy (%) | max ψ eval (pts) | max ψ train (pts) | ξ eval | worst-group drop "
-             "(pts) | largest λ | mitigation s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ratio | mitigation | accuracy (%) | max ψ eval (pts) | max ψ train (pts) | ξ eval | worst-group drop "
+        "(pts) | largest λ | mitigation s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for ratio in RATIOS:
         for mitigation in MITIGATIONS:
             chosen = select(rows, ratio=ratio, mitigation=mitigation)
@@ -156,19 +181,24 @@ def table(rows: list[Row]) -> list[str]:
                 f"| {cell([r.max_gap for r in chosen])} | {cell([r.train_max_gap for r in chosen])} "
                 f"| {cell([r.loss_violation for r in chosen], 1, 3)} | {cell([r.worst_drop for r in chosen])} "
                 f"| {cell([r.largest_multiplier for r in chosen], 1, 3)} "
-                f"| {cell([r.mitigation_seconds for r in chosen], 1, 2)} |")
+                f"| {cell([r.mitigation_seconds for r in chosen], 1, 2)} |"
+            )
     return lines
 
 
 def diagnostics_table(rows: list[Row]) -> list[str]:
-    lines = ["| ratio | ρ(dense ‖g_a‖, R(a)) | ρ(dense Tr H_a, R(a)) | ρ(group size, ‖g_a‖) | ρ(R̂(a), R(a)) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| ratio | ρ(dense ‖g_a‖, R(a)) | ρ(dense Tr H_a, R(a)) | ρ(group size, ‖g_a‖) | ρ(R̂(a), R(a)) |",
+        "|---|---|---|---|---|",
+    ]
     for ratio in RATIOS:
         chosen = select(rows, ratio=ratio, mitigation="none")
-        lines.append(f"| {ratio:g} | {cell([r.gradient_vs_harm for r in chosen], 1, 2)} "
-                     f"| {cell([r.curvature_vs_harm for r in chosen], 1, 2)} "
-                     f"| {cell([r.size_vs_gradient for r in chosen], 1, 2)} "
-                     f"| {cell([r.predicted_vs_measured for r in chosen], 1, 2)} |")
+        lines.append(
+            f"| {ratio:g} | {cell([r.gradient_vs_harm for r in chosen], 1, 2)} "
+            f"| {cell([r.curvature_vs_harm for r in chosen], 1, 2)} "
+            f"| {cell([r.size_vs_gradient for r in chosen], 1, 2)} "
+            f"| {cell([r.predicted_vs_measured for r in chosen], 1, 2)} |"
+        )
     return lines
 
 
@@ -194,15 +224,17 @@ def finding_a(rows: list[Row]) -> tuple[bool, str]:
     return above_zero(per_seed), (
         f"mean max ψ without mitigation goes from {means[0] * 100:.1f} points at {RATIOS[0]:g} to "
         f"{means[-1] * 100:.1f} at {RATIOS[-1]:g}, peaking at {max(means) * 100:.1f}; ρ(ratio, max ψ) per seed "
-        f"{cell(per_seed, 1, 2)}")
+        f"{cell(per_seed, 1, 2)}"
+    )
 
 
 def finding_b(rows: list[Row], field: str, words: str) -> tuple[bool, str]:
     """Does the group's dense `field` rank with its excessive loss R(a) over the unmitigated runs (interval
     of the mean ρ above 0)?"""
     values = [getattr(r, field) for r in select(rows, mitigation="none") if getattr(r, field) is not None]
-    return above_zero(values), (f"mean ρ({words}, R(a)) = {cell(values, 1, 2)}, positive in "
-                                f"{sum(v > 0 for v in values)} of {len(values)} runs")
+    return above_zero(values), (
+        f"mean ρ({words}, R(a)) = {cell(values, 1, 2)}, positive in {sum(v > 0 for v in values)} of {len(values)} runs"
+    )
 
 
 def finding_lower(rows: list[Row], field: str) -> dict[str, tuple[int, int, float]]:
@@ -210,10 +242,17 @@ def finding_lower(rows: list[Row], field: str) -> dict[str, tuple[int, int, floa
     interval of the seed-paired difference lies below 0, and the mean difference over ratios."""
     result = {}
     for mitigation in ("equalized_loss", "ceag"):
-        paired = [[getattr(m, field) - getattr(f, field)
-                   for m, f in zip(select(rows, ratio=r, mitigation=mitigation), select(rows, ratio=r, mitigation="finetune"),
-                                   strict=True)]
-                  for r in RATIOS]
+        paired = [
+            [
+                getattr(m, field) - getattr(f, field)
+                for m, f in zip(
+                    select(rows, ratio=r, mitigation=mitigation),
+                    select(rows, ratio=r, mitigation="finetune"),
+                    strict=True,
+                )
+            ]
+            for r in RATIOS
+        ]
         means = [float(np.mean(d)) for d in paired]
         significant = sum(above_zero([-v for v in d]) for d in paired)
         result[mitigation] = (sum(m < 0 for m in means), significant, float(np.mean(means)))
@@ -221,9 +260,11 @@ def finding_lower(rows: list[Row], field: str) -> dict[str, tuple[int, int, floa
 
 
 def words_lower(result: dict[str, tuple[int, int, float]]) -> str:
-    return "; ".join(f"{name} below finetune at {below} of {len(RATIOS)} ratios ({significant} with the interval "
-                     f"below 0; mean difference {difference * 100:+.1f} points)"
-                     for name, (below, significant, difference) in result.items())
+    return "; ".join(
+        f"{name} below finetune at {below} of {len(RATIOS)} ratios ({significant} with the interval "
+        f"below 0; mean difference {difference * 100:+.1f} points)"
+        for name, (below, significant, difference) in result.items()
+    )
 
 
 def document(results: dict[str, list[Row]], tasks: dict[str, Task], seconds: float) -> str:
@@ -256,17 +297,27 @@ def document(results: dict[str, list[Row]], tasks: dict[str, Task], seconds: flo
     verdicts = {}
     for name, rows in results.items():
         a = finding_a(rows)
-        b = (finding_b(rows, "gradient_vs_harm", "dense gradient norm"),
-             finding_b(rows, "curvature_vs_harm", "dense Hessian trace"))
+        b = (
+            finding_b(rows, "gradient_vs_harm", "dense gradient norm"),
+            finding_b(rows, "curvature_vs_harm", "dense Hessian trace"),
+        )
         c, d = finding_lower(rows, "train_max_gap"), finding_lower(rows, "max_gap")
         verdicts[name] = (a, b, c, d)
     lines += ["## Verdict", ""]
     lines += verdict_lines(verdicts)
     for name, rows in results.items():
         attribute = rows[0].attribute
-        lines += ["", f"## {name} (groups: {attribute})", "", *table(rows), "",
-                  "Mechanism diagnostics, unmitigated runs (Spearman ρ over groups; with few groups a rank "
-                  "correlation is weak evidence):", "", *diagnostics_table(rows)]
+        lines += [
+            "",
+            f"## {name} (groups: {attribute})",
+            "",
+            *table(rows),
+            "",
+            "Mechanism diagnostics, unmitigated runs (Spearman ρ over groups; with few groups a rank "
+            "correlation is weak evidence):",
+            "",
+            *diagnostics_table(rows),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -285,24 +336,39 @@ def verdict_lines(verdicts: dict) -> list[str]:
     ]
     for index, what in ((0, "dense gradient norm"), (1, "dense curvature (Hessian trace)")):
         b = [v[1][index][0] for v in verdicts.values()]
-        lines += [f"**(b) Groups with a larger {what} lose more** — {outcome(b)} ({share(b)}). "
-                  + " ".join(f"{name}: {v[1][index][1]}." for name, v in verdicts.items()), ""]
-    for key, split, index in (("c", "train", 2), ("d", "evaluation", 3)):
-        per_method = {m: [v[index][m][0] > len(RATIOS) / 2 for v in verdicts.values()] for m in ("equalized_loss", "ceag")}
+        lines += [
+            f"**(b) Groups with a larger {what} lose more** — {outcome(b)} ({share(b)}). "
+            + " ".join(f"{name}: {v[1][index][1]}." for name, v in verdicts.items()),
+            "",
+        ]
+    for key, _split, index in (("c", "train", 2), ("d", "evaluation", 3)):
+        per_method = {
+            m: [v[index][m][0] > len(RATIOS) / 2 for v in verdicts.values()] for m in ("equalized_loss", "ceag")
+        }
         summary = ", ".join(f"{m} in {share(ok)}" for m, ok in per_method.items())
-        title = ("equalized_loss and ceag lower max ψ against finetune on the train split" if key == "c"
-                 else "on the evaluation split (held-out data)")
-        lines += [f"**({key}) {title}** — lower at most ratios: {summary}. "
-                  + " ".join(f"{name}: {words_lower(v[index])}." for name, v in verdicts.items()), ""]
-    lines.append("ψ is measured against the overall drop: where a model collapses for everyone at the highest "
-                 "ratios, every group loses nearly everything and max ψ falls again although the harm is largest "
-                 "(hence the peak figure in (a)). Rank correlations over 4 to 10 groups are weak evidence; the "
-                 "tables give them per ratio.")
+        title = (
+            "equalized_loss and ceag lower max ψ against finetune on the train split"
+            if key == "c"
+            else "on the evaluation split (held-out data)"
+        )
+        lines += [
+            f"**({key}) {title}** — lower at most ratios: {summary}. "
+            + " ".join(f"{name}: {words_lower(v[index])}." for name, v in verdicts.items()),
+            "",
+        ]
+    lines.append(
+        "ψ is measured against the overall drop: where a model collapses for everyone at the highest "
+        "ratios, every group loses nearly everything and max ψ falls again although the harm is largest "
+        "(hence the peak figure in (a)). Rank correlations over 4 to 10 groups are weak evidence; the "
+        "tables give them per ratio."
+    )
     lines.append("")
-    lines.append("Balancing Act warns that gains on the train split often do not carry over to unseen data; compare "
-                 "(c) with (d). (a) and (b) count as reproduced on a data set when the 95% interval of the mean rank "
-                 "correlation lies above 0; (c) and (d) count the ratios where the mitigation's mean max ψ is below "
-                 "finetune's, and say at how many the seed-paired interval excludes no difference.")
+    lines.append(
+        "Balancing Act warns that gains on the train split often do not carry over to unseen data; compare "
+        "(c) with (d). (a) and (b) count as reproduced on a data set when the 95% interval of the mean rank "
+        "correlation lies above 0; (c) and (d) count the ratios where the mitigation's mean max ψ is below "
+        "finetune's, and say at how many the seed-paired interval excludes no difference."
+    )
     return lines
 
 

@@ -42,8 +42,10 @@ def _why_unpickling_failed(message: str) -> str:
     # torch's message advises turning weights_only off, which must never reach a client as advice here.
     found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.<>]+)", message, re.IGNORECASE)
     if found:
-        return (f"it refers to the Python object {found.group(1)}, which is code, not weights "
-                "(a whole pickled model or a custom class)")
+        return (
+            f"it refers to the Python object {found.group(1)}, which is code, not weights "
+            "(a whole pickled model or a custom class)"
+        )
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
     if found:
         return f"it holds something other than tensors and plain containers ({found.group(1).strip().rstrip('.')})"
@@ -58,7 +60,9 @@ def load_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise Refused("torch.load(weights_only=True) refused the checkpoint: " + _why_unpickling_failed(str(exc))) from None
+        raise Refused(
+            "torch.load(weights_only=True) refused the checkpoint: " + _why_unpickling_failed(str(exc))
+        ) from None
     except RuntimeError as exc:
         text = str(exc)
         if "can't allocate memory" in text or "DefaultCPUAllocator" in text:
@@ -67,7 +71,9 @@ def load_state_dict(path: str) -> dict:
             raise Refused("the file is a TorchScript archive, not a state dict") from None
         if "Invalid magic number" in text or "failed finding central directory" in text or "data.pkl" in text:
             raise Refused("the file is not a torch.save checkpoint (corrupt, truncated or another format)") from None
-        raise Refused(f"torch.load(weights_only=True) could not read the checkpoint ({text.splitlines()[0][:200]})") from None
+        raise Refused(
+            f"torch.load(weights_only=True) could not read the checkpoint ({text.splitlines()[0][:200]})"
+        ) from None
     except (EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise Refused(f"the checkpoint is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]})") from None
 
@@ -75,26 +81,50 @@ def load_state_dict(path: str) -> dict:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a training checkpoint {"state_dict": ..., "epoch": ...}: the weights only
     if not isinstance(obj, dict):
-        raise Refused(f"the checkpoint holds a value of type {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+        raise Refused(
+            f"the checkpoint holds a value of type {type(obj).__name__}, not a state dict "
+            "(a mapping of names to tensors)"
+        )
     if not obj:
         raise Refused("the checkpoint holds an empty mapping; a state dict maps parameter names to tensors")
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise Refused(f"the state dict has the key {key!r} ({type(key).__name__}); keys must be parameter names (str)")
+            raise Refused(
+                f"the state dict has the key {key!r} ({type(key).__name__}); keys must be parameter names (str)"
+            )
         if not isinstance(value, torch.Tensor):
-            raise Refused(f"the state dict maps {key!r} to a value of type {type(value).__name__}; every value must be a tensor")
+            raise Refused(
+                f"the state dict maps {key!r} to a value of type {type(value).__name__}; every value must be a tensor"
+            )
         if value.layout != torch.strided or value.is_quantized or value.is_nested:
             raise Refused(f"the state dict maps {key!r} to a {value.layout} tensor; only dense tensors are accepted")
         if value.dtype not in allowed:
-            raise Refused(f"the state dict maps {key!r} to a tensor of dtype {value.dtype}, which safetensors cannot hold")
+            raise Refused(
+                f"the state dict maps {key!r} to a tensor of dtype {value.dtype}, which safetensors cannot hold"
+            )
     return obj
 
 
 def _safetensors_dtypes() -> set:
     import torch
 
-    names = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16",
-             "int8", "uint8", "uint16", "uint32", "uint64", "bool"]
+    names = [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    ]
     return {getattr(torch, n) for n in names if hasattr(torch, n)}
 
 
@@ -108,8 +138,11 @@ def write_safetensors(state: dict, out: str) -> int:
     for key, value in state.items():
         value = value.detach()
         storage = value.untyped_storage()
-        owns_storage = value.is_contiguous() and value.storage_offset() == 0 and \
-            storage.nbytes() == value.numel() * value.element_size()
+        owns_storage = (
+            value.is_contiguous()
+            and value.storage_offset() == 0
+            and storage.nbytes() == value.numel() * value.element_size()
+        )
         if storage.data_ptr() in seen or not owns_storage:
             value = value.clone(memory_format=torch.contiguous_format)
         seen.add(value.untyped_storage().data_ptr())

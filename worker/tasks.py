@@ -35,8 +35,15 @@ def claim(audit_id: str) -> int | None:
         result = session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
-            .values(status=AuditStatus.running, attempts=Audit.attempts + 1, started_at=utcnow(),
-                    heartbeat_at=utcnow(), progress=0.0, progress_message="started", error=None)
+            .values(
+                status=AuditStatus.running,
+                attempts=Audit.attempts + 1,
+                started_at=utcnow(),
+                heartbeat_at=utcnow(),
+                progress=0.0,
+                progress_message="started",
+                error=None,
+            )
         )
         if result.rowcount != 1:
             return None
@@ -91,8 +98,9 @@ def render_html(audit: Audit, store) -> str | None:
     except Exception:
         log.exception("audit %s: the HTML report could not be rendered", audit.id)
         return None
-    with tempfile.NamedTemporaryFile("w", suffix=".html", dir=store.root / "tmp", delete=False,
-                                     encoding="utf-8") as handle:
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".html", dir=store.root / "tmp", delete=False, encoding="utf-8"
+    ) as handle:
         handle.write(html)
     return store.add_file(Path(handle.name))
 
@@ -103,12 +111,19 @@ def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
         audit = session.get(Audit, audit_id)
         for position, run in enumerate(output.runs):
             result = run.result
-            session.add(Run(
-                audit_id=audit_id, position=position, label=result.label, method=result.method, scope=result.scope,
-                ratio=result.ratio, mitigation=result.mitigation,
-                weights_sha256=store.add_file(run.weights_path) if run.weights_path is not None else None,
-                result=result.model_dump(mode="json"),
-            ))
+            session.add(
+                Run(
+                    audit_id=audit_id,
+                    position=position,
+                    label=result.label,
+                    method=result.method,
+                    scope=result.scope,
+                    ratio=result.ratio,
+                    mitigation=result.mitigation,
+                    weights_sha256=store.add_file(run.weights_path) if run.weights_path is not None else None,
+                    result=result.model_dump(mode="json"),
+                )
+            )
         audit.environment = output.environment
         session.flush()
         session.expire(audit, ["runs"])
@@ -119,13 +134,21 @@ def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
         finished = session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempt)
-            .values(status=AuditStatus.succeeded, progress=1.0, progress_message="done", finished_at=finished_at,
-                    heartbeat_at=utcnow())
+            .values(
+                status=AuditStatus.succeeded,
+                progress=1.0,
+                progress_message="done",
+                finished_at=finished_at,
+                heartbeat_at=utcnow(),
+            )
         )
         if finished.rowcount != 1:
             session.rollback()
-            log.info("audit %s left 'running' (or was re-queued) while attempt %d ran; its results are discarded",
-                     audit_id, attempt)
+            log.info(
+                "audit %s left 'running' (or was re-queued) while attempt %d ran; its results are discarded",
+                audit_id,
+                attempt,
+            )
 
 
 @app.task(name=RUN_AUDIT_TASK)
@@ -141,29 +164,42 @@ def run_audit(audit_id: str) -> None:
 
     settings = get_settings()
     try:
-        with AttemptHeartbeat(audit_id, attempt, interval_s=settings.heartbeat_interval_s,
-                              max_memory_mb=settings.worker_max_memory_mb):
-            with tempfile.TemporaryDirectory(dir=get_store().root / "tmp") as output_dir:
-                with session_scope() as session:
-                    inputs = pipeline_inputs(session.get(Audit, audit_id), Path(output_dir))
-                result = run_audit_pipeline(
-                    inputs, lambda fraction, message: report_progress(audit_id, attempt, fraction, message))
-                # A last ownership check: an attempt the sweeper replaced while it computed stores nothing.
-                report_progress(audit_id, attempt, 1.0, "storing results")
-                store_results(audit_id, attempt, result)
+        with (
+            AttemptHeartbeat(
+                audit_id, attempt, interval_s=settings.heartbeat_interval_s, max_memory_mb=settings.worker_max_memory_mb
+            ),
+            tempfile.TemporaryDirectory(dir=get_store().root / "tmp") as output_dir,
+        ):
+            with session_scope() as session:
+                inputs = pipeline_inputs(session.get(Audit, audit_id), Path(output_dir))
+            result = run_audit_pipeline(
+                inputs, lambda fraction, message: report_progress(audit_id, attempt, fraction, message)
+            )
+            # A last ownership check: an attempt the sweeper replaced while it computed stores nothing.
+            report_progress(audit_id, attempt, 1.0, "storing results")
+            store_results(audit_id, attempt, result)
     except AttemptSuperseded:
-        log.warning("audit %s: attempt %d no longer owns the audit (re-queued or ended); its work is dropped",
-                    audit_id, attempt)
+        log.warning(
+            "audit %s: attempt %d no longer owns the audit (re-queued or ended); its work is dropped", audit_id, attempt
+        )
     except AuditCancelled:
         finish(audit_id, attempt, AuditStatus.cancelled)
     except EngineError as exc:
         finish(audit_id, attempt, AuditStatus.failed, error=str(exc))
     except SoftTimeLimitExceeded:
-        finish(audit_id, attempt, AuditStatus.failed,
-               error=f"the audit exceeded the time limit of {settings.audit_time_limit_s} s")
+        finish(
+            audit_id,
+            attempt,
+            AuditStatus.failed,
+            error=f"the audit exceeded the time limit of {settings.audit_time_limit_s} s",
+        )
     except MemoryError:
-        finish(audit_id, attempt, AuditStatus.failed,
-               error="the worker ran out of memory; use a smaller model, dataset or batch_size")
+        finish(
+            audit_id,
+            attempt,
+            AuditStatus.failed,
+            error="the worker ran out of memory; use a smaller model, dataset or batch_size",
+        )
     except Exception as exc:
         log.exception("audit %s failed", audit_id)
         finish(audit_id, attempt, AuditStatus.failed, error=f"internal error: {type(exc).__name__}: {exc}")

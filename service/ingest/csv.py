@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -29,9 +30,7 @@ MAX_CSV_BYTES = 100_000_000
 _CSV_CHUNK_ROWS = 8192
 
 
-def read_csv_dataset(
-    path: Path, *, label: str, features: list[str] | None, groups: list[str]
-) -> ParsedDataset:
+def read_csv_dataset(path: Path, *, label: str, features: list[str] | None, groups: list[str]) -> ParsedDataset:
     """Read a UTF-8 CSV with a header row in one streaming pass.
 
     ``features`` defaults to every column that is neither the label nor a group column."""
@@ -42,7 +41,9 @@ def read_csv_dataset(
         table = _read_rows(reader, columns)
     x = table.features()
     y, classes = _labels(table.labels, f"the label column {label!r}")
-    coded = {attr: _group_column(values, f"group column {attr!r}") for attr, values in zip(groups, table.groups)}
+    coded = {
+        attr: _group_column(values, f"group column {attr!r}") for attr, values in zip(groups, table.groups, strict=True)
+    }
     return ParsedDataset(x=x, y=y, classes=classes, groups=coded)
 
 
@@ -78,11 +79,7 @@ def _check_request(path: Path, features: list[str] | None, groups: list[str]) ->
 @contextmanager
 def _csv_reader(path: Path) -> Iterator[Iterator[list[str]]]:
     """The file's rows; a decoding or quoting error while they are read becomes InvalidInput."""
-    try:
-        handle = open(path, "r", encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise InvalidInput(f"the CSV cannot be opened ({exc})") from None
-    with handle:
+    with _open_text(path) as handle:
         reader = csv.reader(handle, strict=True)
         try:
             yield reader
@@ -90,6 +87,14 @@ def _csv_reader(path: Path) -> Iterator[Iterator[list[str]]]:
             raise InvalidInput(f"the CSV is malformed near line {reader.line_num}: {exc}; check its quoting") from None
         except UnicodeDecodeError:
             raise InvalidInput("the CSV is not valid UTF-8; save it with UTF-8 encoding") from None
+
+
+def _open_text(path: Path) -> TextIO:
+    """The file opened for reading as text; a file that cannot be opened becomes InvalidInput."""
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise InvalidInput(f"the CSV cannot be opened ({exc})") from None
 
 
 def _read_header(reader: Iterator[list[str]]) -> list[str]:
@@ -126,8 +131,14 @@ def _locate_columns(header: list[str], label: str, features: list[str] | None, g
     dup = sorted({c for c in (label, *groups, *feature_names) if counts[c] > 1})
     if dup:
         raise InvalidInput(f"the CSV header has more than one column named {', '.join(map(repr, dup))}")
-    return _Columns(width=len(header), label_name=label, label=index[label], groups=[index[g] for g in groups],
-                    features=[index[f] for f in feature_names], feature_names=feature_names)
+    return _Columns(
+        width=len(header),
+        label_name=label,
+        label=index[label],
+        groups=[index[g] for g in groups],
+        features=[index[f] for f in feature_names],
+        feature_names=feature_names,
+    )
 
 
 def _feature_names(header: list[str], label: str, features: list[str] | None, groups: list[str]) -> list[str]:
@@ -185,7 +196,7 @@ class _Table:
 
     def add(self, row: list[str], row_number: int) -> None:
         self.labels.add(row[self.columns.label].strip())
-        for interner, i in zip(self.groups, self.columns.groups):
+        for interner, i in zip(self.groups, self.columns.groups, strict=True):
             interner.add(row[i].strip())
         self._cells.append([row[i] for i in self.columns.features])
         self._row_numbers.append(row_number)
@@ -226,8 +237,13 @@ def _feature_block(cells: list[list[str]], row_numbers: list[int], names: list[s
     try:
         block = np.array(cells, dtype=np.float64)
     except ValueError:  # some cell numpy cannot read: parse cell by cell, to say which
-        block = np.array([[_number(cell, names[c], row_number) for c, cell in enumerate(row)]
-                          for row, row_number in zip(cells, row_numbers)], dtype=np.float64)
+        block = np.array(
+            [
+                [_number(cell, names[c], row_number) for c, cell in enumerate(row)]
+                for row, row_number in zip(cells, row_numbers, strict=True)
+            ],
+            dtype=np.float64,
+        )
     with np.errstate(over="ignore"):
         out = block.astype(np.float32)
     bad = ~np.isfinite(out)

@@ -36,7 +36,8 @@ class MethodSpec(BaseModel):
     )
     norm: Literal["l1", "l2"] = Field("l1", description="channel only: the filter norm that ranks channels.")
     schedule: Literal["one_shot", "gradual"] = Field(
-        "one_shot", description="gradual: cubic schedule (Zhu & Gupta 2017) interleaved with fine-tuning (magnitude only)."
+        "one_shot",
+        description="gradual: cubic schedule (Zhu & Gupta 2017) interleaved with fine-tuning (magnitude only).",
     )
     pruning_steps: int = Field(4, ge=1, le=100, description="gradual only: mask updates before the final sparsity.")
     fine_tuning: FineTuningSpec | None = Field(None, description="Needs train_dataset_id; required for gradual.")
@@ -94,7 +95,9 @@ class MitigationSpec(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
     weight_decay: float = Field(0.0, ge=0, le=1)
     dual_lr: float | None = Field(
-        None, ge=0, le=1000,
+        None,
+        ge=0,
+        le=1000,
         description="Step size of the multipliers (not for finetune). Default: 0.2 for equalized_loss (per epoch), "
         "0.01 for ceag (per mini-batch, as Balancing Act on CIFAR-100).",
     )
@@ -139,7 +142,9 @@ class PruningSpec(BaseModel):
         "the dense model.",
     )
     methods: list[MethodSpec] = Field(
-        default_factory=lambda: [MethodSpec()], min_length=1, max_length=8,
+        default_factory=lambda: [MethodSpec()],
+        min_length=1,
+        max_length=8,
         description="Methods to compare at the same ratios, e.g. global vs layer-wise magnitude vs channel L1.",
     )
 
@@ -157,7 +162,8 @@ class PruningSpec(BaseModel):
     def _distinct_methods(self) -> PruningSpec:
         labels = [method.label for method in self.methods]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"methods must differ; these repeat: {sorted({l for l in labels if labels.count(l) > 1})}")
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"methods must differ; these repeat: {repeated}")
         return self
 
 
@@ -215,11 +221,14 @@ class AuditSpec(BaseModel):
                     "model_id": "0f6c0c3c5f3e4a0c9f51b0a1d2c3e4f5",
                     "dataset_id": "7a1b2c3d4e5f40718293a4b5c6d7e8f9",
                     "group_by": ["digit"],
-                    "pruning": {"ratios": [0.5, 0.7, 0.9], "methods": [
-                        {"method": "magnitude", "scope": "global"},
-                        {"method": "magnitude", "scope": "layerwise"},
-                        {"method": "channel", "norm": "l1", "scope": "layerwise"},
-                    ]},
+                    "pruning": {
+                        "ratios": [0.5, 0.7, 0.9],
+                        "methods": [
+                            {"method": "magnitude", "scope": "global"},
+                            {"method": "magnitude", "scope": "layerwise"},
+                            {"method": "channel", "norm": "l1", "scope": "layerwise"},
+                        ],
+                    },
                     "seed": 0,
                 }
             ]
@@ -232,14 +241,16 @@ class AuditSpec(BaseModel):
         None, description="Train dataset for fine-tuning and gradual pruning; without it only one-shot pruning runs."
     )
     group_by: list[str] = Field(
-        min_length=1, max_length=4,
+        min_length=1,
+        max_length=4,
         description="Group attributes of the dataset to report on; with several, their intersection is reported too.",
     )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     mitigations: list[MitigationSpec] = Field(
-        default_factory=list, max_length=8,
-        description="Mitigations to run after each method at each ratio, e.g. [\"finetune\", \"equalized_loss\", "
-        "\"ceag\"] (a name, or an object with options). Needs train_dataset_id with the group_by attributes. "
+        default_factory=list,
+        max_length=8,
+        description='Mitigations to run after each method at each ratio, e.g. ["finetune", "equalized_loss", '
+        '"ceag"] (a name, or an object with options). Needs train_dataset_id with the group_by attributes. '
         "The unmitigated runs ('none') are always there; with mitigations, every run also reports the train split.",
     )
 
@@ -262,13 +273,16 @@ class AuditSpec(BaseModel):
     def _mitigations_consistent(self) -> AuditSpec:
         labels = [m.label for m in self.mitigations]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"mitigations must differ; these repeat: {sorted({l for l in labels if labels.count(l) > 1})}")
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"mitigations must differ; these repeat: {repeated}")
         if self.mitigations and self.train_dataset_id is None:
             raise ValueError("mitigations train the pruned model: set train_dataset_id")
         for mitigation in self.mitigations:
             if mitigation.attribute is not None and mitigation.attribute not in self.reported_attributes:
-                raise ValueError(f"mitigation {mitigation.label}: attribute {mitigation.attribute!r} is not one of "
-                                 f"{self.reported_attributes}")
+                raise ValueError(
+                    f"mitigation {mitigation.label}: attribute {mitigation.attribute!r} is not one of "
+                    f"{self.reported_attributes}"
+                )
         return self
 
     @property
@@ -304,7 +318,8 @@ class AuditOut(BaseModel):
     spec: AuditSpec
     report_url: str | None = None
     report_html_url: str | None = Field(
-        None, description="The HTML report with its share token: a read-only link for people and browsers, which "
+        None,
+        description="The HTML report with its share token: a read-only link for people and browsers, which "
         "works without the API key; anyone holding it can read this one report.",
     )
 

@@ -21,8 +21,9 @@ def embedded_stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def services_stack(tmp_path_factory, postgres_url, redis_broker):
     broker_url, prefix = redis_broker
-    stack = start_stack(tmp_path_factory.mktemp("services"), database_url=postgres_url, broker_url=broker_url,
-                        key_prefix=prefix)
+    stack = start_stack(
+        tmp_path_factory.mktemp("services"), database_url=postgres_url, broker_url=broker_url, key_prefix=prefix
+    )
     yield stack
     stack.stop()
 
@@ -40,11 +41,19 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
         assert dataset["rows"] == len(digits_case.y)
         assert sum(dataset["groups"]["digit"]["sizes"]) == len(digits_case.y)
 
-        created = client.post("/v1/audits", json={
-            "model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-            "pruning": {"ratios": ratios, "methods": [{"method": "magnitude", "scope": scope, "ignored_layers": []}]},
-            "seed": 3,
-        })
+        created = client.post(
+            "/v1/audits",
+            json={
+                "model_id": model["id"],
+                "dataset_id": dataset["id"],
+                "group_by": ["digit"],
+                "pruning": {
+                    "ratios": ratios,
+                    "methods": [{"method": "magnitude", "scope": scope, "ignored_layers": []}],
+                },
+                "seed": 3,
+            },
+        )
         assert created.status_code == 202, created.text
         assert created.headers["location"].endswith(f"/v1/audits/{created.json()['id']}")
         audit = wait_for_audit(client, created.json()["id"])
@@ -89,18 +98,28 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
             dense_gradient = dense_gradients[group["group"]]
             assert diagnostics["dense_gradient_norm"] == pytest.approx(np.linalg.norm(dense_gradient), rel=1e-4)
             assert diagnostics["gradient_norm"] == pytest.approx(
-                np.linalg.norm(pruned_gradients[group["group"]]), rel=1e-4)
+                np.linalg.norm(pruned_gradients[group["group"]]), rel=1e-4
+            )
             assert diagnostics["gradient_dot_delta"] == pytest.approx(dense_gradient @ delta, rel=1e-3, abs=1e-6)
             assert diagnostics["hessian_trace"] is not None and diagnostics["curvature_examples"] == group["n"]
             assert diagnostics["predicted_excessive_loss"] == pytest.approx(
-                diagnostics["gradient_dot_delta"] + 0.5 * diagnostics["delta_hessian_delta"])
+                diagnostics["gradient_dot_delta"] + 0.5 * diagnostics["delta_hessian_delta"]
+            )
             low, high = group["confidence_intervals"]["accuracy_ci"]
             assert low <= group["accuracy"] <= high
-        assert set(digit["diagnostics"]) == {"size_vs_dense_gradient_norm", "dense_gradient_norm_vs_dense_hessian_trace",
-                                             "dense_accuracy_vs_accuracy_drop", "predicted_vs_excessive_loss"}
+        assert set(digit["diagnostics"]) == {
+            "size_vs_dense_gradient_norm",
+            "dense_gradient_norm_vs_dense_hessian_trace",
+            "dense_accuracy_vs_accuracy_drop",
+            "predicted_vs_excessive_loss",
+        }
         aggregates = digit["aggregates"]
-        assert aggregates["loss_fairness_violation"] == pytest.approx(max(excessive) - min(excessive), rel=1e-3, abs=1e-5)
-        assert aggregates["max_excess_accuracy_gap"] == pytest.approx(max(g["excess_accuracy_gap"] for g in digit["groups"]))
+        assert aggregates["loss_fairness_violation"] == pytest.approx(
+            max(excessive) - min(excessive), rel=1e-3, abs=1e-5
+        )
+        assert aggregates["max_excess_accuracy_gap"] == pytest.approx(
+            max(g["excess_accuracy_gap"] for g in digit["groups"])
+        )
     return report
 
 
@@ -141,8 +160,9 @@ def test_worker_failure_is_reported_with_reason(embedded_stack, digits_case):
         blob = embedded_stack.var_dir / "blobs" / "sha256" / model["sha256"][:2] / model["sha256"]
         wrong = {k: (v[:, :30] if k == "layers.0.weight" else v) for k, v in digits_case.state.items()}
         blob.write_bytes(save(wrong))
-        created = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
-                                                  "group_by": ["digit"]}).json()
+        created = client.post(
+            "/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"]}
+        ).json()
         audit = wait_for_audit(client, created["id"])
         assert audit["status"] == "failed"
         assert "layers.0.weight" in audit["error"]
@@ -184,21 +204,29 @@ def test_csv_dataset_with_string_groups_through_the_worker(embedded_stack, digit
     """A CSV upload (column roles in the form, string group values, a missing value) audits end to end."""
     header = [f"pixel{i}" for i in range(64)] + ["digit", "parity", "source"]
     lines = [",".join(header)]
-    for index, (row, label) in enumerate(zip(digits_case.x, digits_case.y)):
+    for index, (row, label) in enumerate(zip(digits_case.x, digits_case.y, strict=True)):
         parity = "" if index == 0 else ("even" if label % 2 == 0 else "odd")
         lines.append(",".join([*(f"{v:.6g}" for v in row), str(label), parity, "scan"]))
     content = ("\n".join(lines) + "\n").encode()
     with embedded_stack.client() as client:
         model = digits_case.upload_model(client).json()
-        dataset = digits_case.upload_dataset(client, content, filename="digits.csv", label="digit",
-                                             groups="parity,source")
+        dataset = digits_case.upload_dataset(
+            client, content, filename="digits.csv", label="digit", groups="parity,source"
+        )
         assert dataset.status_code == 201, dataset.text
         dataset = dataset.json()
         assert dataset["feature_shape"] == [64]
         assert dataset["groups"]["parity"]["names"] == ["even", "odd"]
         assert dataset["groups"]["parity"]["missing"] == 1
-        created = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
-                                                  "group_by": ["parity", "source"], "pruning": {"ratios": [0.8]}}).json()
+        created = client.post(
+            "/v1/audits",
+            json={
+                "model_id": model["id"],
+                "dataset_id": dataset["id"],
+                "group_by": ["parity", "source"],
+                "pruning": {"ratios": [0.8]},
+            },
+        ).json()
         audit = wait_for_audit(client, created["id"])
         assert audit["status"] == "succeeded", audit
         (run,) = client.get(f"/v1/audits/{audit['id']}/report").json()["runs"]
@@ -221,26 +249,46 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
         {"method": "magnitude", "scope": "layerwise"},
         {"method": "channel", "norm": "l1", "scope": "layerwise"},
         {"method": "magnitude", "scope": "global", "fine_tuning": {"epochs": 2, "lr": 0.01}},
-        {"method": "magnitude", "scope": "global", "schedule": "gradual", "pruning_steps": 2,
-         "fine_tuning": {"epochs": 1, "lr": 0.01}},
+        {
+            "method": "magnitude",
+            "scope": "global",
+            "schedule": "gradual",
+            "pruning_steps": 2,
+            "fine_tuning": {"epochs": 1, "lr": 0.01},
+        },
     ]
     with embedded_stack.client() as client:
         model = digits_case.upload_model(client).json()
         dataset = digits_case.upload_dataset(client).json()
         train = digits_case.upload_train_dataset(client).json()
-        created = client.post("/v1/audits", json={
-            "model_id": model["id"], "dataset_id": dataset["id"], "train_dataset_id": train["id"],
-            "group_by": ["digit"], "pruning": {"ratios": [0.5, 0.8], "methods": methods},
-            "diagnostics": {"curvature": "off"}, "statistics": {"bootstrap_resamples": 0},
-        })
+        created = client.post(
+            "/v1/audits",
+            json={
+                "model_id": model["id"],
+                "dataset_id": dataset["id"],
+                "train_dataset_id": train["id"],
+                "group_by": ["digit"],
+                "pruning": {"ratios": [0.5, 0.8], "methods": methods},
+                "diagnostics": {"curvature": "off"},
+                "statistics": {"bootstrap_resamples": 0},
+            },
+        )
         assert created.status_code == 202, created.text
         audit = wait_for_audit(client, created.json()["id"], timeout_s=300)
         assert audit["status"] == "succeeded", (audit, embedded_stack.log("worker"))
         report = client.get(f"/v1/audits/{audit['id']}/report").json()
         labels = [run["label"] for run in report["runs"]]
-        assert labels == [label for label in ["magnitude-global", "magnitude-layerwise", "channel-layerwise-l1",
-                                              "magnitude-global-finetuned", "magnitude-global-gradual"]
-                          for _ratio in (0.5, 0.8)]
+        assert labels == [
+            label
+            for label in [
+                "magnitude-global",
+                "magnitude-layerwise",
+                "channel-layerwise-l1",
+                "magnitude-global-finetuned",
+                "magnitude-global-gradual",
+            ]
+            for _ratio in (0.5, 0.8)
+        ]
         dense_parameters = report["dense"]["compression"]["dense"]["parameters"]
         by_label = {(run["label"], run["ratio"]): run for run in report["runs"]}
         for (label, ratio), run in by_label.items():
@@ -261,8 +309,10 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
                 assert layer["zeros"] == round(ratio * layer["numel"])
                 assert run["compression"]["pruned"]["nonzero_parameters"] < dense_parameters
         # Fine-tuning on the train split recovers accuracy the one-shot pruned model lost at 80%.
-        assert (by_label[("magnitude-global-finetuned", 0.8)]["overall"]["accuracy"]
-                >= by_label[("magnitude-global", 0.8)]["overall"]["accuracy"])
+        assert (
+            by_label[("magnitude-global-finetuned", 0.8)]["overall"]["accuracy"]
+            >= by_label[("magnitude-global", 0.8)]["overall"]["accuracy"]
+        )
 
         dense_weights = client.get(f"/v1/audits/{audit['id']}/runs/{report['dense']['id']}/weights")
         assert dense_weights.status_code == 404 and "dense baseline" in dense_weights.json()["detail"]
@@ -273,23 +323,36 @@ def test_several_methods_with_fine_tuning_and_pruned_weights_round_trip(embedded
         recipe = client.get(chosen["weights_url"].replace("/weights", "/recipe")).json()
         assert recipe == chosen["recipe"]
         again = digits_case.upload_model(client, weights=weights.content, architecture=recipe["architecture"]).json()
-        rerun = client.post("/v1/audits", json={
-            "model_id": again["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-            "pruning": {"ratios": [0.1]}, "diagnostics": {"curvature": "off"},
-        }).json()
+        rerun = client.post(
+            "/v1/audits",
+            json={
+                "model_id": again["id"],
+                "dataset_id": dataset["id"],
+                "group_by": ["digit"],
+                "pruning": {"ratios": [0.1]},
+                "diagnostics": {"curvature": "off"},
+            },
+        ).json()
         rerun = wait_for_audit(client, rerun["id"])
         assert rerun["status"] == "succeeded", rerun
         dense_again = client.get(f"/v1/audits/{rerun['id']}/report").json()["dense"]
         # The channel-pruned model re-uploads with its recipe's "pruned" architecture as well.
         channel = by_label[("channel-layerwise-l1", 0.8)]
-        channel_model = digits_case.upload_model(client, weights=client.get(channel["weights_url"]).content,
-                                                 architecture=channel["recipe"]["architecture"])
+        channel_model = digits_case.upload_model(
+            client, weights=client.get(channel["weights_url"]).content, architecture=channel["recipe"]["architecture"]
+        )
         assert channel_model.status_code == 201, channel_model.text
         assert channel_model.json()["parameter_count"] == channel["compression"]["pruned"]["parameters"]
-        channel_rerun = client.post("/v1/audits", json={
-            "model_id": channel_model.json()["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-            "pruning": {"ratios": [0.1], "methods": [{"method": "channel"}]}, "diagnostics": {"curvature": "off"},
-        }).json()
+        channel_rerun = client.post(
+            "/v1/audits",
+            json={
+                "model_id": channel_model.json()["id"],
+                "dataset_id": dataset["id"],
+                "group_by": ["digit"],
+                "pruning": {"ratios": [0.1], "methods": [{"method": "channel"}]},
+                "diagnostics": {"curvature": "off"},
+            },
+        ).json()
         channel_rerun = wait_for_audit(client, channel_rerun["id"])
         assert channel_rerun["status"] == "succeeded", channel_rerun
         channel_again = client.get(f"/v1/audits/{channel_rerun['id']}/report").json()["dense"]
@@ -309,11 +372,17 @@ def test_cancel_a_running_audit_stops_at_the_next_checkpoint(embedded_stack, dig
         model = digits_case.upload_model(client).json()
         dataset = digits_case.upload_dataset(client).json()
         train = digits_case.upload_train_dataset(client).json()
-        audit = client.post("/v1/audits", json={
-            "model_id": model["id"], "dataset_id": dataset["id"], "train_dataset_id": train["id"],
-            "group_by": ["digit"], "diagnostics": {"curvature": "off"},
-            "pruning": {"ratios": [0.5, 0.9], "methods": [{"fine_tuning": {"epochs": 1000, "lr": 0.001}}]},
-        }).json()
+        audit = client.post(
+            "/v1/audits",
+            json={
+                "model_id": model["id"],
+                "dataset_id": dataset["id"],
+                "train_dataset_id": train["id"],
+                "group_by": ["digit"],
+                "diagnostics": {"curvature": "off"},
+                "pruning": {"ratios": [0.5, 0.9], "methods": [{"fine_tuning": {"epochs": 1000, "lr": 0.001}}]},
+            },
+        ).json()
         deadline = time.monotonic() + 120
         while "epoch" not in (client.get(f"/v1/audits/{audit['id']}").json()["progress_message"] or ""):
             assert time.monotonic() < deadline, "the audit never started fine-tuning"

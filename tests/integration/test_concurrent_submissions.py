@@ -26,8 +26,9 @@ def services_stack(tmp_path_factory, postgres_url, redis_broker):
     broker_url, prefix = redis_broker
     # 200 requests of one key at once are the point here: the rate limit (tested on its own) stays off, as in
     # every test stack.
-    stack = start_stack(tmp_path_factory.mktemp("concurrent"), database_url=postgres_url, broker_url=broker_url,
-                        key_prefix=prefix)
+    stack = start_stack(
+        tmp_path_factory.mktemp("concurrent"), database_url=postgres_url, broker_url=broker_url, key_prefix=prefix
+    )
     yield stack
     stack.stop()
 
@@ -35,14 +36,19 @@ def services_stack(tmp_path_factory, postgres_url, redis_broker):
 def audit_spec(model_id: str, dataset_id: str, seed: int) -> dict:
     """The smallest real audit: one ratio, one method, no diagnostics, no bootstrap; the seed tells them apart."""
     return {
-        "model_id": model_id, "dataset_id": dataset_id, "group_by": ["digit"],
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "group_by": ["digit"],
         "pruning": {"ratios": [0.5], "methods": [{"method": "magnitude", "scope": "global"}]},
-        "diagnostics": {"curvature": "off", "gradient_norms": False}, "statistics": {"bootstrap_resamples": 0}, "seed": seed,
+        "diagnostics": {"curvature": "off", "gradient_norms": False},
+        "statistics": {"bootstrap_resamples": 0},
+        "seed": seed,
     }
 
 
-async def submit(client: httpx.AsyncClient, start: asyncio.Event, body: dict,
-                 key: str | None) -> list[httpx.Response | httpx.HTTPError]:
+async def submit(
+    client: httpx.AsyncClient, start: asyncio.Event, body: dict, key: str | None
+) -> list[httpx.Response | httpx.HTTPError]:
     """POST once everyone is ready; on 409 (the same key in flight) retry until the replay. All answers, in order
     (a transport error, e.g. a request the API never answered, ends the list)."""
     headers = {"Idempotency-Key": key} if key else {}
@@ -77,8 +83,9 @@ async def submit_all(url: str, headers: dict, requests: list[tuple[dict, str | N
 async def read_all(url: str, headers: dict, audit_ids: list[str]) -> list[httpx.Response | httpx.HTTPError]:
     limits = httpx.Limits(max_connections=len(audit_ids), max_keepalive_connections=len(audit_ids))
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=90, limits=limits) as client:
-        return await asyncio.gather(*(client.get(f"/v1/audits/{audit_id}") for audit_id in audit_ids),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(client.get(f"/v1/audits/{audit_id}") for audit_id in audit_ids), return_exceptions=True
+        )
 
 
 def test_200_concurrent_submissions_make_one_audit_per_key_and_all_complete(services_stack, digits_case):
@@ -106,16 +113,21 @@ def test_200_concurrent_submissions_make_one_audit_per_key_and_all_complete(serv
 
     firsts = Counter(outcome(a[0]) for a in answers)
     odd = [a[0] for a in answers if outcome(a[0]) not in (202, 409)]
-    assert set(firsts) <= {202, 409}, (firsts, [getattr(a, "text", repr(a)) for a in odd[:3]],
-                                       services_stack.log("api")[-3000:])
+    assert set(firsts) <= {202, 409}, (
+        firsts,
+        [getattr(a, "text", repr(a)) for a in odd[:3]],
+        services_stack.log("api")[-3000:],
+    )
     finals = [a[-1] for a in answers]
-    assert all(outcome(r) == 202 for r in finals), [getattr(r, "text", repr(r)) for r in finals if outcome(r) != 202][:3]
+    assert all(outcome(r) == 202 for r in finals), [getattr(r, "text", repr(r)) for r in finals if outcome(r) != 202][
+        :3
+    ]
     assert all(outcome(a) == 409 for attempts in answers for a in attempts[:-1])
     # Only a repeated key is ever 409; a key-less request never conflicts.
-    assert all(len(a) == 1 for a, (_, key) in zip(answers, requests) if key is None)
+    assert all(len(a) == 1 for a, (_, key) in zip(answers, requests, strict=True) if key is None)
 
     by_key: dict[str, list[httpx.Response]] = defaultdict(list)
-    for response, (_, key) in zip(finals, requests):
+    for response, (_, key) in zip(finals, requests, strict=True):
         if key is not None:
             by_key[key].append(response)
     assert len(by_key) == KEYS
@@ -127,11 +139,11 @@ def test_200_concurrent_submissions_make_one_audit_per_key_and_all_complete(serv
         assert len(created) == 1, key  # ... created by exactly one of them, replayed to the others
         assert {r.headers["location"] for r in responses} == {created[0].headers["location"]}
         keyed_ids |= ids
-    keyless_ids = {r.json()["id"] for r, (_, key) in zip(finals, requests) if key is None}
+    keyless_ids = {r.json()["id"] for r, (_, key) in zip(finals, requests, strict=True) if key is None}
     assert len(keyed_ids) == KEYS and len(keyless_ids) == KEYLESS and not keyed_ids & keyless_ids
     # Each audit has the body its key was sent with.
     seeds = {r.json()["id"]: r.json()["spec"]["seed"] for r in finals}
-    for (body, key), response in zip(requests, finals):
+    for (body, key), response in zip(requests, finals, strict=True):
         assert seeds[response.json()["id"]] == body["seed"], key
 
     # The database holds exactly these audits, and the worker finishes every one of them.
@@ -157,5 +169,7 @@ def test_200_concurrent_submissions_make_one_audit_per_key_and_all_complete(serv
     reads = asyncio.run(read_all(services_stack.url, headers, sorted(expected) * 4))
     assert Counter(outcome(r) for r in reads) == {200: len(reads)}, [getattr(r, "text", r) for r in reads][:3]
     assert "Traceback" not in services_stack.log("api"), services_stack.log("api")[-4000:]
-    print(f"200 submissions ({firsts[409]} first answered 409) in {submitted_s:.1f} s; "
-          f"{len(expected)} audits done after {finished_s:.1f} s")
+    print(
+        f"200 submissions ({firsts[409]} first answered 409) in {submitted_s:.1f} s; "
+        f"{len(expected)} audits done after {finished_s:.1f} s"
+    )

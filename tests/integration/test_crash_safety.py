@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import httpx
@@ -83,8 +83,22 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -122,8 +136,12 @@ def crash_database():
 @pytest.fixture(scope="module")
 def crash_stack(tmp_path_factory, crash_database, own_redis):
     """API + sweeper on PostgreSQL and our own Redis; each test starts (and kills) its own workers."""
-    stack = start_stack(tmp_path_factory.mktemp("crash"), with_worker=False,
-                        database_url=throwaway_database_url(crash_database), broker_url=own_redis.url)
+    stack = start_stack(
+        tmp_path_factory.mktemp("crash"),
+        with_worker=False,
+        database_url=throwaway_database_url(crash_database),
+        broker_url=own_redis.url,
+    )
     stack.env.update(FAST_RECOVERY)
     start_process(stack, "sweeper", ["sweeper"])
     yield stack
@@ -140,19 +158,29 @@ class Uploads:
 @pytest.fixture(scope="module")
 def uploads(crash_stack, digits_case) -> Uploads:
     with crash_stack.client() as client:
-        return Uploads(digits_case.upload_model(client).json()["id"], digits_case.upload_dataset(client).json()["id"],
-                       digits_case.upload_train_dataset(client).json()["id"])
+        return Uploads(
+            digits_case.upload_model(client).json()["id"],
+            digits_case.upload_dataset(client).json()["id"],
+            digits_case.upload_train_dataset(client).json()["id"],
+        )
 
 
 def submit(client: httpx.Client, uploads: Uploads, *, epochs: int | None = None) -> str:
     method = {"method": "magnitude", "scope": "global"}
     if epochs:
         method["fine_tuning"] = {"epochs": epochs, "lr": 0.001}
-    created = client.post("/v1/audits", json={
-        "model_id": uploads.model_id, "dataset_id": uploads.dataset_id, "train_dataset_id": uploads.train_dataset_id,
-        "group_by": ["digit"], "pruning": {"ratios": [0.5], "methods": [method]},
-        "diagnostics": {"curvature": "off"}, "statistics": {"bootstrap_resamples": 0},
-    })
+    created = client.post(
+        "/v1/audits",
+        json={
+            "model_id": uploads.model_id,
+            "dataset_id": uploads.dataset_id,
+            "train_dataset_id": uploads.train_dataset_id,
+            "group_by": ["digit"],
+            "pruning": {"ratios": [0.5], "methods": [method]},
+            "diagnostics": {"curvature": "off"},
+            "statistics": {"bootstrap_resamples": 0},
+        },
+    )
     assert created.status_code == 202, created.text
     return created.json()["id"]
 
@@ -173,10 +201,8 @@ def kill_hard(process: subprocess.Popen) -> None:
     parent = psutil.Process(process.pid)
     children = parent.children(recursive=True)
     for doomed in (parent, *children):  # the parent first, so it cannot fork a replacement child
-        try:
+        with suppress(psutil.NoSuchProcess):
             doomed.kill()
-        except psutil.NoSuchProcess:
-            pass
     process.wait()
     psutil.wait_procs(children, timeout=10)
 
@@ -201,8 +227,9 @@ def wait_until(condition, timeout_s: float, what: str):
 
 def fine_tuning(client: httpx.Client, audit_id: str, attempt: int) -> bool:
     audit = client.get(f"/v1/audits/{audit_id}").json()
-    return (audit["status"] == "running" and audit["attempts"] == attempt
-            and "epoch" in (audit["progress_message"] or ""))
+    return (
+        audit["status"] == "running" and audit["attempts"] == attempt and "epoch" in (audit["progress_message"] or "")
+    )
 
 
 def stored_run_count(database: str, audit_id: str) -> int:
@@ -239,7 +266,11 @@ def test_audit_whose_worker_keeps_vanishing_fails_at_the_attempt_cap(crash_stack
         for attempt in (1, 2):  # PRUNEAUDIT_MAX_ATTEMPTS=2
             worker = start_worker(crash_stack, f"worker-vanishing-{attempt}")
             try:
-                wait_until(lambda: fine_tuning(client, audit_id, attempt), 120, f"attempt {attempt} to fine-tune")
+                wait_until(
+                    lambda attempt=attempt: fine_tuning(client, audit_id, attempt),
+                    120,
+                    f"attempt {attempt} to fine-tune",
+                )
             finally:
                 kill_hard(worker)
         audit = wait_for_audit(client, audit_id, timeout_s=60)
@@ -261,8 +292,11 @@ def test_worker_child_over_the_memory_cap_fails_only_its_audit(crash_stack, uplo
         assert audit["status"] == "failed", audit
         assert "above the worker's cap of 50 MiB" in audit["error"] and audit["attempts"] == 1
         assert worker.poll() is None
-        replaced = wait_until(lambda: [c for c in psutil.Process(worker.pid).children() if c not in children],
-                              60, "a replacement pool child")
+        replaced = wait_until(
+            lambda: [c for c in psutil.Process(worker.pid).children() if c not in children],
+            60,
+            "a replacement pool child",
+        )
         assert replaced
     finally:
         stop_gently(worker)
@@ -277,8 +311,9 @@ def waiting_messages(server: RedisServer, queue: str, audit_ids: list[str]) -> d
 
 
 @pytest.mark.services
-def test_redis_restart_loses_queued_messages_and_every_audit_still_runs_once(crash_stack, crash_database,
-                                                                            own_redis, uploads):
+def test_redis_restart_loses_queued_messages_and_every_audit_still_runs_once(
+    crash_stack, crash_database, own_redis, uploads
+):
     queue = crash_stack.env["PRUNEAUDIT_QUEUE_NAME"]
     with crash_stack.client() as client:
         audit_ids = [submit(client, uploads) for _ in range(3)]
@@ -290,8 +325,11 @@ def test_redis_restart_loses_queued_messages_and_every_audit_still_runs_once(cra
         own_redis.kill()
         own_redis.start()
         assert own_redis.client().llen(queue) == 0  # without persistence, every message is gone
-        wait_until(lambda: all(waiting_messages(own_redis, queue, audit_ids).values()), 30,
-                   "the sweeper to enqueue the audits again")
+        wait_until(
+            lambda: all(waiting_messages(own_redis, queue, audit_ids).values()),
+            30,
+            "the sweeper to enqueue the audits again",
+        )
         time.sleep(2)
         assert waiting_messages(own_redis, queue, audit_ids) == once_each  # live again, so sent only once
         assert all(client.get(f"/v1/audits/{a}").json()["status"] == "queued" for a in audit_ids)
@@ -345,20 +383,16 @@ class CuttableProxy:
         except OSError:
             pass
         for sock in (source, sink):
-            try:
+            with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def sever(self) -> None:
         self.severed.set()
         with self.lock:
             doomed, self.sockets = self.sockets, []
         for sock in doomed:
-            try:
+            with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
     def restore(self) -> None:
@@ -391,7 +425,8 @@ def test_postgres_unavailable_gives_503_and_the_api_recovers(tmp_path, outage_da
     admin = urlsplit(POSTGRES_ADMIN_URL)
     proxy = CuttableProxy((admin.hostname, admin.port or 5432))
     database_url = throwaway_database_url(outage_database).replace(
-        f"{admin.hostname}:{admin.port or 5432}", f"127.0.0.1:{proxy.port}")
+        f"{admin.hostname}:{admin.port or 5432}", f"127.0.0.1:{proxy.port}"
+    )
     stack = start_stack(tmp_path, with_worker=False, database_url=database_url)
     try:
         with stack.client() as client:
@@ -463,8 +498,9 @@ def test_sweeper_sees_waiting_messages_in_the_embedded_sqlite_broker(tmp_path):
     from service.recovery import live_audit_ids
     from service.settings import Settings
 
-    settings = Settings(var_dir=tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-                        queue_name="inspect")
+    settings = Settings(
+        var_dir=tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}", queue_name="inspect"
+    )
     assert live_audit_ids(settings) == set()  # no broker tables yet
     app = Celery("inspect")
     app.conf.update(celery_config(settings))

@@ -27,17 +27,22 @@ WRITE = os.environ.get("PRUNEAUDIT_WRITE_GOLDEN") == "1"
 
 DEMO_SPEC = {
     "group_by": ["digit"],
-    "pruning": {"ratios": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95],
-                "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}]},
+    "pruning": {
+        "ratios": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95],
+        "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}],
+    },
     "seed": 0,
 }
 FULL_SPEC = {
     "group_by": ["digit", "parity"],
-    "pruning": {"ratios": [0.5, 0.9], "methods": [
-        {"method": "magnitude", "scope": "global"},
-        {"method": "channel", "norm": "l1", "scope": "layerwise"},
-        {"method": "random", "scope": "layerwise", "fine_tuning": {"epochs": 1}},
-    ]},
+    "pruning": {
+        "ratios": [0.5, 0.9],
+        "methods": [
+            {"method": "magnitude", "scope": "global"},
+            {"method": "channel", "norm": "l1", "scope": "layerwise"},
+            {"method": "random", "scope": "layerwise", "fine_tuning": {"epochs": 1}},
+        ],
+    },
     "mitigations": [{"name": "equalized_loss", "placement": "both", "epochs": 1}, {"name": "ceag", "epochs": 1}],
     "diagnostics": {"hutchinson_probes": 4, "power_iterations": 4, "max_examples_per_group": 64},
     "statistics": {"bootstrap_resamples": 50},
@@ -58,8 +63,11 @@ def golden_inputs(digits_case) -> dict[str, bytes]:
         train_parity = {"group_parity": np.array(["even", "odd"])[digits_case.y_train % 2]}
         (GOLDEN / "model.safetensors").write_bytes(digits_case.weights)
         (GOLDEN / "eval.npz").write_bytes(digits_case.npz(**parity))
-        (GOLDEN / "train.npz").write_bytes(digits_case.npz(x=digits_case.x_train, y=digits_case.y_train,
-                                                           group_digit=digits_case.y_train, **train_parity))
+        (GOLDEN / "train.npz").write_bytes(
+            digits_case.npz(
+                x=digits_case.x_train, y=digits_case.y_train, group_digit=digits_case.y_train, **train_parity
+            )
+        )
     return {name: (GOLDEN / name).read_bytes() for name in names}
 
 
@@ -70,8 +78,11 @@ def reports(tmp_path_factory, digits_case):
     stack = start_stack(tmp_path_factory.mktemp("golden"))
     try:
         with stack.client() as client:
-            model = client.post("/v1/models", files={"weights": ("model.safetensors", inputs["model.safetensors"])},
-                                data={"architecture": json.dumps(digits_case.architecture)}).json()
+            model = client.post(
+                "/v1/models",
+                files={"weights": ("model.safetensors", inputs["model.safetensors"])},
+                data={"architecture": json.dumps(digits_case.architecture)},
+            ).json()
             eval_set = client.post("/v1/datasets", files={"file": ("eval.npz", inputs["eval.npz"])}).json()
             train_set = client.post("/v1/datasets", files={"file": ("train.npz", inputs["train.npz"])}).json()
             served = {}
@@ -85,11 +96,21 @@ def reports(tmp_path_factory, digits_case):
                 assert audit["status"] == "succeeded", (audit, stack.log("worker"))
                 base = f"/v1/audits/{audit['id']}/report"
                 report = client.get(base).json()
-                ids = {stack.url: "URL", audit["id"]: "AUDIT", model["id"]: "MODEL", eval_set["id"]: "EVAL", train_set["id"]: "TRAIN",
-                       report["dense"]["id"]: "RUN-0"}
+                ids = {
+                    stack.url: "URL",
+                    audit["id"]: "AUDIT",
+                    model["id"]: "MODEL",
+                    eval_set["id"]: "EVAL",
+                    train_set["id"]: "TRAIN",
+                    report["dense"]["id"]: "RUN-0",
+                }
                 ids |= {run["id"]: f"RUN-{k}" for k, run in enumerate(report["runs"], start=1)}
-                served[name] = {"json": report, "csv": client.get(base + ".csv").text,
-                                "html": client.get(base + ".html").text, "ids": ids}
+                served[name] = {
+                    "json": report,
+                    "csv": client.get(base + ".csv").text,
+                    "html": client.get(base + ".html").text,
+                    "ids": ids,
+                }
     finally:
         stack.stop()
     return served
@@ -98,8 +119,11 @@ def reports(tmp_path_factory, digits_case):
 def masked(value, ids: dict[str, str]):
     """The JSON with ids replaced by their role and volatile figures dropped."""
     if isinstance(value, dict):
-        return {key: masked(item, ids) for key, item in value.items()
-                if key not in VOLATILE_KEYS and not VOLATILE_KEY_PATTERN.search(key)}
+        return {
+            key: masked(item, ids)
+            for key, item in value.items()
+            if key not in VOLATILE_KEYS and not VOLATILE_KEY_PATTERN.search(key)
+        }
     if isinstance(value, list):
         return [masked(item, ids) for item in value]
     if isinstance(value, str):
@@ -130,7 +154,7 @@ def close(a, b, path: str) -> list[str]:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} items before, {len(b)} now"]
-        return [d for k, (x, y) in enumerate(zip(a, b)) for d in close(x, y, f"{path}[{k}]")]
+        return [d for k, (x, y) in enumerate(zip(a, b, strict=True)) for d in close(x, y, f"{path}[{k}]")]
     if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
         return [] if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) else [f"{path}: {a!r} before, {b!r} now"]
     return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} before, {b!r} now"]
@@ -160,10 +184,13 @@ def test_csv_report_unchanged(reports, name):
     rows = list(csv.reader(io.StringIO(now)))
     assert rows[0] == before[0]
     assert len(rows) == len(before)
-    for old, new in zip(before[1:], rows[1:]):
-        for column, a, b in zip(before[0], old, new):
-            same = a == b or (_number(a) is not None and _number(b) is not None
-                              and math.isclose(_number(a), _number(b), rel_tol=1e-9, abs_tol=1e-12))
+    for old, new in zip(before[1:], rows[1:], strict=True):
+        for column, a, b in zip(before[0], old, new, strict=True):
+            same = a == b or (
+                _number(a) is not None
+                and _number(b) is not None
+                and math.isclose(_number(a), _number(b), rel_tol=1e-9, abs_tol=1e-12)
+            )
             assert same, (column, a, b, new)
 
 
@@ -181,5 +208,8 @@ def test_html_report_unchanged(reports, name):
     before = stored(name, "html", now)
     if now != before:
         old, new = before.splitlines(), now.splitlines()
-        first = next((k for k, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-        pytest.fail(f"HTML differs from line {first + 1}:\nbefore: {old[first:first + 3]}\nnow:    {new[first:first + 3]}")
+        # strict=False: the line counts may differ; when one is a prefix of the other, the first line past it differs.
+        first = next((k for k, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+        pytest.fail(
+            f"HTML differs from line {first + 1}:\nbefore: {old[first : first + 3]}\nnow:    {new[first : first + 3]}"
+        )

@@ -85,7 +85,9 @@ def crafted_payloads(marker: Path) -> dict[str, bytes]:
         "raw pickle, protocol 2": pickle.dumps(TouchOnLoad(marker), protocol=2),
         "raw pickle, protocol 5": pickle.dumps(TouchOnLoad(marker), protocol=5),
         "torch.save zip holding the payload": saved({"layers.0.weight": TouchOnLoad(marker)}),
-        "legacy torch.save holding the payload": saved({"w": TouchOnLoad(marker)}, _use_new_zipfile_serialization=False),
+        "legacy torch.save holding the payload": saved(
+            {"w": TouchOnLoad(marker)}, _use_new_zipfile_serialization=False
+        ),
         "torch.save of a whole model": saved(whole_model(marker)),
         "legacy torch.save of a whole model": saved(whole_model(marker), _use_new_zipfile_serialization=False),
     }
@@ -133,8 +135,11 @@ def client(stack):
 def stored(stack: Stack) -> tuple[list[str], int, list[str]]:
     """(blob files, model rows, leftover temporary files): what an upload leaves behind."""
     blobs = stack.var_dir / "blobs"
-    files = sorted(str(p.relative_to(blobs)) for p in (blobs / "sha256").rglob("*") if p.is_file()) \
-        if (blobs / "sha256").exists() else []
+    files = (
+        sorted(str(p.relative_to(blobs)) for p in (blobs / "sha256").rglob("*") if p.is_file())
+        if (blobs / "sha256").exists()
+        else []
+    )
     with sqlite3.connect(stack.var_dir / "pruneaudit.sqlite") as db:
         rows = db.execute("SELECT count(*) FROM models").fetchone()[0]
     tmp = sorted(p.name for p in (blobs / "tmp").iterdir()) if (blobs / "tmp").exists() else []
@@ -142,8 +147,11 @@ def stored(stack: Stack) -> tuple[list[str], int, list[str]]:
 
 
 def upload(client, digits_case, content: bytes, filename: str = "model.pt"):
-    return client.post("/v1/models", files={"weights": (filename, content)},
-                       data={"architecture": json.dumps(digits_case.architecture)})
+    return client.post(
+        "/v1/models",
+        files={"weights": (filename, content)},
+        data={"architecture": json.dumps(digits_case.architecture)},
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,15 +196,27 @@ def test_torch_export_archive_is_refused_unloaded(stack, client, digits_case, tm
     before = stored(stack)
     archive = torch_export_archive(tmp_path)
     for filename in ("model.pt2", "model.safetensors"):
-        assert_problem(upload(client, digits_case, archive, filename), 422, "torch.export archive",
-                       "torch.export.load can run code from a crafted archive", EXPORT)
+        assert_problem(
+            upload(client, digits_case, archive, filename),
+            422,
+            "torch.export archive",
+            "torch.export.load can run code from a crafted archive",
+            EXPORT,
+        )
     assert stored(stack) == before
 
 
 def test_the_server_source_never_loads_unsafely():
     root = Path(__file__).resolve().parents[2]
-    forbidden = ("weights_only=" + "False", "torch.jit." + "load", "torch.export." + "load(", "pickle." + "load",
-                 "allow_pickle=" + "True", "jit.load(", "torch." + "package")
+    forbidden = (
+        "weights_only=" + "False",
+        "torch.jit." + "load",
+        "torch.export." + "load(",
+        "pickle." + "load",
+        "allow_pickle=" + "True",
+        "jit.load(",
+        "torch." + "package",
+    )
     for path in [*root.glob("service/**/*.py"), *root.glob("worker/**/*.py")]:
         text = path.read_text()
         for needle in forbidden:
@@ -216,11 +236,27 @@ def digits_tensors(digits_case) -> dict[str, torch.Tensor]:
 
 def comparable(report: dict) -> dict:
     """The report's findings, without ids, links and wall-clock figures."""
+
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()
-                    if k not in ("id", "audit_id", "weights_url", "created_at", "generated_at", "latency_ms",
-                                 "model_id", "dataset_id", "report_url", "recipe", "seconds")}
+            return {
+                k: strip(v)
+                for k, v in value.items()
+                if k
+                not in (
+                    "id",
+                    "audit_id",
+                    "weights_url",
+                    "created_at",
+                    "generated_at",
+                    "latency_ms",
+                    "model_id",
+                    "dataset_id",
+                    "report_url",
+                    "recipe",
+                    "seconds",
+                )
+            }
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value
@@ -232,7 +268,7 @@ def diff(a, b, where="") -> list:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in a.keys() | b.keys() for d in diff(a.get(k), b.get(k), f"{where}.{k}")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in diff(x, y, f"{where}[{i}]")]
     return [] if a == b else [[where, a, b]]
 
 
@@ -244,8 +280,18 @@ def test_weights_only_state_dict_is_accepted_and_audits_like_safetensors(stack, 
         "state dict": saved(tensors),
         "state dict, legacy format": saved(tensors, _use_new_zipfile_serialization=False),
         "training checkpoint": saved({"state_dict": tensors, "epoch": 7, "best_accuracy": 0.97}),
-        "a parameter that is a view into a larger storage": saved(dict(tensors, **{"layers.0.weight": torch.nn.Parameter(
-            torch.cat([tensors["layers.0.weight"], tensors["layers.0.weight"]])[: len(tensors["layers.0.weight"])])})),
+        "a parameter that is a view into a larger storage": saved(
+            dict(
+                tensors,
+                **{
+                    "layers.0.weight": torch.nn.Parameter(
+                        torch.cat([tensors["layers.0.weight"], tensors["layers.0.weight"]])[
+                            : len(tensors["layers.0.weight"])
+                        ]
+                    )
+                },
+            )
+        ),
     }
     models = {}
     for label, payload in variants.items():
@@ -259,8 +305,13 @@ def test_weights_only_state_dict_is_accepted_and_audits_like_safetensors(stack, 
     assert blob.read_bytes() == digits_case.weights
 
     dataset = digits_case.upload_dataset(client).json()
-    spec = {"dataset_id": dataset["id"], "group_by": ["digit"], "seed": 1, "diagnostics": {"curvature": "off"},
-            "pruning": {"ratios": [0.5, 0.8], "methods": [{"method": "magnitude", "scope": "global"}]}}
+    spec = {
+        "dataset_id": dataset["id"],
+        "group_by": ["digit"],
+        "seed": 1,
+        "diagnostics": {"curvature": "off"},
+        "pruning": {"ratios": [0.5, 0.8], "methods": [{"method": "magnitude", "scope": "global"}]},
+    }
     reports = []
     for model_id in (reference.json()["id"], models["state dict"]["id"]):
         created = client.post("/v1/audits", json=dict(spec, model_id=model_id))
@@ -278,13 +329,18 @@ def test_checkpoints_that_are_not_state_dicts_are_422(stack, client, digits_case
     before = stored(stack)
     cases = {
         "a list": (saved(list(tensors.values())), "not a state dict"),
-        "non-tensor values": (saved(dict(tensors, **{"layers.0.weight": [1.0, 2.0]})), "'layers.0.weight' to a value of type list"),
+        "non-tensor values": (
+            saved(dict(tensors, **{"layers.0.weight": [1.0, 2.0]})),
+            "'layers.0.weight' to a value of type list",
+        ),
         "an int key": (saved({0: tensors["layers.0.weight"]}), "keys must be parameter names"),
         "an empty mapping": (saved({}), "empty"),
         "nested mappings": (saved({"encoder": tensors}), "'encoder' to a value of type dict"),
         "a sparse tensor": (saved(dict(tensors, **{"layers.0.bias": tensors["layers.0.bias"].to_sparse()})), "sparse"),
-        "a complex tensor": (saved(dict(tensors, **{"layers.0.bias": tensors["layers.0.bias"].to(torch.complex64)})),
-                             "complex64"),
+        "a complex tensor": (
+            saved(dict(tensors, **{"layers.0.bias": tensors["layers.0.bias"].to(torch.complex64)})),
+            "complex64",
+        ),
         "a truncated checkpoint": (saved(tensors)[:-200], "truncated"),
         "a pickle that is not a checkpoint": (pickle.dumps({"a": 1}, protocol=2), "not a torch.save checkpoint"),
         "an unrelated zip": (zip_of({"hello.txt": b"hi"}), "not a PyTorch checkpoint"),
@@ -317,8 +373,9 @@ CAP = 256 * 1024
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory):
     """An API whose upload cap is CAP bytes (the envelope allowance is 1 MiB on top)."""
-    stack = start_stack(tmp_path_factory.mktemp("capped"), with_worker=False,
-                        settings={"PRUNEAUDIT_MAX_UPLOAD_BYTES": str(CAP)})
+    stack = start_stack(
+        tmp_path_factory.mktemp("capped"), with_worker=False, settings={"PRUNEAUDIT_MAX_UPLOAD_BYTES": str(CAP)}
+    )
     yield stack
     stack.stop()
 
@@ -357,9 +414,13 @@ def test_declared_length_over_the_cap_is_413_before_the_body_is_sent(capped):
     before = stored(capped)
     started = time.monotonic()
     # Headers only: the body is never sent, so an answer proves the server did not wait to read it.
-    status, headers, body = raw_request(capped.url, (
-        "POST /v1/models HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-        f"Content-Length: {50 * 1024**3}\r\n\r\n"))
+    status, headers, body = raw_request(
+        capped.url,
+        (
+            "POST /v1/models HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {50 * 1024**3}\r\n\r\n"
+        ),
+    )
     assert time.monotonic() - started < 5
     assert status == 413 and headers["content-type"] == "application/problem+json"
     problem = json.loads(body)
@@ -374,19 +435,26 @@ def test_chunked_body_over_the_cap_is_cut_off_while_streaming(capped, digits_cas
 
     def body():
         nonlocal total
-        head = (b"--x\r\nContent-Disposition: form-data; name=\"architecture\"\r\n\r\n"
-                + json.dumps(digits_case.architecture).encode()
-                + b"\r\n--x\r\nContent-Disposition: form-data; name=\"weights\"; filename=\"m.safetensors\"\r\n"
-                b"Content-Type: application/octet-stream\r\n\r\n")
+        head = (
+            b'--x\r\nContent-Disposition: form-data; name="architecture"\r\n\r\n'
+            + json.dumps(digits_case.architecture).encode()
+            + b'\r\n--x\r\nContent-Disposition: form-data; name="weights"; filename="m.safetensors"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n"
+        )
         yield b"%x\r\n%s\r\n" % (len(head), head)
         for _ in range(64):  # 4 MiB, well past cap + envelope; the server stops reading long before
             total += len(chunk)
             yield b"%x\r\n%s\r\n" % (len(chunk), chunk)
         yield b"0\r\n\r\n"
 
-    status, headers, raw = raw_request(capped.url, (
-        "POST /v1/models HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-        "Transfer-Encoding: chunked\r\n\r\n"), body())
+    status, headers, raw = raw_request(
+        capped.url,
+        (
+            "POST /v1/models HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ),
+        body(),
+    )
     assert status == 413 and headers["content-type"] == "application/problem+json", raw
     assert json.loads(raw)["type"].endswith("/payload-too-large")
     assert stored(capped) == before

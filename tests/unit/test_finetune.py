@@ -3,6 +3,8 @@ gradual magnitude pruning reaching its final ratio exactly."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -50,9 +52,9 @@ def test_cubic_schedule_is_monotone_and_hits_both_ends_exactly(initial: float, f
     schedule = cubic_sparsity_schedule(initial, final, steps)
     assert len(schedule) == steps + 1
     assert schedule[0] == initial and schedule[-1] == final
-    assert all(a <= b for a, b in zip(schedule, schedule[1:]))
-    increments = [b - a for a, b in zip(schedule, schedule[1:])]
-    assert all(a >= b - 1e-12 for a, b in zip(increments, increments[1:]))  # prunes most early
+    assert all(a <= b for a, b in pairwise(schedule))
+    increments = [b - a for a, b in pairwise(schedule)]
+    assert all(a >= b - 1e-12 for a, b in pairwise(increments))  # prunes most early
 
 
 def test_cubic_schedule_with_no_steps_is_one_shot() -> None:
@@ -74,8 +76,9 @@ def test_masks_survive_finetuning(optimizer: str, lr: float) -> None:
     model = _model()
     masks = MagnitudePruner(scope="layerwise").compute_masks(model, 0.7)
     before = {name: w.detach().clone() for name, w in prunable_weights(model).items()}
-    losses = finetune(model, x, y, epochs=4, lr=lr, batch_size=16, optimizer=optimizer, momentum=0.9,
-                      weight_decay=0.01, masks=masks)
+    losses = finetune(
+        model, x, y, epochs=4, lr=lr, batch_size=16, optimizer=optimizer, momentum=0.9, weight_decay=0.01, masks=masks
+    )
     assert _removed_are_zero(model, masks)
     assert sparsity(model, masks)["per_layer"]["layers.2.weight"]["zeros"] == round(0.7 * 16 * 12)
     assert all(not torch.equal(w, before[name]) for name, w in prunable_weights(model).items())  # it trained
@@ -113,7 +116,9 @@ def test_finetune_reads_a_memory_mapped_array(tmp_path) -> None:
     in_memory, from_disk = _model(), _model()
     finetune(in_memory, x, y, epochs=1, lr=0.1, batch_size=7)
     finetune(from_disk, mapped, y, epochs=1, lr=0.1, batch_size=7)
-    assert all(torch.equal(a, b) for a, b in zip(in_memory.state_dict().values(), from_disk.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(in_memory.state_dict().values(), from_disk.state_dict().values(), strict=True)
+    )
 
 
 def test_on_epoch_reports_and_can_stop_training() -> None:
@@ -158,8 +163,19 @@ def test_gradual_pruning_reaches_the_final_ratio_exactly_with_nested_masks(scope
     def on_epoch(epoch: int, loss: float) -> None:
         zero_sets.append({name: w.detach() == 0 for name, w in prunable_weights(model, ignored).items()})
 
-    masks = gradual_magnitude_prune(model, x, y, final_ratio=0.8, pruning_steps=3, epochs_per_step=1, scope=scope,
-                                    ignored_layers=ignored, lr=0.05, batch_size=16, on_epoch=on_epoch)
+    masks = gradual_magnitude_prune(
+        model,
+        x,
+        y,
+        final_ratio=0.8,
+        pruning_steps=3,
+        epochs_per_step=1,
+        scope=scope,
+        ignored_layers=ignored,
+        lr=0.05,
+        batch_size=16,
+        on_epoch=on_epoch,
+    )
     weights = prunable_weights(model, ignored)
     assert set(masks) == set(weights)
     removed = {name: int((~mask).sum()) for name, mask in masks.items()}
@@ -173,23 +189,51 @@ def test_gradual_pruning_reaches_the_final_ratio_exactly_with_nested_masks(scope
     schedule = cubic_sparsity_schedule(0.0, 0.8, 3)
     total = sum(w.numel() for w in weights.values())
     assert overall == pytest.approx([s * total for s in schedule], abs=len(weights))
-    for earlier, later in zip(zero_sets, zero_sets[1:]):  # removed weights stay removed
+    for earlier, later in pairwise(zero_sets):  # removed weights stay removed
         assert all(bool((later[name] | ~earlier[name]).all()) for name in earlier)
 
 
 def test_gradual_pruning_with_layer_ratios_and_one_shot() -> None:
     x, y = _data()
     model = _model()
-    masks = gradual_magnitude_prune(model, x, y, final_ratio=0.6, pruning_steps=2, epochs_per_step=1,
-                                    scope="layerwise", layer_ratios={"layers.2": 0.9}, lr=0.05, batch_size=32)
+    masks = gradual_magnitude_prune(
+        model,
+        x,
+        y,
+        final_ratio=0.6,
+        pruning_steps=2,
+        epochs_per_step=1,
+        scope="layerwise",
+        layer_ratios={"layers.2": 0.9},
+        lr=0.05,
+        batch_size=32,
+    )
     assert int((~masks["layers.2.weight"]).sum()) == round(0.9 * 16 * 12)
     assert int((~masks["layers.0.weight"]).sum()) == round(0.6 * 8 * 16)
     one_shot = _model()
     epochs: list[int] = []
-    masks = gradual_magnitude_prune(one_shot, x, y, final_ratio=0.5, pruning_steps=0, epochs_per_step=2,
-                                    scope="global", lr=0.05, on_epoch=lambda epoch, loss: epochs.append(epoch))
+    masks = gradual_magnitude_prune(
+        one_shot,
+        x,
+        y,
+        final_ratio=0.5,
+        pruning_steps=0,
+        epochs_per_step=2,
+        scope="global",
+        lr=0.05,
+        on_epoch=lambda epoch, loss: epochs.append(epoch),
+    )
     assert epochs == [1, 2]
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * sum(m.numel() for m in masks.values()))
     with pytest.raises(EngineError, match="initial sparsity 0.5 is above the final 0.3"):
-        gradual_magnitude_prune(_model(), x, y, final_ratio=0.3, initial_ratio=0.5, pruning_steps=2,
-                                epochs_per_step=1, scope="global", lr=0.05)
+        gradual_magnitude_prune(
+            _model(),
+            x,
+            y,
+            final_ratio=0.3,
+            initial_ratio=0.5,
+            pruning_steps=2,
+            epochs_per_step=1,
+            scope="global",
+            lr=0.05,
+        )

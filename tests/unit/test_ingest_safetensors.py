@@ -28,10 +28,11 @@ def raw_safetensors(path: Path, header: dict, data: bytes = b"", *, header_bytes
 def safe_open_meta(path: Path, framework: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     out = {}
     with safe_open(str(path), framework=framework) as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable: `in f` is a TypeError
             sl = f.get_slice(key)
             out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
     return out
+
 
 # --------------------------------------------------------------------------------------------------
 # safetensors: valid files
@@ -70,10 +71,24 @@ def test_torch_file_matches_safe_open(tmp_path):
         assert info.shape == tuple(tensors[key].shape)
     kinds = {k: v.kind for k, v in got.items()}
     assert kinds == {
-        "f32": "float", "f64": "float", "f16": "float", "bf16": "float", "f8e4m3": "float", "f8e5m2": "float",
-        "i64": "int", "i32": "int", "i16": "int", "i8": "int",
-        "u8": "int", "u16": "int", "u32": "int", "u64": "int",
-        "flag": "bool", "scalar": "float", "empty": "float", "num_batches_tracked": "int",
+        "f32": "float",
+        "f64": "float",
+        "f16": "float",
+        "bf16": "float",
+        "f8e4m3": "float",
+        "f8e5m2": "float",
+        "i64": "int",
+        "i32": "int",
+        "i16": "int",
+        "i8": "int",
+        "u8": "int",
+        "u16": "int",
+        "u32": "int",
+        "u64": "int",
+        "flag": "bool",
+        "scalar": "float",
+        "empty": "float",
+        "num_batches_tracked": "int",
     }
     assert got["f8e4m3"].dtype == "F8_E4M3" and got["bf16"].dtype == "BF16" and got["flag"].dtype == "BOOL"
     assert got["scalar"].shape == () and got["empty"].shape == (0, 4)
@@ -204,10 +219,14 @@ def test_size_does_not_match_shape(tmp_path):
 @pytest.mark.parametrize(
     "entry, fragment",
     [
-        ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]},
-         "invalid value: integer `-1`, expected a non-negative integer (header line 1, column 62)"),
-        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
-         "invalid type: boolean `true`, expected a non-negative integer"),
+        (
+            {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]},
+            "invalid value: integer `-1`, expected a non-negative integer (header line 1, column 62)",
+        ),
+        (
+            {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+            "invalid type: boolean `true`, expected a non-negative integer",
+        ),
         ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, 'invalid type: string "2", expected a list'),
         ({"dtype": "F32", "shape": [1], "data_offsets": [0]}, "invalid length 1, expected [begin, end]"),
         ({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, "each [begin, end] with begin <= end"),
@@ -239,7 +258,9 @@ def test_duplicate_tensor_name(tmp_path):
         b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},'
         b' "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}'
     )
-    err = invalid(read_safetensors_header, raw_safetensors(tmp_path / "d.safetensors", {}, b"\x00\x00", header_bytes=body))
+    err = invalid(
+        read_safetensors_header, raw_safetensors(tmp_path / "d.safetensors", {}, b"\x00\x00", header_bytes=body)
+    )
     assert "the header names 'a' twice" in err.detail
     # safe_open keeps the last of two identical entries; the pre-check refuses them as well.
     entry = b'{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
@@ -271,8 +292,11 @@ def test_tensor_count_is_capped(tmp_path, monkeypatch):
     "entry, data, fragment",
     [
         ({"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}, b"\x00\x00", "does not fill a whole number of bytes"),
-        ({"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 0]}, b"",
-         "a tensor's shape is too large: its byte size overflows"),
+        (
+            {"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 0]},
+            b"",
+            "a tensor's shape is too large: its byte size overflows",
+        ),
     ],
 )
 def test_sizes_safe_open_rejects(tmp_path, entry, data, fragment):
@@ -305,6 +329,7 @@ def test_legacy_torch_save_and_pickle_are_refused(tmp_path):
         assert err.detail.startswith("not a safetensors file: it looks like a pickle")
         assert "PyTorch checkpoint" in err.detail
         assert EXPORT_HINT in err.detail
+
 
 # --------------------------------------------------------------------------------------------------
 # check_weights_fit

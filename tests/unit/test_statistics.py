@@ -88,15 +88,23 @@ def test_intervals_are_deterministic_for_a_seed_and_contain_the_point_estimate()
     first = bootstrap_group_intervals(dense_correct, pruned_correct, dense_loss, pruned_loss, codes, seed=11)
     again = bootstrap_group_intervals(dense_correct, pruned_correct, dense_loss, pruned_loss, codes, seed=11)
     other = bootstrap_group_intervals(dense_correct, pruned_correct, dense_loss, pruned_loss, codes, seed=12)
-    for field in ("dense_accuracy", "accuracy", "accuracy_drop", "excess_accuracy_gap", "excessive_loss",
-                  "max_excess_accuracy_gap"):
+    for field in (
+        "dense_accuracy",
+        "accuracy",
+        "accuracy_drop",
+        "excess_accuracy_gap",
+        "excessive_loss",
+        "max_excess_accuracy_gap",
+    ):
         assert np.array_equal(getattr(first, field), getattr(again, field))
         assert not np.array_equal(getattr(first, field), getattr(other, field))
     assert first.resamples == 1000 and first.seed == 11 and first.groups.tolist() == [0, 1, 2]
 
     # Through attribute_metrics: every interval holds its point estimate, and is ordered.
-    outcomes = [Outcomes(pred=np.zeros(len(codes)), correct=c, loss=l)
-                for c, l in ((dense_correct, dense_loss), (pruned_correct, pruned_loss))]
+    outcomes = [
+        Outcomes(pred=np.zeros(len(codes)), correct=correct, loss=loss)
+        for correct, loss in ((dense_correct, dense_loss), (pruned_correct, pruned_loss))
+    ]
     result = attribute_metrics("g", *outcomes, codes, ["a", "b", "c"], bootstrap_resamples=1000, seed=11)
     aggregates = result.aggregates
     assert aggregates.bootstrap_resamples == 1000 and aggregates.bootstrap_seed == 11

@@ -45,8 +45,9 @@ class ReportIndex:
         self.runs = list(report.runs)
         self.policy = report.policy
         self.labels = list(dict.fromkeys(run.label for run in self.runs))
-        self.runs_by_label = {label: sorted((r for r in self.runs if r.label == label), key=lambda r: r.ratio)
-                              for label in self.labels}
+        self.runs_by_label = {
+            label: sorted((r for r in self.runs if r.label == label), key=lambda r: r.ratio) for label in self.labels
+        }
         self.attributes = list(dict.fromkeys(a.attribute for run in self.all_runs for a in run.attributes))
         # A mitigated run trains the unmitigated run listed before it (runs come per method and ratio: the
         # unmitigated run, then one run per mitigation), so it belongs to that run's pruning method.
@@ -110,11 +111,8 @@ class ReportIndex:
 
     def split_aggregates(self, run: RunReport, name: str, split: str) -> AttributeAggregates | None:
         """The attribute's aggregates on the 'eval' or the 'train' split."""
-        attributes: Sequence[AttributeReport | SplitAttributeReport]
-        if split == "eval":
-            attributes = run.attributes
-        else:
-            attributes = run.train.attributes if run.train else []
+        train = run.train.attributes if run.train else []
+        attributes: Sequence[AttributeReport | SplitAttributeReport] = run.attributes if split == "eval" else train
         return next((a.aggregates for a in attributes if a.attribute == name), None)
 
     def max_gap(self, run: RunReport, name: str, split: str) -> float | None:

@@ -1,10 +1,8 @@
-"""The page's plots: matplotlib figures drawn from the report and inlined as <svg> elements."""
+"""The page's plots: matplotlib figures drawn from the report and inlined as <svg> elements (style, layout and
+the SVG conversion: worker.report_html.figure)."""
 
 from __future__ import annotations
 
-import io
-import math
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +10,19 @@ import matplotlib
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
+from worker.report_html.figure import (
+    MARKERS,
+    PANEL_WIDTH_IN,
+    RED,
+    STYLE,
+    add_legend,
+    figure_legend,
+    group_ticks,
+    palette,
+    panel_grid,
+    panel_width_for,
+    svg_element,
+)
 from worker.report_html.format import count, finite, mathtext_escaped, points, ratio
 from worker.report_html.index import ReadRow, ReportIndex, mitigation_label
 
@@ -19,86 +30,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from service.schemas.reports import RunReport
-
-# Matplotlib settings for every figure, applied in a context (the process's rcParams stay as they are).
-# svg.fonttype "none": text stays text (small, selectable, printed sharp) in the browser's sans-serif font.
-# svg.hashsalt: stable element ids, so the same report renders to the same bytes.
-STYLE = {
-    "svg.fonttype": "none",
-    "svg.hashsalt": "pruneaudit",
-    "font.family": "sans-serif",
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "legend.fontsize": 8,
-    "legend.frameon": False,
-}
-PANEL_WIDTH_IN = 4.4
-MAX_PANELS_PER_ROW = 3
-MARKERS = "osD^v<>ph*"
-RED = "#c0392b"
-
-
-def _colors(n: int) -> list:
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    if n <= 20:
-        return [cmap(i) for i in range(n)]
-    return [matplotlib.colormaps["turbo"](i / max(n - 1, 1)) for i in range(n)]
-
-
-def _svg(fig: Figure, prefix: str) -> Markup:
-    """The figure as an inline <svg> element: no XML prolog, DOCTYPE (it names an outside DTD), namespace
-    URIs or metadata, and every id prefixed so several SVGs on one page never share an id."""
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
-    text = buffer.getvalue()
-    text = text[text.index("<svg"):]
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.DOTALL)
-    text = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
-    text = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}-{m.group(1)}"', text)
-    text = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}-{m.group(1)})", text)
-    text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}-{m.group(1)}"', text)
-    text = re.sub(r"<svg\b", '<svg role="img" focusable="false"', text, count=1)
-    return Markup(text.strip())
-
-
-def _panel_width(panels: int) -> float:
-    return PANEL_WIDTH_IN if panels > 1 else 6.0
-
-
-def _panels(n: int, height: float, extra_width: float = 1.6,
-            panel_width: float = PANEL_WIDTH_IN) -> tuple[Figure, list[Axes]]:
-    cols = max(1, min(n, MAX_PANELS_PER_ROW))
-    rows = math.ceil(max(n, 1) / cols)
-    fig = Figure(figsize=(panel_width * cols + extra_width, height * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    flat = [ax for row in axes for ax in row]
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:max(n, 1)]
-
-
-def _legend(fig: Figure, handles: list, labels: list, title: str) -> None:
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", title=title, ncols=1 if len(labels) <= 16 else 2)
-
-
-def _figure_legend(fig: Figure, axes: list[Axes], title: str) -> None:
-    """One legend for all panels: each label once, with the handle of the first panel that has it."""
-    handles: dict[str, Any] = {}
-    for ax in axes:
-        for handle, text in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(text, handle)
-    _legend(fig, list(handles.values()), list(handles), title)
-
-
-def _group_ticks(ax: Axes, groups: list[str]) -> None:
-    long_names = max(len(str(g)) for g in groups) > 3
-    ax.set_xticks(range(len(groups)), [mathtext_escaped(g) for g in groups],
-                  rotation=45 if long_names else 0, ha="right" if long_names else "center")
 
 
 class Plots:
@@ -114,7 +45,7 @@ class Plots:
             if fig is None:
                 return None
             self.count += 1
-            return _svg(fig, f"fig{self.count}")
+            return svg_element(fig, f"fig{self.count}")
 
     def accuracy_curves(self, attribute: str) -> Figure | None:
         """Per-group accuracy as sparsity grows: the dense model at ratio 0, one line per group, one panel per
@@ -122,10 +53,10 @@ class Plots:
         index, groups = self.index, self.index.groups(attribute)
         if not index.labels or not groups:
             return None
-        fig, axes = _panels(len(index.labels), 3.4, panel_width=_panel_width(len(index.labels)))
-        colors = _colors(len(groups))
+        fig, axes = panel_grid(len(index.labels), 3.4, panel_width=panel_width_for(len(index.labels)))
+        colors = palette(len(groups))
         handles: list = []
-        for ax, method in zip(axes, index.labels):
+        for ax, method in zip(axes, index.labels, strict=True):
             runs = index.runs_by_label[method]
             for i, group in enumerate(groups):
                 xs, ys = [], []
@@ -138,27 +69,47 @@ class Plots:
                     if finite(value):
                         xs.append(run.ratio * 100)
                         ys.append(value * 100)
-                (line,) = ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], markersize=4, color=colors[i],
-                                  linewidth=1.4, label=mathtext_escaped(group))
+                (line,) = ax.plot(
+                    xs,
+                    ys,
+                    marker=MARKERS[i % len(MARKERS)],
+                    markersize=4,
+                    color=colors[i],
+                    linewidth=1.4,
+                    label=mathtext_escaped(group),
+                )
                 if ax is axes[0]:
                     handles.append(line)
             xs = [0.0] + [r.ratio * 100 for r in runs]
             ys = [index.dense.overall.accuracy] + [r.overall.accuracy for r in runs]
-            overall_points = [(x, y * 100) for x, y in zip(xs, ys) if finite(y)]
-            (overall,) = ax.plot([p[0] for p in overall_points], [p[1] for p in overall_points], color="black",
-                                 linestyle="--", linewidth=2, label="overall")
+            overall_points = [(x, y * 100) for x, y in zip(xs, ys, strict=True) if finite(y)]
+            (overall,) = ax.plot(
+                [p[0] for p in overall_points],
+                [p[1] for p in overall_points],
+                color="black",
+                linestyle="--",
+                linewidth=2,
+                label="overall",
+            )
             if ax is axes[0]:
                 handles.append(overall)
             ax.set_title(mathtext_escaped(method))
             ax.set_xlabel("pruning ratio (%); 0 = dense model")
             ax.set_ylabel("accuracy (%)")
             ax.set_xticks(xs)
-        _legend(fig, handles, [h.get_label() for h in handles], mathtext_escaped(attribute))
+        add_legend(fig, handles, [h.get_label() for h in handles], mathtext_escaped(attribute))
         return fig
 
-    def _grouped_bars(self, attribute: str, value: ReadRow, scale: float, ylabel: str,
-                      hline: tuple[float, str] | None = None, markers: ReadRow | None = None,
-                      negative: ReadRow | None = None) -> Figure | None:
+    def _grouped_bars(
+        self,
+        attribute: str,
+        value: ReadRow,
+        scale: float,
+        ylabel: str,
+        hline: tuple[float, str] | None = None,
+        markers: ReadRow | None = None,
+        negative: ReadRow | None = None,
+    ) -> Figure | None:
         """One panel per method: for each group a bar per ratio (darker = higher ratio); `negative` is drawn
         downwards and hatched, `markers` as red diamonds."""
         index, groups = self.index, self.index.groups(attribute)
@@ -166,57 +117,99 @@ class Plots:
             return None
         if not any(finite(index.value(run, attribute, g, value)) for run in index.runs for g in groups):
             return None
-        fig, axes = _panels(len(index.labels), 3.2, extra_width=1.4,
-                            panel_width=max(_panel_width(len(index.labels)), 0.3 * len(groups) + 1.0))
-        for ax, method in zip(axes, index.labels):
+        fig, axes = panel_grid(
+            len(index.labels),
+            3.2,
+            extra_width=1.4,
+            panel_width=max(panel_width_for(len(index.labels)), 0.3 * len(groups) + 1.0),
+        )
+        for ax, method in zip(axes, index.labels, strict=True):
             ax.set_xlim(-0.6, len(groups) - 0.4)
             self._bars_per_ratio(ax, index.runs_by_label[method], attribute, groups, value, scale, markers, negative)
             ax.axhline(0, color="black", linewidth=0.8)
             if hline is not None:
                 ax.axhline(hline[0], color=RED, linestyle="--", linewidth=1.2, label=hline[1])
-            _group_ticks(ax, groups)
+            group_ticks(ax, groups)
             ax.grid(axis="x", visible=False)
             ax.set_title(mathtext_escaped(method))
             ax.set_ylabel(ylabel)
             ax.set_xlabel(mathtext_escaped(attribute))
-        _figure_legend(fig, axes, "pruning ratio")
+        figure_legend(fig, axes, "pruning ratio")
         return fig
 
-    def _bars_per_ratio(self, ax: Axes, runs: list[RunReport], attribute: str, groups: list[str], value: ReadRow,
-                        scale: float, markers: ReadRow | None, negative: ReadRow | None) -> None:
+    def _bars_per_ratio(
+        self,
+        ax: Axes,
+        runs: list[RunReport],
+        attribute: str,
+        groups: list[str],
+        value: ReadRow,
+        scale: float,
+        markers: ReadRow | None,
+        negative: ReadRow | None,
+    ) -> None:
         cmap = matplotlib.colormaps["Blues"]
         bar_width = 0.8 / max(len(runs), 1)
         for j, run in enumerate(runs):
             shade = cmap(0.4 + 0.55 * (j + 1) / len(runs))
             offsets = [i - 0.4 + bar_width * (j + 0.5) for i in range(len(groups))]
             heights = [self.index.value(run, attribute, g, value) for g in groups]
-            ax.bar(offsets, [h * scale if finite(h) else 0 for h in heights], bar_width, color=shade,
-                   label=ratio(run.ratio))
+            ax.bar(
+                offsets,
+                [h * scale if finite(h) else 0 for h in heights],
+                bar_width,
+                color=shade,
+                label=ratio(run.ratio),
+            )
             if negative:
                 lows = [self.index.value(run, attribute, g, negative) for g in groups]
-                ax.bar(offsets, [-v * scale if finite(v) else 0 for v in lows], bar_width, color=shade,
-                       hatch="///", edgecolor="white", linewidth=0)
+                ax.bar(
+                    offsets,
+                    [-v * scale if finite(v) else 0 for v in lows],
+                    bar_width,
+                    color=shade,
+                    hatch="///",
+                    edgecolor="white",
+                    linewidth=0,
+                )
             if markers:
                 predicted = [self.index.value(run, attribute, g, markers) for g in groups]
-                kept = [(o, p * scale) for o, p in zip(offsets, predicted) if finite(p)]
+                kept = [(o, p * scale) for o, p in zip(offsets, predicted, strict=True) if finite(p)]
                 if kept:
-                    ax.scatter([k[0] for k in kept], [k[1] for k in kept], marker="D", s=14, color=RED,
-                               zorder=3, label="R̂(a) predicted")
+                    ax.scatter(
+                        [k[0] for k in kept],
+                        [k[1] for k in kept],
+                        marker="D",
+                        s=14,
+                        color=RED,
+                        zorder=3,
+                        label="R̂(a) predicted",
+                    )
 
     def gap_bars(self, attribute: str) -> Figure | None:
         epsilon = self.index.policy.get("max_excess_accuracy_gap")
         hline = (epsilon * 100, f"ε = {points(epsilon)} points") if finite(epsilon) else None
-        return self._grouped_bars(attribute, lambda row: row.excess_accuracy_gap, 100,
-                                  "excess accuracy gap ψ (points)", hline=hline)
+        return self._grouped_bars(
+            attribute, lambda row: row.excess_accuracy_gap, 100, "excess accuracy gap ψ (points)", hline=hline
+        )
 
     def loss_bars(self, attribute: str) -> Figure | None:
-        return self._grouped_bars(attribute, lambda row: row.excessive_loss, 1, "excessive loss R(a)",
-                                  markers=lambda row: row.diagnostics.predicted_excessive_loss)
+        return self._grouped_bars(
+            attribute,
+            lambda row: row.excessive_loss,
+            1,
+            "excessive loss R(a)",
+            markers=lambda row: row.diagnostics.predicted_excessive_loss,
+        )
 
     def flip_bars(self, attribute: str) -> Figure | None:
-        return self._grouped_bars(attribute, lambda row: row.flips.flips_correct_to_wrong_rate, 100,
-                                  "flips (% of group)\n↑ right→wrong   ↓ wrong→right (hatched)",
-                                  negative=lambda row: row.flips.flips_wrong_to_correct_rate)
+        return self._grouped_bars(
+            attribute,
+            lambda row: row.flips.flips_correct_to_wrong_rate,
+            100,
+            "flips (% of group)\n↑ right→wrong   ↓ wrong→right (hatched)",
+            negative=lambda row: row.flips.flips_wrong_to_correct_rate,
+        )
 
     def group_sizes(self, attribute: str) -> Figure | None:
         index, groups = self.index, self.index.groups(attribute)
@@ -226,10 +219,15 @@ class Plots:
         small = [index.dense_row(attribute, g).small_group for g in groups]
         fig = Figure(figsize=(8.5, max(1.8, 0.28 * len(groups) + 1.0)), layout="constrained")
         ax = fig.subplots()
-        ax.barh(range(len(groups)), [n if finite(n) else 0 for n in sizes],
-                color=["#e67e22" if s else "#4a78b5" for s in small])
-        ax.set_yticks(range(len(groups)),
-                      [mathtext_escaped(g) + ("  (small)" if s else "") for g, s in zip(groups, small)])
+        ax.barh(
+            range(len(groups)),
+            [n if finite(n) else 0 for n in sizes],
+            color=["#e67e22" if s else "#4a78b5" for s in small],
+        )
+        ax.set_yticks(
+            range(len(groups)),
+            [mathtext_escaped(g) + ("  (small)" if s else "") for g, s in zip(groups, small, strict=True)],
+        )
         ax.invert_yaxis()
         minimum = index.policy.get("min_group_size")
         dense_attribute = index.attribute(index.dense, attribute)
@@ -243,15 +241,22 @@ class Plots:
         ax.set_title(f"group sizes — {mathtext_escaped(attribute)}")
         return fig
 
-    def _scatter(self, attribute: str, x_of: Callable[[str], Any], y_of: Callable[[str], Any],
-                 xlabel: str, ylabel: str, title: str) -> Figure | None:
+    def _scatter(
+        self,
+        attribute: str,
+        x_of: Callable[[str], Any],
+        y_of: Callable[[str], Any],
+        xlabel: str,
+        ylabel: str,
+        title: str,
+    ) -> Figure | None:
         """One labelled point per group; a log x axis where x spans more than a factor 30."""
         groups = self.index.groups(attribute)
         found = [(g, x_of(g), y_of(g)) for g in groups]
         found = [p for p in found if finite(p[1]) and finite(p[2])]
         if not found:
             return None
-        colors = _colors(len(groups))
+        colors = palette(len(groups))
         fig = Figure(figsize=(6.2, 4.2), layout="constrained")
         ax = fig.subplots()
         for g, x, y in found:
@@ -272,7 +277,9 @@ class Plots:
             attribute,
             lambda g: index.dense_row(attribute, g).n,
             lambda g: index.dense_figure(attribute, g, lambda row: row.diagnostics.dense_gradient_norm),
-            "group size n", "dense gradient norm ‖∇J_a(θd)‖", "gradient norm vs group size",
+            "group size n",
+            "dense gradient norm ‖∇J_a(θd)‖",
+            "gradient norm vs group size",
         )
 
     def curvature_vs_boundary(self, attribute: str) -> Figure | None:
@@ -282,7 +289,8 @@ class Plots:
             lambda g: index.dense_figure(attribute, g, lambda row: row.boundary.dense_boundary_proximity),
             lambda g: index.dense_figure(attribute, g, lambda row: row.diagnostics.dense_hessian_trace),
             "dense boundary proximity, mean p_y(1 − p_y) (higher = nearer)",
-            "dense Hessian trace Tr H_a", "curvature vs distance to the decision boundary",
+            "dense Hessian trace Tr H_a",
+            "curvature vs distance to the decision boundary",
         )
 
     def mitigation_curves(self, attribute: str) -> Figure | None:
@@ -291,25 +299,35 @@ class Plots:
         methods = self.index.mitigated_methods()
         if not methods:
             return None
-        fig, axes = _panels(2 * len(methods), 3.2, panel_width=PANEL_WIDTH_IN)
+        fig, axes = panel_grid(2 * len(methods), 3.2, panel_width=PANEL_WIDTH_IN)
         for k, method in enumerate(methods):
-            for ax, split in zip(axes[2 * k:2 * k + 2], ("eval", "train")):
+            for ax, split in zip(axes[2 * k : 2 * k + 2], ("eval", "train"), strict=True):
                 self._mitigation_panel(ax, method, split, attribute)
-        _figure_legend(fig, axes, "mitigation")
+        figure_legend(fig, axes, "mitigation")
         return fig
 
     def _mitigation_panel(self, ax: Axes, method: str, split: str, attribute: str) -> None:
         index = self.index
         mitigations = index.mitigation_labels()
-        colors = _colors(len(mitigations))
+        colors = palette(len(mitigations))
         for i, mitigation in enumerate(mitigations):
             runs = [r for r in index.runs if index.pruning_label(r) == method and mitigation_label(r) == mitigation]
-            gaps = [(r.ratio * 100, value * 100) for r in sorted(runs, key=lambda r: r.ratio)
-                    for value in [index.max_gap(r, attribute, split)] if finite(value)]
+            gaps = [
+                (r.ratio * 100, value * 100)
+                for r in sorted(runs, key=lambda r: r.ratio)
+                for value in [index.max_gap(r, attribute, split)]
+                if finite(value)
+            ]
             if gaps:
-                ax.plot([p[0] for p in gaps], [p[1] for p in gaps], marker=MARKERS[i % len(MARKERS)],
-                        color=colors[i], linewidth=1.6 if mitigation != "none" else 2.2,
-                        linestyle="-" if mitigation != "none" else ":", label=mathtext_escaped(mitigation))
+                ax.plot(
+                    [p[0] for p in gaps],
+                    [p[1] for p in gaps],
+                    marker=MARKERS[i % len(MARKERS)],
+                    color=colors[i],
+                    linewidth=1.6 if mitigation != "none" else 2.2,
+                    linestyle="-" if mitigation != "none" else ":",
+                    label=mathtext_escaped(mitigation),
+                )
         epsilon = index.policy.get("max_excess_accuracy_gap")
         if finite(epsilon):
             ax.axhline(epsilon * 100, color=RED, linestyle="--", linewidth=1.2, label=f"ε = {points(epsilon)} points")
