@@ -3,6 +3,8 @@ and the database stores."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import Field
 
 from results.attributes import AttributeMetrics, AttributeResult
@@ -60,8 +62,10 @@ class MitigationDetails(Result):
 
 
 class RunResult(Result):
-    label: str = Field(description="The method as configured, e.g. 'magnitude-global' or 'channel-layerwise-l1'; "
-                       "mitigated runs add '+<mitigation>', e.g. 'magnitude-global+ceag'.")
+    label: str = Field(
+        description="The method as configured, e.g. 'magnitude-global' or 'channel-layerwise-l1'; "
+        "mitigated runs add '+<mitigation>', e.g. 'magnitude-global+ceag'."
+    )
     method: str = Field(description="'dense' for the baseline, else the pruning method.")
     scope: str | None
     ratio: float = Field(description="Requested fraction of prunable weights removed.")
@@ -76,12 +80,14 @@ class RunResult(Result):
     recipe: dict = Field(description="How the run was made: method, ratio, dense layers, seed, architecture.")
     notes: dict[str, str] = Field(description="What was not computed for this run, and why.")
     overall: OverallMetrics
-    attributes: list[AttributeResult] = Field(
+    # Sequence, not list: RunReport narrows the items to AttributeReport, and a list field could not be narrowed.
+    attributes: Sequence[AttributeResult] = Field(
         description="One per group_by attribute, plus their intersection (named 'a&b') when there are several."
     )
     mitigation: str = Field("none", description="'none', or the mitigation trained on the pruned model.")
     mitigation_details: MitigationDetails | None = Field(None, description="Null for unmitigated runs.")
     train: SplitResult | None = Field(
-        None, description="The same figures on the train split, for audits with mitigations (Balancing Act reports "
-        "that gains on the train split do not reliably carry over to unseen data: compare with `attributes`)."
+        None,
+        description="The same figures on the train split, for audits with mitigations (Balancing Act reports "
+        "that gains on the train split do not reliably carry over to unseen data: compare with `attributes`).",
     )

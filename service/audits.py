@@ -15,12 +15,13 @@ from sqlalchemy.orm import Session, selectinload
 from arch.layouts import expected_state_dict
 from arch.specs import architecture_adapter
 from service import catalog
+from service.db import rows_matched
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
 from service.policy import audit_verdict, metric_items, run_verdict
 from service.schemas.audits import AuditSpec, PolicySpec
-from service.tenancy import owned
 from service.schemas.reports import REPORT_VERSION, AuditReport, DatasetRef, ModelRef, RunReport
+from service.tenancy import owned
 
 
 def prunable_layers(model: Model) -> list[str]:
@@ -51,7 +52,9 @@ def check_methods(spec: AuditSpec, model: Model, train_dataset: Dataset | None) 
         named = [*(method.ignored_layers or []), *method.layer_ratios]
         unknown_layers = [layer for layer in named if layer not in layers]
         if unknown_layers:
-            raise InvalidInput(f"method {method.label}: {unknown_layers} are not prunable layers of this model: {layers}")
+            raise InvalidInput(
+                f"method {method.label}: {unknown_layers} are not prunable layers of this model: {layers}"
+            )
         if method.ignored_layers is not None and set(layers) <= set(method.ignored_layers):
             raise InvalidInput(f"method {method.label}: ignored_layers keeps every layer dense: nothing left to prune")
         if method.fine_tuning is not None and train_dataset is None:
@@ -76,8 +79,9 @@ def replayed_audit(session: Session, tenant_id: str, idempotency_key: str, spec:
     return audit
 
 
-def create_audit(session: Session, tenant_id: str, spec: AuditSpec, max_runs: int,
-                 idempotency_key: str | None = None) -> Audit:
+def create_audit(
+    session: Session, tenant_id: str, spec: AuditSpec, max_runs: int, idempotency_key: str | None = None
+) -> Audit:
     runs = spec.runs_requested
     if runs > max_runs:
         raise InvalidInput(
@@ -86,8 +90,9 @@ def create_audit(session: Session, tenant_id: str, spec: AuditSpec, max_runs: in
     try:
         model = catalog.get_model(session, tenant_id, spec.model_id)
         dataset = catalog.get_dataset(session, tenant_id, spec.dataset_id)
-        train_dataset = catalog.get_dataset(session, tenant_id, spec.train_dataset_id) if spec.train_dataset_id \
-            else None
+        train_dataset = (
+            catalog.get_dataset(session, tenant_id, spec.train_dataset_id) if spec.train_dataset_id else None
+        )
     except NotFound as exc:
         raise InvalidInput(exc.detail) from None
     check_dataset_fits(model, dataset, "evaluation")
@@ -104,13 +109,21 @@ def create_audit(session: Session, tenant_id: str, spec: AuditSpec, max_runs: in
                 f"mitigations constrain groups on the train dataset, which lacks group attribute(s) {missing}; "
                 f"it has {sorted(train_dataset.groups)}"
             )
-    audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
-                  idempotency_key=idempotency_key, request_digest=spec_digest(spec) if idempotency_key else None)
+    audit = Audit(
+        tenant_id=tenant_id,
+        model_id=model.id,
+        dataset_id=dataset.id,
+        spec=spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        request_digest=spec_digest(spec) if idempotency_key else None,
+    )
     session.add(audit)
     try:
         session.flush()
     except IntegrityError:
-        raise Conflict("a request with this Idempotency-Key is in flight; retry it once that one has finished") from None
+        raise Conflict(
+            "a request with this Idempotency-Key is in flight; retry it once that one has finished"
+        ) from None
     return audit
 
 
@@ -130,23 +143,29 @@ def cancel_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
     """A queued audit ends `cancelled` at once; a running one is flagged and its worker stops at the next
     checkpoint (between runs and epochs). Ended audits cannot be cancelled (409)."""
     audit = get_audit(session, tenant_id, audit_id)
-    stopped = session.execute(
-        update(Audit).where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
-        .values(status=AuditStatus.cancelled, finished_at=utcnow(), progress_message="cancelled before it started")
+    stopped = rows_matched(
+        session,
+        update(Audit)
+        .where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
+        .values(status=AuditStatus.cancelled, finished_at=utcnow(), progress_message="cancelled before it started"),
     )
-    if stopped.rowcount == 0:
-        flagged = session.execute(
-            update(Audit).where(Audit.id == audit_id, Audit.status == AuditStatus.running).values(cancel_requested=True)
+    if stopped == 0:
+        flagged = rows_matched(
+            session,
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == AuditStatus.running)
+            .values(cancel_requested=True),
         )
-        if flagged.rowcount == 0:
+        if flagged == 0:
             session.refresh(audit)
             raise Conflict(f"audit {audit_id} has already ended ({audit.status.value}); there is nothing to cancel")
     session.refresh(audit)
     return audit
 
 
-def list_audits(session: Session, tenant_id: str, *, status: AuditStatus | None, limit: int,
-                offset: int) -> tuple[list[Audit], int]:
+def list_audits(
+    session: Session, tenant_id: str, *, status: AuditStatus | None, limit: int, offset: int
+) -> tuple[list[Audit], int]:
     query = select(Audit).where(Audit.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Audit.status == status)
@@ -158,8 +177,9 @@ def list_audits(session: Session, tenant_id: str, *, status: AuditStatus | None,
 def _run_report(run: Run, weights_url) -> RunReport:
     """The stored result with the run's id and weights link; `verdict` is left null here, assemble_report applies
     the policy."""
-    return RunReport.model_validate({**run.result, "id": run.id, "verdict": None,
-                                     "weights_url": weights_url(run) if run.weights_sha256 else None})
+    return RunReport.model_validate(
+        {**run.result, "id": run.id, "verdict": None, "weights_url": weights_url(run) if run.weights_sha256 else None}
+    )
 
 
 def succeeded_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
@@ -173,7 +193,9 @@ def succeeded_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
     ).one()
     if audit.status != AuditStatus.succeeded:
         reason = f": {audit.error}" if audit.error else f" (progress {audit.progress:.0%})"
-        raise Conflict(f"the report exists once the audit has succeeded; audit {audit.id} is {audit.status.value}{reason}")
+        raise Conflict(
+            f"the report exists once the audit has succeeded; audit {audit.id} is {audit.status.value}{reason}"
+        )
     return audit
 
 
@@ -201,10 +223,12 @@ def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
         created_at=audit.created_at,
         finished_at=audit.finished_at,
         spec=audit.spec,
-        model=ModelRef(id=model.id, sha256=model.sha256, architecture=model.architecture,
-                       parameter_count=model.parameter_count),
-        dataset=DatasetRef(id=dataset.id, sha256=dataset.sha256, rows=dataset.rows, classes=dataset.classes,
-                           groups=dataset.groups),
+        model=ModelRef(
+            id=model.id, sha256=model.sha256, architecture=model.architecture, parameter_count=model.parameter_count
+        ),
+        dataset=DatasetRef(
+            id=dataset.id, sha256=dataset.sha256, rows=dataset.rows, classes=dataset.classes, groups=dataset.groups
+        ),
         environment=audit.environment or {},
         policy=policy.model_dump(),
         verdict=audit_verdict(pruned),
@@ -214,10 +238,30 @@ def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
 
 
 CSV_COLUMNS = (
-    "run_id", "label", "method", "scope", "ratio", "mitigation", "achieved_sparsity", "run_passed", "split",
-    "attribute", "group", "n",
-    "share", "small_group", "dense_accuracy", "accuracy", "accuracy_drop", "excess_accuracy_gap", "dense_loss",
-    "loss", "excessive_loss", "dense_gradient_norm", "gradient_norm", "dense_hessian_trace",
+    "run_id",
+    "label",
+    "method",
+    "scope",
+    "ratio",
+    "mitigation",
+    "achieved_sparsity",
+    "run_passed",
+    "split",
+    "attribute",
+    "group",
+    "n",
+    "share",
+    "small_group",
+    "dense_accuracy",
+    "accuracy",
+    "accuracy_drop",
+    "excess_accuracy_gap",
+    "dense_loss",
+    "loss",
+    "excessive_loss",
+    "dense_gradient_norm",
+    "gradient_norm",
+    "dense_hessian_trace",
     "predicted_excessive_loss",
 )
 
@@ -233,17 +277,44 @@ def report_csv(report: AuditReport) -> str:
         for split, attribute in ((split, a) for split, attributes in splits for a in attributes):
             for group in attribute.groups:
                 values = {
-                    **group.model_dump(include={"group", "n", "share", "small_group", "dense_accuracy", "accuracy",
-                                                "accuracy_drop", "excess_accuracy_gap", "dense_loss", "loss",
-                                                "excessive_loss"}),
-                    **group.diagnostics.model_dump(include={"dense_gradient_norm", "gradient_norm",
-                                                            "dense_hessian_trace", "predicted_excessive_loss"}),
-                    "run_id": run.id, "label": run.label, "method": run.method, "scope": run.scope,
-                    "ratio": run.ratio, "achieved_sparsity": run.achieved_sparsity, "mitigation": run.mitigation,
+                    **group.model_dump(
+                        include={
+                            "group",
+                            "n",
+                            "share",
+                            "small_group",
+                            "dense_accuracy",
+                            "accuracy",
+                            "accuracy_drop",
+                            "excess_accuracy_gap",
+                            "dense_loss",
+                            "loss",
+                            "excessive_loss",
+                        }
+                    ),
+                    **group.diagnostics.model_dump(
+                        include={
+                            "dense_gradient_norm",
+                            "gradient_norm",
+                            "dense_hessian_trace",
+                            "predicted_excessive_loss",
+                        }
+                    ),
+                    "run_id": run.id,
+                    "label": run.label,
+                    "method": run.method,
+                    "scope": run.scope,
+                    "ratio": run.ratio,
+                    "achieved_sparsity": run.achieved_sparsity,
+                    "mitigation": run.mitigation,
                     "split": split,
                     "run_passed": None if run.verdict is None else run.verdict.passed,
                     "attribute": attribute.attribute,
                 }
-                writer.writerow(["" if values[c] is None else repr(values[c]) if isinstance(values[c], float)
-                                 else values[c] for c in CSV_COLUMNS])
+                writer.writerow(
+                    [
+                        "" if values[c] is None else repr(values[c]) if isinstance(values[c], float) else values[c]
+                        for c in CSV_COLUMNS
+                    ]
+                )
     return buffer.getvalue()

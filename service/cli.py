@@ -42,17 +42,31 @@ def cmd_api(args: argparse.Namespace) -> int:
 def worker_command(concurrency: int, loglevel: str) -> list[str]:
     settings = get_settings()
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--queues", settings.queue_name,
-        "--concurrency", str(concurrency),
-        "--loglevel", loglevel,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--queues",
+        settings.queue_name,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
         # A child is replaced after this many audits, or after an audit that grew it past the memory cap (KiB);
         # worker/heartbeat.py enforces the same cap while an audit runs.
-        "--max-tasks-per-child", str(settings.worker_max_tasks_per_child),
-        *(["--max-memory-per-child", str(settings.worker_max_memory_mb * 1024)]
-          if settings.worker_max_memory_mb else []),
+        "--max-tasks-per-child",
+        str(settings.worker_max_tasks_per_child),
+        *(
+            ["--max-memory-per-child", str(settings.worker_max_memory_mb * 1024)]
+            if settings.worker_max_memory_mb
+            else []
+        ),
         # Remote control is not used, and the SQLite transport has no fanout exchange for it.
-        "--without-mingle", "--without-gossip", "--without-heartbeat",
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
     ]
 
 
@@ -76,7 +90,7 @@ def wait_ready(url: str, timeout_s: float, processes: list[subprocess.Popen]) ->
     while time.monotonic() < deadline:
         for process in processes:
             if process.poll() is not None:
-                raise SystemExit(f"a child process exited early with code {process.returncode}: {process.args}")
+                raise SystemExit(f"a child process exited early with code {process.returncode}: {process.args!r}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -96,8 +110,9 @@ def die_with_parent() -> None:
 
 
 def run_demo(url: str, key: str | None) -> int:
-    return subprocess.call([sys.executable, "-m", "worker.demo", "--url", url],
-                           env={**os.environ, API_KEY_ENV: key or ""})
+    return subprocess.call(
+        [sys.executable, "-m", "worker.demo", "--url", url], env={**os.environ, API_KEY_ENV: key or ""}
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -128,8 +143,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     wait_ready(url, 120, children)
     print(f"pruneaudit API: {url}  (Swagger UI: {url}/docs)", flush=True)
     key = create_key(LOCAL_TENANT, "serve")
-    print(f"API key for tenant '{LOCAL_TENANT}' (shown once; send it as X-API-Key, or click Authorize in "
-          f"Swagger UI): {key}", flush=True)
+    print(
+        f"API key for tenant '{LOCAL_TENANT}' (shown once; send it as X-API-Key, or click Authorize in "
+        f"Swagger UI): {key}",
+        flush=True,
+    )
     if args.demo and run_demo(url, key) != 0:
         print("the demo audit did not succeed; the API stays up for inspection", flush=True)
     while all(child.poll() is None for child in children):
@@ -166,8 +184,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     """Exit 0 when the policy passes, 1 when it fails, 2 when there is no verdict (audit not succeeded, bad id)."""
     try:
-        response = httpx.get(f"{args.url}/v1/audits/{args.audit_id}/report", headers={"X-API-Key": args.key or ""},
-                             timeout=60)
+        response = httpx.get(
+            f"{args.url}/v1/audits/{args.audit_id}/report", headers={"X-API-Key": args.key or ""}, timeout=60
+        )
     except httpx.HTTPError as exc:
         print(f"gate: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
@@ -179,9 +198,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
         verdict = report["verdict"]
         print(f"gate: {verdict['summary']}")
         return 0 if verdict["passed"] else 1
-    chosen = [run for run in report["runs"]
-              if (args.method is None or run["label"] == args.method)
-              and (args.ratio is None or abs(run["ratio"] - args.ratio) < 1e-9)]
+    chosen = [
+        run
+        for run in report["runs"]
+        if (args.method is None or run["label"] == args.method)
+        and (args.ratio is None or abs(run["ratio"] - args.ratio) < 1e-9)
+    ]
     if len(chosen) != 1:
         runs = ", ".join(f"{run['label']}@{run['ratio']:g}" for run in report["runs"])
         print(f"gate: --method/--ratio must pick exactly one run; this audit has: {runs}", file=sys.stderr)
@@ -211,11 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     commands.add_parser(
-        "sweeper", help="re-queue audits whose worker vanished and re-send queued audits whose broker message was lost",
+        "sweeper",
+        help="re-queue audits whose worker vanished and re-send queued audits whose broker message was lost",
     ).set_defaults(func=cmd_sweeper)
 
-    serve = commands.add_parser("serve", help="run the API, one worker and the sweeper (embedded defaults need "
-                                              "no server)")
+    serve = commands.add_parser(
+        "serve", help="run the API, one worker and the sweeper (embedded defaults need no server)"
+    )
     serve.add_argument("--host", default=settings.host)
     serve.add_argument("--port", type=int, default=settings.port)
     serve.add_argument("--demo", action="store_true", help="once up, run the demo audit on real data")

@@ -13,8 +13,9 @@ from service.schemas.reports import AttributeReport, RunReport
 def _figures(attribute: AttributeReport | None) -> dict[str, tuple[int, GroupFigures]]:
     if attribute is None:
         return {}
-    return {g.group: (g.n, GroupFigures(**g.model_dump(include=set(GroupFigures.model_fields))))
-            for g in attribute.groups}
+    return {
+        g.group: (g.n, GroupFigures(**g.model_dump(include=set(GroupFigures.model_fields)))) for g in attribute.groups
+    }
 
 
 def _compare_runs(first: RunReport, second: RunReport) -> list[ComparedRun]:
@@ -27,21 +28,32 @@ def _compare_runs(first: RunReport, second: RunReport) -> list[ComparedRun]:
         groups = []
         for group in dict.fromkeys([*left, *right]):
             a, b = left.get(group), right.get(group)
-            groups.append(ComparedGroup(
-                group=group, n=(a or b)[0], first=a and a[1], second=b and b[1],
-                accuracy_difference=b[1].accuracy - a[1].accuracy if a and b else None,
-            ))
-        compared.append(ComparedRun(
-            label=first.label, ratio=first.ratio, attribute=attribute.attribute,
-            first_passed=first.verdict and first.verdict.passed, second_passed=second.verdict and second.verdict.passed,
-            groups=groups,
-        ))
+            groups.append(
+                ComparedGroup(
+                    group=group,
+                    n=(a or right[group])[0],  # the group is a key of left or of right
+                    first=a and a[1],
+                    second=b and b[1],
+                    accuracy_difference=b[1].accuracy - a[1].accuracy if a and b else None,
+                )
+            )
+        compared.append(
+            ComparedRun(
+                label=first.label,
+                ratio=first.ratio,
+                attribute=attribute.attribute,
+                first_passed=first.verdict.passed if first.verdict is not None else None,
+                second_passed=second.verdict.passed if second.verdict is not None else None,
+                groups=groups,
+            )
+        )
     return compared
 
 
 def compare_audits(session: Session, tenant_id: str, first_id: str, second_id: str) -> Comparison:
-    first, second = (assemble_report(succeeded_audit(session, tenant_id, audit_id))
-                     for audit_id in (first_id, second_id))
+    first, second = (
+        assemble_report(succeeded_audit(session, tenant_id, audit_id)) for audit_id in (first_id, second_id)
+    )
     if first.dataset.sha256 != second.dataset.sha256:
         raise InvalidInput(
             f"audits {first_id} and {second_id} evaluate different datasets "

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Delete, Engine, Update, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import get_settings
@@ -70,3 +71,9 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def rows_matched(session: Session, statement: Update | Delete) -> int:
+    """How many rows an UPDATE or DELETE without RETURNING matched. Session.execute returns a CursorResult for
+    these, but is typed as returning a plain Result, which has no rowcount (sqlalchemy/sqlalchemy#9185)."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount

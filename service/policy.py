@@ -31,16 +31,25 @@ def attribute_checks(attribute: AttributeReport, policy: PolicySpec) -> list[Pol
         if threshold is None:
             continue
         value = measure(eligible) if eligible else None
-        checks.append(PolicyCheck(name=name, attribute=attribute.attribute, value=value, threshold=threshold,
-                                  passed=value is not None and value <= threshold))
+        checks.append(
+            PolicyCheck(
+                name=name,
+                attribute=attribute.attribute,
+                value=value,
+                threshold=threshold,
+                passed=value is not None and value <= threshold,
+            )
+        )
     return checks
 
 
 def reason(check: PolicyCheck, run: RunReport, policy: PolicySpec) -> str:
     words = CHECKS[check.name][0]
     if check.value is None:
-        return (f"{check.attribute}: no group has at least {policy.min_group_size} examples, so no verdict is "
-                "possible (lower policy.min_group_size or add data)")
+        return (
+            f"{check.attribute}: no group has at least {policy.min_group_size} examples, so no verdict is "
+            "possible (lower policy.min_group_size or add data)"
+        )
     attribute = next(a for a in run.attributes if a.attribute == check.attribute)
     eligible = [g for g in attribute.groups if g.n >= policy.min_group_size]
     if check.name == "max_accuracy_fairness_violation":
@@ -49,8 +58,10 @@ def reason(check: PolicyCheck, run: RunReport, policy: PolicySpec) -> str:
         field = "excess_accuracy_gap" if check.name == "max_excess_accuracy_gap" else "accuracy_drop"
         worst = max(eligible, key=lambda g: getattr(g, field))
         where = f" (group '{worst.group}')"
-    return (f"{check.attribute}: {words} {check.value * 100:.1f} points{where} exceeds the limit of "
-            f"{check.threshold * 100:.1f} points")
+    return (
+        f"{check.attribute}: {words} {check.value * 100:.1f} points{where} exceeds the limit of "
+        f"{check.threshold * 100:.1f} points"
+    )
 
 
 def run_verdict(run: RunReport, policy: PolicySpec) -> RunVerdict:
@@ -76,14 +87,24 @@ def metric_items(attribute: AttributeReport, checks: list[PolicyCheck]) -> list[
         if check is None:
             items.append(MetricItem(name=name, value=value, ci=ci, n=n))
         else:
-            items.append(MetricItem(name=name, value=check.value, ci=ci if check.value == value else None, n=n,
-                                    threshold=check.threshold, passed=check.passed))
+            items.append(
+                MetricItem(
+                    name=name,
+                    value=check.value,
+                    ci=ci if check.value == value else None,
+                    n=n,
+                    threshold=check.threshold,
+                    passed=check.passed,
+                )
+            )
     return items
 
 
 def audit_verdict(runs: list[RunReport]) -> AuditVerdict:
+    """Over the pruned runs, each with its verdict already applied (assemble_report does that first)."""
     highest: dict[str, float | None] = {}
     for run in sorted(runs, key=lambda r: r.ratio):
+        assert run.verdict is not None, f"run {run.label} at {run.ratio} has no verdict; only the dense run lacks one"
         if run.label not in highest:
             highest[run.label] = None
         # Monotone: a ratio counts only when every lower ratio of the same method passed too.
@@ -91,9 +112,10 @@ def audit_verdict(runs: list[RunReport]) -> AuditVerdict:
             highest[run.label] = run.ratio
     passing = {label: ratio for label, ratio in highest.items() if ratio is not None}
     if passing:
-        best = max(passing, key=passing.get)
-        summary = (f"passes: {best} holds the policy up to {passing[best]:.0%} sparsity"
-                   + "".join(f"; {label} up to {ratio:.0%}" for label, ratio in passing.items() if label != best))
+        best = max(passing, key=passing.__getitem__)
+        summary = f"passes: {best} holds the policy up to {passing[best]:.0%} sparsity" + "".join(
+            f"; {label} up to {ratio:.0%}" for label, ratio in passing.items() if label != best
+        )
     else:
         summary = "fails: no method meets the policy even at its lowest pruning ratio"
     return AuditVerdict(passed=bool(passing), highest_passing_ratio=highest, summary=summary)

@@ -18,10 +18,11 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import create_engine, or_, select, text, update
 
-from service.db import session_scope
+from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, utcnow
 from service.queue import RUN_AUDIT_TASK, enqueue_audit
 from service.settings import Settings, get_settings
@@ -38,10 +39,12 @@ class SweepOutcome:
 
 
 def vanished_reason(attempts: int) -> str:
-    return (f"the worker running this audit vanished {attempts} time{'s' if attempts != 1 else ''} (its process was "
-            "killed: out of memory, kill -9, a hard time limit or a host crash); giving up after "
-            f"{attempts} attempt{'s' if attempts != 1 else ''}. A model or dataset too large for the workers' "
-            "memory does this; try a smaller one or a smaller batch_size")
+    return (
+        f"the worker running this audit vanished {attempts} time{'s' if attempts != 1 else ''} (its process was "
+        "killed: out of memory, kill -9, a hard time limit or a host crash); giving up after "
+        f"{attempts} attempt{'s' if attempts != 1 else ''}. A model or dataset too large for the workers' "
+        "memory does this; try a smaller one or a smaller batch_size"
+    )
 
 
 def recover_stale_running(settings: Settings) -> SweepOutcome:
@@ -50,29 +53,51 @@ def recover_stale_running(settings: Settings) -> SweepOutcome:
     stale_heartbeat = or_(Audit.heartbeat_at < cutoff, Audit.heartbeat_at.is_(None))
     with session_scope() as session:
         stale = session.execute(
-            select(Audit.id, Audit.attempts, Audit.cancel_requested)
-            .where(Audit.status == AuditStatus.running, stale_heartbeat)
+            select(Audit.id, Audit.attempts, Audit.cancel_requested).where(
+                Audit.status == AuditStatus.running, stale_heartbeat
+            )
         ).all()
     for audit_id, attempts, cancel_requested in stale:
         # Matching attempts and the stale heartbeat again: a beat or another sweeper in between wins.
-        row = update(Audit).where(Audit.id == audit_id, Audit.status == AuditStatus.running,
-                                  Audit.attempts == attempts, stale_heartbeat)
+        row = update(Audit).where(
+            Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempts, stale_heartbeat
+        )
+        values: dict[str, Any]  # keyword arguments of UPDATE ... VALUES
         if cancel_requested:
-            values, bucket = dict(status=AuditStatus.cancelled, finished_at=utcnow(),
-                                  progress_message="cancelled; its worker had vanished"), outcome.cancelled
+            values, bucket = (
+                dict(
+                    status=AuditStatus.cancelled,
+                    finished_at=utcnow(),
+                    progress_message="cancelled; its worker had vanished",
+                ),
+                outcome.cancelled,
+            )
         elif attempts >= settings.max_attempts:
-            values, bucket = dict(status=AuditStatus.failed, finished_at=utcnow(),
-                                  error=vanished_reason(attempts)), outcome.failed
+            values, bucket = (
+                dict(status=AuditStatus.failed, finished_at=utcnow(), error=vanished_reason(attempts)),
+                outcome.failed,
+            )
         else:
-            values, bucket = dict(status=AuditStatus.queued, heartbeat_at=None, progress=0.0,
-                                  progress_message=f"re-queued: the worker of attempt {attempts} stopped "
-                                                   "sending heartbeats"), outcome.requeued
+            values, bucket = (
+                dict(
+                    status=AuditStatus.queued,
+                    heartbeat_at=None,
+                    progress=0.0,
+                    progress_message=f"re-queued: the worker of attempt {attempts} stopped sending heartbeats",
+                ),
+                outcome.requeued,
+            )
         with session_scope() as session:
-            if session.execute(row.values(**values)).rowcount != 1:
+            if rows_matched(session, row.values(**values)) != 1:
                 continue
         bucket.append(audit_id)
-        log.warning("audit %s: attempt %d sent no heartbeat for %gs, its worker is gone: %s", audit_id, attempts,
-                    settings.heartbeat_timeout_s, values["status"].value)
+        log.warning(
+            "audit %s: attempt %d sent no heartbeat for %gs, its worker is gone: %s",
+            audit_id,
+            attempts,
+            settings.heartbeat_timeout_s,
+            values["status"].value,
+        )
         if bucket is outcome.requeued:
             send(audit_id)
     return outcome
@@ -118,8 +143,11 @@ def live_audit_ids(settings: Settings) -> set[str] | None:
         try:
             # Waiting lists first (kombu's priority sub-queues included), then the unacked hash: a message
             # popped in between is then seen in the second place rather than missed in both.
-            waiting = [raw for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")
-                       for raw in client.lrange(f"{prefix}{queue}{suffix}", 0, -1)]
+            waiting = [
+                raw
+                for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")
+                for raw in client.lrange(f"{prefix}{queue}{suffix}", 0, -1)
+            ]
             unacked = client.hvals(f"{prefix}unacked")
         finally:
             client.close()
@@ -131,9 +159,13 @@ def live_audit_ids(settings: Settings) -> set[str] | None:
             with engine.connect() as connection:
                 if not engine.dialect.has_table(connection, "kombu_message"):
                     return set()
-                payloads = connection.execute(text(
-                    "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
-                    "WHERE q.name = :queue AND m.visible"), {"queue": settings.queue_name}).scalars()
+                payloads = connection.execute(
+                    text(
+                        "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                        "WHERE q.name = :queue AND m.visible"
+                    ),
+                    {"queue": settings.queue_name},
+                ).scalars()
                 return audit_ids_in(payloads)
         finally:
             engine.dispose()
@@ -155,9 +187,13 @@ def recover_lost_messages(settings: Settings) -> list[str]:
             continue
         # Bumping updated_at claims this re-send: another sweeper's UPDATE then matches nothing.
         with session_scope() as session:
-            claimed = session.execute(update(Audit).where(Audit.id == audit_id, *old_and_queued)
-                                      .values(progress_message="re-enqueued: its broker message was lost"))
-            if claimed.rowcount != 1:
+            claimed = rows_matched(
+                session,
+                update(Audit)
+                .where(Audit.id == audit_id, *old_and_queued)
+                .values(progress_message="re-enqueued: its broker message was lost"),
+            )
+            if claimed != 1:
                 continue
         log.warning("audit %s: queued with no broker message; enqueued again", audit_id)
         send(audit_id)
@@ -179,9 +215,13 @@ def run_sweeper(stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    log.info("sweeper: every %gs; heartbeat timeout %gs, max attempts %d, lost-message check after %gs",
-             settings.sweep_interval_s, settings.heartbeat_timeout_s, settings.max_attempts,
-             settings.requeue_queued_after_s)
+    log.info(
+        "sweeper: every %gs; heartbeat timeout %gs, max attempts %d, lost-message check after %gs",
+        settings.sweep_interval_s,
+        settings.heartbeat_timeout_s,
+        settings.max_attempts,
+        settings.requeue_queued_after_s,
+    )
     while not stop.is_set():
         try:
             sweep(settings)

@@ -56,8 +56,7 @@ def authenticate(session: Session, presented: str | None) -> str:
         raise Unauthorized("send an API key in the X-API-Key header (create one with `pruneaudit keys create`)")
     key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
     key = session.get(ApiKey, key_id) if presented.startswith(KEY_PREFIX) and secret else None
-    valid = key is not None and hmac.compare_digest(key.secret_sha256, _digest(secret))
-    if not valid or key.revoked_at is not None:
+    if key is None or not hmac.compare_digest(key.secret_sha256, _digest(secret)) or key.revoked_at is not None:
         raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
     return key.tenant_id
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def read_npz_dataset(path: Path, *, max_uncompressed_bytes: int = MAX_NPZ_UNCOMP
             raise InvalidInput(
                 f"{name} has shape {_shape_str(column.shape)}; it must be 1-D with one value per row of x ({n})"
             )
-        groups[name[len("group_"):]] = _group_column(column, name)
+        groups[name[len("group_") :]] = _group_column(column, name)
     return ParsedDataset(x=x, y=y, classes=classes, groups=groups)
 
 
@@ -85,7 +86,7 @@ def _check_array_names(names: list[str]) -> None:
                 f"the .npz has no array {required!r} (it has: {', '.join(names) or 'nothing'}); "
                 "required are x (features), y (labels) and at least one group_<attribute>"
             )
-    attributes = [n[len("group_"):] for n in names if n.startswith("group_")]
+    attributes = [n[len("group_") :] for n in names if n.startswith("group_")]
     if not attributes:
         raise InvalidInput(
             "the .npz has no group attribute: add at least one array named group_<attribute> "
@@ -210,7 +211,8 @@ def _group_column(arr: np.ndarray, what: str) -> GroupColumn:
     )
 
 
-def _coded(values: np.ndarray, missing: np.ndarray, name: Callable[[object], str], what: str) -> GroupColumn:
+def _coded(values: np.ndarray, missing: np.ndarray, name: Callable[[Any], str], what: str) -> GroupColumn:
+    """`name` turns one of the sorted unique values (a numpy scalar of the array's dtype) into the group's name."""
     uniq, inverse = np.unique(values[~missing], return_inverse=True)
     codes = np.full(values.shape[0], -1, dtype=np.int32)
     codes[~missing] = inverse.astype(np.int32).reshape(-1)

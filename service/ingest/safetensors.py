@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from arch.mismatch import state_dict_mismatch
+from arch.mismatch import Tensors, state_dict_mismatch
 from service.errors import InvalidInput
 
 # Far above any real header (a few hundred tensors take some 30 kB), far below the reference
@@ -32,8 +32,23 @@ EXPORT_HINT = (
 
 # The kinds check_weights_fit compares, for the dtypes the safetensors format defines (0.8).
 _DTYPE_KINDS: dict[str, str] = {
-    **dict.fromkeys(("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0",
-                     "F6_E2M3", "F6_E3M2", "F4"), "float"),
+    **dict.fromkeys(
+        (
+            "F64",
+            "F32",
+            "F16",
+            "BF16",
+            "F8_E4M3",
+            "F8_E4M3FNUZ",
+            "F8_E5M2",
+            "F8_E5M2FNUZ",
+            "F8_E8M0",
+            "F6_E2M3",
+            "F6_E3M2",
+            "F4",
+        ),
+        "float",
+    ),
     **dict.fromkeys(("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"), "int"),
     "BOOL": "bool",
     # Valid safetensors, but no architecture here has complex parameters: check_weights_fit reports
@@ -165,25 +180,39 @@ def _open_validated(path: Path) -> dict[str, TensorInfo]:
 
 # safe_open's reasons (safetensors 0.8), in a user's words; any other reason is passed on as it is.
 _REWORDINGS: list[tuple[str, str]] = [
-    (r"invalid offset for tensor `(.*)`",
-     r"tensor '\1' has data_offsets that do not start where the tensor before it ends (the tensors must "
-     r"fill the data section back to back, each [begin, end] with begin <= end, without gaps or overlaps)"),
-    (r"incomplete metadata, file not fully covered",
-     "the tensors' data_offsets do not end where the file does: it is truncated, or has trailing bytes that "
-     "belong to no tensor"),
-    (r"invalid shape, data type, or offset for tensor",
-     "a tensor's data_offsets span a different number of bytes than its dtype and shape need"),
-    (r"The slice is slicing for subbytes dtypes.*",
-     "a tensor of a sub-byte dtype (F4, F6_*) does not fill a whole number of bytes"),
+    (
+        r"invalid offset for tensor `(.*)`",
+        r"tensor '\1' has data_offsets that do not start where the tensor before it ends (the tensors must "
+        r"fill the data section back to back, each [begin, end] with begin <= end, without gaps or overlaps)",
+    ),
+    (
+        r"incomplete metadata, file not fully covered",
+        "the tensors' data_offsets do not end where the file does: it is truncated, or has trailing bytes that "
+        "belong to no tensor",
+    ),
+    (
+        r"invalid shape, data type, or offset for tensor",
+        "a tensor's data_offsets span a different number of bytes than its dtype and shape need",
+    ),
+    (
+        r"The slice is slicing for subbytes dtypes.*",
+        "a tensor of a sub-byte dtype (F4, F6_*) does not fill a whole number of bytes",
+    ),
     (r"overflow computing buffer size.*", "a tensor's shape is too large: its byte size overflows"),
-    (r"invalid JSON in header: (.*) at line (\d+) column (\d+)",
-     r"the header does not follow the safetensors format: \1 (header line \2, column \3)"),
+    (
+        r"invalid JSON in header: (.*) at line (\d+) column (\d+)",
+        r"the header does not follow the safetensors format: \1 (header line \2, column \3)",
+    ),
 ]
 # The header's terms for what serde, which parses it, calls by Rust names.
-_RUST_TERMS = {"unknown variant": "unknown dtype", "expected usize": "expected a non-negative integer",
-               "expected struct TensorInfo": "expected a tensor entry {dtype, shape, data_offsets}",
-               "expected a tuple of size 2": "expected [begin, end]", "expected a sequence": "expected a list",
-               "expected a map": "expected an object"}
+_RUST_TERMS = {
+    "unknown variant": "unknown dtype",
+    "expected usize": "expected a non-negative integer",
+    "expected struct TensorInfo": "expected a tensor entry {dtype, shape, data_offsets}",
+    "expected a tuple of size 2": "expected [begin, end]",
+    "expected a sequence": "expected a list",
+    "expected a map": "expected an object",
+}
 
 
 def _reworded(message: str) -> str:
@@ -199,7 +228,7 @@ def _reworded(message: str) -> str:
 
 def check_weights_fit(
     tensors: dict[str, TensorInfo],
-    expected: dict[str, tuple[tuple[int, ...], str]],
+    expected: Tensors,
     architecture: str,
 ) -> None:
     """Raise InvalidInput unless ``tensors`` has exactly the keys of ``expected`` with the expected

@@ -61,7 +61,7 @@ class MethodSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        parts = [self.method, self.scope]
+        parts: list[str] = [self.method, self.scope]
         if self.method == "channel":
             parts.append(self.norm)
         if self.schedule == "gradual":
