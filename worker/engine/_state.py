@@ -85,8 +85,9 @@ class State:
         logits = functional_call(self.model, {**self.constants, **self.leaves}, (inputs,))
         n_classes = logits.shape[1]
         if int(labels.max()) >= n_classes:
-            raise EngineError(f"labels must be class indices in [0, {n_classes}) for this model; "
-                              f"got label {int(labels.max())}")
+            raise EngineError(
+                f"labels must be class indices in [0, {n_classes}) for this model; got label {int(labels.max())}"
+            )
         if not torch.isfinite(logits).all():
             raise EngineError("the model produced NaN or infinite outputs; check the input scaling and the weights")
         return F.cross_entropy(logits, labels, reduction="sum")
@@ -128,11 +129,9 @@ def aligned_directions(
     single dict (rather than a sequence) was given."""
     if delta is None:
         return [], False
-    single = isinstance(delta, Mapping)
-    result = []
-    for d in [delta] if single else delta:
-        result.append(_aligned(state, d, "delta", torch.zeros_like))
-    return result, single
+    if isinstance(delta, Mapping):
+        return [_aligned(state, delta, "delta", torch.zeros_like)], True
+    return [_aligned(state, d, "delta", torch.zeros_like) for d in delta], False
 
 
 def _aligned(state: State, tensors: Tensors, what: str, fill) -> list[torch.Tensor]:
@@ -146,8 +145,11 @@ def _aligned(state: State, tensors: Tensors, what: str, fill) -> list[torch.Tens
         tensor = tensors.get(name)
         if tensor is not None and tensor.shape != leaf.shape:
             raise EngineError(f"{what} {name} has shape {tuple(tensor.shape)}; the parameter has {tuple(leaf.shape)}")
-        result.append(fill(leaf, dtype=state.dtype).detach() if tensor is None
-                      else tensor.detach().to(device=state.device, dtype=state.dtype))
+        result.append(
+            fill(leaf, dtype=state.dtype).detach()
+            if tensor is None
+            else tensor.detach().to(device=state.device, dtype=state.dtype)
+        )
     return result
 
 
@@ -162,8 +164,10 @@ def check_groupings(
     for k, grouping in enumerate(groupings):
         grouping = np.asarray(grouping)
         if grouping.shape != (n,) or not np.issubdtype(grouping.dtype, np.integer):
-            raise EngineError(f"grouping {k} must be one integer code per example ({n}), got shape {grouping.shape} "
-                              f"and dtype {grouping.dtype}")
+            raise EngineError(
+                f"grouping {k} must be one integer code per example ({n}), got shape {grouping.shape} "
+                f"and dtype {grouping.dtype}"
+            )
         grouping = grouping.astype(np.int64)
         size = int(grouping.max(initial=-1)) + 1 if n_groups is None else int(n_groups[k])
         if size < 0:
@@ -209,5 +213,5 @@ def cells(codes: list[np.ndarray], batch_size: int) -> Iterator[tuple[tuple[int,
     starts = np.flatnonzero(np.r_[True, (rows[1:] != rows[:-1]).any(axis=1)])
     ends = np.r_[starts[1:], len(order)]
     for start, end in zip(starts, ends, strict=True):
-        batches = [order[b:min(b + batch_size, end)] for b in range(start, end, batch_size)]
+        batches = [order[b : min(b + batch_size, end)] for b in range(start, end, batch_size)]
         yield tuple(int(c) for c in rows[start]), batches

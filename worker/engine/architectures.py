@@ -22,7 +22,7 @@ from torch import nn
 
 from arch.layouts import input_shape
 from arch.mismatch import state_dict_mismatch
-from arch.specs import BaseSpec, CNNSpec, MLPSpec, PrunedSpec, architecture_adapter
+from arch.specs import AnySpec, BaseSpec, CNNSpec, MLPSpec, PrunedSpec, architecture_adapter
 from worker.engine import zoo
 from worker.engine.errors import EngineError
 
@@ -65,6 +65,19 @@ class CNN(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+def attach_spec(model: nn.Module, spec: AnySpec) -> None:
+    """Keep the module's validated spec on it as a plain attribute `spec` (not part of the state_dict), as MLP and
+    CNN do themselves; model_spec reads it. nn.Module's typed __setattr__ admits only tensors and modules, though
+    any other value is stored as an ordinary instance attribute, which is what this writes."""
+    model.__dict__["spec"] = spec
+
+
+def model_spec(model: nn.Module) -> AnySpec:
+    """The spec of a module from build_model (see attach_spec)."""
+    spec: AnySpec = model.__dict__["spec"]
+    return spec
+
+
 def build_model(spec: Mapping[str, Any]) -> nn.Module:
     """A freshly initialised module for `spec` (the dict of `spec.model_dump()`), in eval mode."""
     try:
@@ -74,7 +87,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     if isinstance(validated, PrunedSpec):
         model = _build_base(validated.base)
         shrink_layers(model, validated.layers, validated.base.name)
-        model.spec = validated  # input_shape, error messages and re-pruning see the pruned spec
+        attach_spec(model, validated)  # input_shape, error messages and re-pruning see the pruned spec
         return model
     return _build_base(validated).eval()
 
@@ -85,7 +98,7 @@ def _build_base(spec: BaseSpec) -> nn.Module:
     if isinstance(spec, CNNSpec):
         return CNN(spec)
     model = zoo.build_named(spec.name, spec.num_classes, spec.in_channels)
-    model.spec = spec  # not part of the state_dict: names the architecture in error messages
+    attach_spec(model, spec)  # names the architecture in error messages
     return model
 
 
@@ -95,8 +108,11 @@ def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
     widths: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, _CONVS):
-            widths[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                            "groups": module.groups}
+            widths[name] = {
+                "in_channels": module.in_channels,
+                "out_channels": module.out_channels,
+                "groups": module.groups,
+            }
         elif isinstance(module, nn.Linear):
             widths[name] = {"in_features": module.in_features, "out_features": module.out_features}
         elif isinstance(module, _BATCH_NORMS):
@@ -113,13 +129,15 @@ def shrink_layers(model: nn.Module, layers: Mapping[Any, Any], architecture: str
     for name, widths in layers.items():
         module = modules.get(name) if isinstance(name, str) else None
         if module is None or not isinstance(module, (*_CONVS, nn.Linear, *_BATCH_NORMS)):
-            raise EngineError(f"the pruned architecture names {name!r}, which is not a Conv, Linear or BatchNorm "
-                              f"layer of {architecture}")
+            raise EngineError(
+                f"the pruned architecture names {name!r}, which is not a Conv, Linear or BatchNorm "
+                f"layer of {architecture}"
+            )
         _resize(name, module, widths)
     model.eval()  # a forward in training mode would move the BatchNorm statistics
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, *input_shape(model.spec)))
+            model(torch.zeros(1, *input_shape(model_spec(model))))
     except RuntimeError as error:
         raise EngineError(f"the pruned architecture does not fit together: {error}") from error
 
@@ -136,8 +154,10 @@ def _resize(name: str, module: nn.Module, widths: Any) -> None:
         groups, c_in, c_out = widths["groups"], widths["in_channels"], widths["out_channels"]
         depthwise = current["groups"] > 1 and current["groups"] == current["in_channels"]
         if (groups == 1) == depthwise or c_in % groups or c_out % groups or (depthwise and not groups == c_in == c_out):
-            raise EngineError(f"layer {name}: groups {groups} do not fit {c_in} input and {c_out} output channels "
-                              f"of a {'depthwise' if depthwise else 'dense'} convolution")
+            raise EngineError(
+                f"layer {name}: groups {groups} do not fit {c_in} input and {c_out} output channels "
+                f"of a {'depthwise' if depthwise else 'dense'} convolution"
+            )
         module.in_channels, module.out_channels, module.groups = c_in, c_out, groups
         module.weight = nn.Parameter(module.weight.new_zeros(c_out, c_in // groups, *module.weight.shape[2:]))
         if module.bias is not None:
@@ -149,12 +169,14 @@ def _resize(name: str, module: nn.Module, widths: Any) -> None:
         if module.bias is not None:
             module.bias = nn.Parameter(module.bias.new_zeros(c_out))
     else:
+        assert isinstance(module, _BATCH_NORMS), "shrink_layers resizes only Conv, Linear and BatchNorm layers"
         n = widths["num_features"]
         module.num_features = n
-        if module.weight is not None:
+        # A BatchNorm has weight and bias both (affine) or neither, running mean and variance both or neither.
+        if module.weight is not None and module.bias is not None:
             module.weight = nn.Parameter(module.weight.new_ones(n))
             module.bias = nn.Parameter(module.bias.new_zeros(n))
-        if module.running_mean is not None:
+        if module.running_mean is not None and module.running_var is not None:
             module.running_mean = module.running_mean.new_zeros(n)
             module.running_var = module.running_var.new_ones(n)
 

@@ -77,10 +77,13 @@ def group_directional(
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
                 for d, v in enumerate(directions):
                     slope = sum((g * t).sum() for g, t in zip(grads, v, strict=True))
+                    assert isinstance(slope, torch.Tensor), "State has at least one leaf, so the sum is a tensor"
                     hv = torch.autograd.grad(slope, leaves, retain_graph=d < len(directions) - 1)
                     cell_first[d] += float(slope.detach())
-                    cell_second[d] += sum(float(torch.vdot(h.flatten().double(), t.flatten().double()))
-                                          for h, t in zip(hv, v, strict=True))
+                    cell_second[d] += sum(
+                        float(torch.vdot(h.flatten().double(), t.flatten().double()))
+                        for h, t in zip(hv, v, strict=True)
+                    )
             for k, code in enumerate(cell_codes):
                 if code >= 0:
                     first[k][code] += cell_first
@@ -111,8 +114,9 @@ def quadratic_form(
     Hessian-vector products of the summed loss, dotted with δ, divided by n."""
     if len(x) == 0:
         raise EngineError("cannot compute a quadratic form over zero examples")
-    (result,) = group_directional(model, params, x, y, [np.zeros(len(x), np.int64)], direction,
-                                  masks=masks, batch_size=batch_size, device=device)
+    (result,) = group_directional(
+        model, params, x, y, [np.zeros(len(x), np.int64)], direction, masks=masks, batch_size=batch_size, device=device
+    )
     return float(result.quadratic[0])
 
 
@@ -128,7 +132,7 @@ def parameter_delta(dense_params: Tensors, pruned_params: Tensors) -> dict[str, 
         if dense.shape != pruned.shape:
             raise EngineError(f"parameter {name} has shape {tuple(dense.shape)} dense but {tuple(pruned.shape)} pruned")
         if dense.is_floating_point():
-            delta[name] = (pruned.detach() - dense.detach().to(pruned.device))
+            delta[name] = pruned.detach() - dense.detach().to(pruned.device)
     return delta
 
 

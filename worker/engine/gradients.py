@@ -127,8 +127,9 @@ def _gradient_pass(
         total = state.masked(total)
         sumsq[k][group] = sum(float(t.double().square().sum()) for t in total)
         for d, delta in enumerate(deltas):
-            dots[k][group, d] = sum(float(torch.vdot(t.flatten().double(), v.flatten().double()))
-                                    for t, v in zip(total, delta, strict=True))
+            dots[k][group, d] = sum(
+                float(torch.vdot(t.flatten().double(), v.flatten().double())) for t, v in zip(total, delta, strict=True)
+            )
 
     running: list[torch.Tensor] | None = None
     running_group = -1
@@ -143,10 +144,11 @@ def _gradient_pass(
             leaf.grad = None
         for k, code in zip(buffered, cell_codes[1:], strict=True):
             if code >= 0:
-                if buffers[k][code] is None:
+                buffer = buffers[k][code]
+                if buffer is None:
                     buffers[k][code] = [t.clone() for t in cell]
                 else:
-                    torch._foreach_add_(buffers[k][code], cell)
+                    torch._foreach_add_(buffer, cell)
         major_code = cell_codes[0]
         if major_code != running_group and running is not None:
             finish(major, running_group, running)

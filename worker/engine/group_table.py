@@ -4,14 +4,19 @@ of the group results' sections, and the reason for every value left None."""
 from __future__ import annotations
 
 import numpy as np
+from pydantic import BaseModel
 
 from results.groups import BinaryRates, BoundaryProxies, ConfidenceIntervals, Confusion
 
 # Keys of a group's `undefined` that stand for a whole section of fields left None for one reason.
 GROUP_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
     family: tuple(section.model_fields)
-    for family, section in (("proxies", BoundaryProxies), ("confusion", Confusion), ("binary_rates", BinaryRates),
-                            ("confidence_intervals", ConfidenceIntervals))
+    for family, section in (
+        ("proxies", BoundaryProxies),
+        ("confusion", Confusion),
+        ("binary_rates", BinaryRates),
+        ("confidence_intervals", ConfidenceIntervals),
+    )
 }
 
 
@@ -30,7 +35,7 @@ class GroupTable:
         for reasons in self.undefined:
             reasons[family] = reason
 
-    def section(self, i: int, section: type) -> dict:
+    def section(self, i: int, section: type[BaseModel]) -> dict:
         """The values of one section's fields for group i (fields without a column keep their defaults)."""
         return {name: self.columns[name][i] for name in section.model_fields if name in self.columns}
 

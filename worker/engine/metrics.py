@@ -89,7 +89,7 @@ def attribute_metrics(
         raise EngineError(f"bootstrap_resamples must be at least 0, got {bootstrap_resamples}")
     grouping = Grouping(codes, len(names))
     core = _core_columns(grouping, dense, pruned, overall)
-    group_names = [names[code] for code in grouping.present]
+    group_names = [names[int(code)] for code in grouping.present]
     aggregates = _aggregates(attribute, group_names, core)
 
     table = GroupTable(group_names)
@@ -100,18 +100,27 @@ def attribute_metrics(
     binary, binary_undefined, caveats = add_binary_rates(table, attribute, num_classes, confusions, label_reason)
     max_gap_ci, ci_undefined = _add_intervals(table, attribute, codes, dense, pruned, bootstrap_resamples, seed)
     small = grouping.sizes < min_group_size
-    groups = [_group_result(table, i, core, int(grouping.sizes[i]), overall.n, bool(small[i]))
-              for i in range(table.size)]
+    groups = [
+        _group_result(table, i, core, int(grouping.sizes[i]), overall.n, bool(small[i])) for i in range(table.size)
+    ]
     undefined = aggregates.pop("undefined") | binary_undefined | ci_undefined
     return AttributeMetrics(
         attribute=attribute,
         n_missing=grouping.n_missing,
         groups=groups,
-        aggregates=AttributeAggregates(
-            **aggregates, **binary, max_excess_accuracy_gap_ci=max_gap_ci, num_classes=num_classes,
-            min_group_size=min_group_size,
-            small_groups=[name for name, is_small in zip(group_names, small, strict=True) if is_small],
-            bootstrap_resamples=bootstrap_resamples, bootstrap_seed=seed,
+        # Validated from one dict (the keyword arguments the constructor would get): `aggregates` and `binary`
+        # are keyed by field name at run time, so their values cannot be matched to fields statically.
+        aggregates=AttributeAggregates.model_validate(
+            dict(
+                **aggregates,
+                **binary,
+                max_excess_accuracy_gap_ci=max_gap_ci,
+                num_classes=num_classes,
+                min_group_size=min_group_size,
+                small_groups=[name for name, is_small in zip(group_names, small, strict=True) if is_small],
+                bootstrap_resamples=bootstrap_resamples,
+                bootstrap_seed=seed,
+            )
         ),
         undefined=undefined,
         caveats=caveats,
@@ -127,17 +136,32 @@ def _core_columns(
     accuracy_drop = dense_accuracy - accuracy
     # Δ is over ALL examples, those without a group included, as in Balancing Act; so Σ_a w_a ψ_a = 0
     # only when the groups cover every example.
-    return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "dense_loss": dense_loss, "loss": loss,
-            "accuracy_drop": accuracy_drop, "excess_accuracy_gap": accuracy_drop - overall.accuracy_drop,
-            "excessive_loss": loss - dense_loss}
+    return {
+        "dense_accuracy": dense_accuracy,
+        "accuracy": accuracy,
+        "dense_loss": dense_loss,
+        "loss": loss,
+        "accuracy_drop": accuracy_drop,
+        "excess_accuracy_gap": accuracy_drop - overall.accuracy_drop,
+        "excessive_loss": loss - dense_loss,
+    }
 
 
-def _group_result(table: GroupTable, i: int, core: dict, n: int, total: int, small: bool) -> GroupResult:
+def _group_result(
+    table: GroupTable, i: int, core: dict[str, np.ndarray], n: int, total: int, small: bool
+) -> GroupResult:
+    figures = {field: float(values[i]) for field, values in core.items()}  # the keys of _core_columns
     return GroupResult(
         group=table.group_names[i],
         n=n,
         share=n / total,
-        **{field: float(values[i]) for field, values in core.items()},
+        dense_accuracy=figures["dense_accuracy"],
+        accuracy=figures["accuracy"],
+        dense_loss=figures["dense_loss"],
+        loss=figures["loss"],
+        accuracy_drop=figures["accuracy_drop"],
+        excess_accuracy_gap=figures["excess_accuracy_gap"],
+        excessive_loss=figures["excessive_loss"],
         small_group=small,
         confidence_intervals=ConfidenceIntervals(**table.section(i, ConfidenceIntervals)),
         boundary=BoundaryProxies(**table.section(i, BoundaryProxies)),
@@ -153,11 +177,12 @@ def _add_proxies(table: GroupTable, grouping: Grouping, dense: Outcomes, pruned:
         table.leave_out("proxies", "the outcomes carry no probabilities or logit margins (not made by evaluate())")
         return
     for prefix, outcomes in (("dense_", dense), ("", pruned)):
-        p = outcomes.p_true
+        p, gini, margin = outcomes.p_true, outcomes.gini, outcomes.margin
+        assert p is not None and gini is not None and margin is not None  # checked for both models above
         table.columns[f"{prefix}error_proxy"] = floats(1.0 - grouping.mean(p))
         table.columns[f"{prefix}boundary_proximity"] = floats(grouping.mean(p * (1.0 - p)))
-        table.columns[f"{prefix}gini_impurity"] = floats(grouping.mean(outcomes.gini))
-        table.columns[f"{prefix}logit_margin"] = floats(grouping.mean(outcomes.margin))
+        table.columns[f"{prefix}gini_impurity"] = floats(grouping.mean(gini))
+        table.columns[f"{prefix}logit_margin"] = floats(grouping.mean(margin))
 
 
 def _add_flips(table: GroupTable, grouping: Grouping, dense: Outcomes, pruned: Outcomes) -> None:
@@ -172,17 +197,27 @@ def _add_flips(table: GroupTable, grouping: Grouping, dense: Outcomes, pruned: O
 
 
 def _add_confusions(
-    table: GroupTable, grouping: Grouping, label: np.ndarray | None, label_reason: str | None,
-    dense: Outcomes, pruned: Outcomes, num_classes: int | None, max_cells: int,
+    table: GroupTable,
+    grouping: Grouping,
+    label: np.ndarray | None,
+    label_reason: str | None,
+    dense: Outcomes,
+    pruned: Outcomes,
+    num_classes: int | None,
+    max_cells: int,
 ) -> dict[str, np.ndarray]:
     """Confusion counts per model, keyed by field prefix ("dense_", ""); empty when they cannot be had."""
     if label is None:
+        assert label_reason is not None, "_labels gives a reason whenever it gives no labels"
         table.leave_out("confusion", label_reason)
         return {}
+    assert num_classes is not None, "_labels gives labels only when the number of classes is known"
     cells = table.size * num_classes**2
     if cells > max_cells:
-        table.leave_out("confusion", f"{table.size} groups × {num_classes}² classes = {cells} cells per model, "
-                                     f"over the limit of {max_cells}")
+        table.leave_out(
+            "confusion",
+            f"{table.size} groups × {num_classes}² classes = {cells} cells per model, over the limit of {max_cells}",
+        )
         return {}
     codes = grouping.present_codes()
     confusions = {}
@@ -193,7 +228,12 @@ def _add_confusions(
 
 
 def _add_intervals(
-    table: GroupTable, attribute: str, codes: np.ndarray, dense: Outcomes, pruned: Outcomes, resamples: int,
+    table: GroupTable,
+    attribute: str,
+    codes: np.ndarray,
+    dense: Outcomes,
+    pruned: Outcomes,
+    resamples: int,
     seed: int,
 ) -> tuple[tuple[float, float] | None, dict[str, str]]:
     """Per-group bootstrap intervals into the table; returns the interval of max ψa (or None and its reason)."""

@@ -108,8 +108,8 @@ class EqualizedLoss:
         self.multipliers = np.zeros(n_groups)
         self.dual_steps = np.zeros(n_groups, dtype=np.int64)
         # The epoch's violations accumulate on the model's device: no host round trip per mini-batch.
-        self._violation_sum: torch.Tensor | None = None
-        self._violation_batches: torch.Tensor | None = None
+        # (sum of violations, batches each group was present in) per group; None before the epoch's first batch.
+        self._violations: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         losses = F.cross_entropy(logits, labels, reduction="none")
@@ -118,22 +118,26 @@ class EqualizedLoss:
         group_loss, counts = group_means(losses, codes, self.n_groups)
         present = (counts > 0).to(losses.dtype)  # a group absent from the batch has no violation in it
         violation = (group_loss - overall).abs() * present
-        if self._violation_sum is None:
-            self._violation_sum = torch.zeros(self.n_groups, dtype=torch.float64, device=logits.device)
-            self._violation_batches = torch.zeros(self.n_groups, dtype=torch.float64, device=logits.device)
-        self._violation_sum += violation.detach().double()
-        self._violation_batches += present.double()
+        if self._violations is None:
+            self._violations = (
+                torch.zeros(self.n_groups, dtype=torch.float64, device=logits.device),
+                torch.zeros(self.n_groups, dtype=torch.float64, device=logits.device),
+            )
+        violation_sum, violation_batches = self._violations
+        violation_sum.add_(violation.detach().double())
+        violation_batches.add_(present.double())
         multipliers = torch.from_numpy(self.multipliers).to(device=logits.device, dtype=losses.dtype)
         return overall + (multipliers * violation).sum()
 
     def end_epoch(self) -> None:
-        if self._violation_sum is None:
+        if self._violations is None:
             return
-        batches = self._violation_batches.cpu().numpy()
+        violation_sum, violation_batches = self._violations
+        batches = violation_batches.cpu().numpy()
         seen = batches > 0
-        self.multipliers[seen] += self.dual_lr * self._violation_sum.cpu().numpy()[seen] / batches[seen]
+        self.multipliers[seen] += self.dual_lr * violation_sum.cpu().numpy()[seen] / batches[seen]
         self.dual_steps[seen] += 1
-        self._violation_sum = self._violation_batches = None
+        self._violations = None
 
 
 class ReplayBuffers:
@@ -143,11 +147,11 @@ class ReplayBuffers:
         if size < 1:
             raise EngineError(f"the replay buffer must hold at least one outcome per group, got {size}")
         self.size = size
-        self.buffers = [deque(maxlen=size) for _ in range(n_groups)]
+        self.buffers: list[deque[float]] = [deque(maxlen=size) for _ in range(n_groups)]
 
     def add(self, correct: np.ndarray, codes: np.ndarray) -> None:
         for code in np.unique(codes[codes >= 0]):
-            self.buffers[code].extend(correct[codes == code][-self.size:].tolist())
+            self.buffers[code].extend(correct[codes == code][-self.size :].tolist())
 
     def full_accuracies(self) -> tuple[np.ndarray, np.ndarray]:
         """(codes of the groups whose buffer is full, their buffered accuracies)."""
@@ -158,8 +162,16 @@ class ReplayBuffers:
 class ConstrainedExcessAccuracyGap:
     """Balancing Act's CEAG: surrogate primal term, buffered-accuracy dual step first (module docstring)."""
 
-    def __init__(self, codes: np.ndarray, n_groups: int, baseline: GroupBaseline, *, dual_lr: float,
-                 tolerance: float, buffer_size: int) -> None:
+    def __init__(
+        self,
+        codes: np.ndarray,
+        n_groups: int,
+        baseline: GroupBaseline,
+        *,
+        dual_lr: float,
+        tolerance: float,
+        buffer_size: int,
+    ) -> None:
         self.codes, self.n_groups, self.baseline = codes, n_groups, baseline
         self.dual_lr, self.tolerance = dual_lr, tolerance
         self.buffers = ReplayBuffers(n_groups, buffer_size)
@@ -236,9 +248,17 @@ def mitigate(
     objective = _objective(name, codes, n_groups, baseline, dual_lr, tolerance, buffer_size)
     device = torch.device(device)
     model.to(device)
-    trainer = Trainer(model, x, y, batch_size=batch_size,
-                      optimizer=make_optimizer(model, optimizer, lr, momentum, weight_decay), seed=seed,
-                      device=device, keeper=mask_keeper(model, masks), objective=objective)
+    trainer = Trainer(
+        model,
+        x,
+        y,
+        batch_size=batch_size,
+        optimizer=make_optimizer(model, optimizer, lr, momentum, weight_decay),
+        seed=seed,
+        device=device,
+        keeper=mask_keeper(model, masks),
+        objective=objective,
+    )
     history: list[list[float]] = []
 
     def after_epoch(epoch: int, loss: float) -> None:
@@ -262,8 +282,13 @@ def mitigate(
 
 
 def _objective(
-    name: MitigationName, codes: np.ndarray, n_groups: int, baseline: GroupBaseline | None, dual_lr: float,
-    tolerance: float, buffer_size: int,
+    name: MitigationName,
+    codes: np.ndarray,
+    n_groups: int,
+    baseline: GroupBaseline | None,
+    dual_lr: float,
+    tolerance: float,
+    buffer_size: int,
 ) -> EqualizedLoss | ConstrainedExcessAccuracyGap | None:
     """The training objective of the named mitigation (None = plain cross-entropy)."""
     if name == "finetune":
@@ -273,6 +298,7 @@ def _objective(
     if name == "ceag":
         if baseline is None:
             raise EngineError("ceag needs the dense model's per-group training losses and accuracies (baseline)")
-        return ConstrainedExcessAccuracyGap(codes, n_groups, baseline, dual_lr=dual_lr, tolerance=tolerance,
-                                            buffer_size=buffer_size)
+        return ConstrainedExcessAccuracyGap(
+            codes, n_groups, baseline, dual_lr=dual_lr, tolerance=tolerance, buffer_size=buffer_size
+        )
     raise EngineError(f"unknown mitigation {name!r}; choose one of {', '.join(MITIGATIONS)}")

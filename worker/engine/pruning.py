@@ -31,20 +31,21 @@ from torch.utils.hooks import RemovableHandle
 from worker.engine.errors import EngineError
 
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PrunableModule = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 Scope = Literal["global", "layerwise"]
 Masks = dict[str, torch.Tensor]
 
 
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+def prunable_layers(model: nn.Module) -> dict[str, PrunableModule]:
     """Every Linear/Conv module by module name, in module (registration) order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, PRUNABLE_MODULES)}
 
 
-def prunable_weights(model: nn.Module, ignored_layers: Sequence[str] = ()) -> dict[str, nn.Parameter]:
-    """The `weight` of every Linear/Conv module not named in `ignored_layers`, keyed by parameter
-    name (e.g. "layers.0.weight"), in module order."""
+def prunable_weights(model: nn.Module, ignored_layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The `weight` (an nn.Parameter) of every Linear/Conv module not named in `ignored_layers`, keyed by
+    parameter name (e.g. "layers.0.weight"), in module order."""
     layers = prunable_layers(model)
     check_layer_names(layers, ignored_layers, "ignored layers")
     return {_weight_name(name): module.weight for name, module in layers.items() if name not in ignored_layers}
@@ -240,6 +241,7 @@ class MaskKeeper:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Re-apply the masks after each `optimizer.step()`; `.remove()` the returned handle to stop."""
+
         def reapply(_optimizer: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
             self.apply()
 

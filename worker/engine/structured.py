@@ -34,7 +34,7 @@ from torch import nn
 
 from arch.layouts import input_shape
 from arch.specs import PrunedSpec, architecture_adapter
-from worker.engine.architectures import build_model, layer_widths, shrink_layers
+from worker.engine.architectures import build_model, layer_widths, model_spec, shrink_layers
 from worker.engine.errors import EngineError
 from worker.engine.pruning import Scope, check_layer_names, check_ratio, prunable_layers
 
@@ -101,8 +101,11 @@ class ChannelPruner:
         for name, out_channels, indices in pruner.pruning_history():
             if out_channels:
                 removed.setdefault(name, []).extend(int(i) for i in indices)
-        return PrunedModel(pruned.eval(), pruned_architecture(pruned, spec),
-                           {name: sorted(indices) for name, indices in removed.items()})
+        return PrunedModel(
+            pruned.eval(),
+            pruned_architecture(pruned, spec),
+            {name: sorted(indices) for name, indices in removed.items()},
+        )
 
 
 def pruned_architecture(model: nn.Module, spec: Any = None) -> dict[str, Any]:
@@ -119,10 +122,12 @@ def rebuild_structured(spec: Mapping[str, Any], architecture: Mapping[str, Any])
     if not isinstance(architecture, Mapping) or not isinstance(architecture.get("layers"), Mapping):
         raise EngineError("a pruned architecture must be an object with a 'layers' object")
     if architecture.get("version", ARCHITECTURE_VERSION) != ARCHITECTURE_VERSION:
-        raise EngineError(f"pruned architecture version {architecture.get('version')!r} is not supported; "
-                          f"this server reads version {ARCHITECTURE_VERSION}")
+        raise EngineError(
+            f"pruned architecture version {architecture.get('version')!r} is not supported; "
+            f"this server reads version {ARCHITECTURE_VERSION}"
+        )
     model = build_model(spec)
-    base = _spec_dict(model.spec)
+    base = _spec_dict(model_spec(model))
     if "base" in architecture and _spec_dict(architecture["base"]) != base:
         raise EngineError(f"the pruned architecture was made from {architecture['base']}, not from {dict(spec)}")
     shrink_layers(model, architecture["layers"], base["name"])
@@ -148,8 +153,14 @@ def model_cost(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     }
 
 
-def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, repeats: int = 10,
-                    warmup: int = 2, threads: int | None = None) -> float:
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+) -> float:
     """Median wall-clock seconds of one forward pass of a batch of `batch_size` random examples, in
     eval mode under torch.inference_mode, after `warmup` untimed passes (the model's device; CPU here).
     `threads` sets torch's intra-op threads for the measurement (default: as they are); on a machine
@@ -180,9 +191,15 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
     return statistics.median(times)
 
 
-def compare_models(dense: nn.Module, pruned: nn.Module, input_shape: Sequence[int], *,
-                   batch_sizes: Sequence[int] = (1, 64), repeats: int = 10,
-                   threads: int | None = None) -> dict[str, Any]:
+def compare_models(
+    dense: nn.Module,
+    pruned: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Cost of the dense and the pruned model side by side, and their latencies at each batch size
     measured in alternating rounds in this process (so drift in the machine's speed hits both), with
     ratios dense/pruned (> 1: the pruned model is smaller or faster)."""
@@ -198,8 +215,11 @@ def compare_models(dense: nn.Module, pruned: nn.Module, input_shape: Sequence[in
         for name in rounds:
             report[name][f"latency_s_batch_{batch}"] = statistics.median(rounds[name])
     report["threads"] = threads if threads is not None else torch.get_num_threads()
-    report["ratios"] = {key: report["dense"][key] / report["pruned"][key] for key in report["dense"]
-                        if key != "input_shape" and report["pruned"][key]}
+    report["ratios"] = {
+        key: report["dense"][key] / report["pruned"][key]
+        for key in report["dense"]
+        if key != "input_shape" and report["pruned"][key]
+    }
     return report
 
 
