@@ -199,8 +199,10 @@ def pruned_widths(spec: PrunedSpec) -> LayerWidths:
         layer = base.get(name)
         if layer is None:
             known = ", ".join(list(base)[:MISMATCHES_LISTED])
-            raise ValueError(f"layers: {name!r} is not a Conv, Linear or BatchNorm layer of {arch} "
-                             f"(its layers are named like {known}, …)")
+            raise ValueError(
+                f"layers: {name!r} is not a Conv, Linear or BatchNorm layer of {arch} "
+                f"(its layers are named like {known}, …)"
+            )
         _check_layer_widths(name, layer, given, arch)
     widths = {name: layer.widths | spec.layers.get(name, {}) for name, layer in base.items()}
     _check_layers_fit_together(base, widths)
@@ -209,24 +211,29 @@ def pruned_widths(spec: PrunedSpec) -> LayerWidths:
 
 def _check_layer_widths(name: str, layer: Layer, given: Mapping[str, int], arch: str) -> None:
     if set(given) != set(layer.widths):
-        raise ValueError(f"layers: {name} must give exactly {', '.join(sorted(layer.widths))}, "
-                         f"got {', '.join(sorted(given)) or 'nothing'}")
+        raise ValueError(
+            f"layers: {name} must give exactly {', '.join(sorted(layer.widths))}, "
+            f"got {', '.join(sorted(given)) or 'nothing'}"
+        )
     for field, value in given.items():
         if field != "groups" and value > layer.widths[field]:  # groups: checked below
-            raise ValueError(f"layers: {name}.{field} is {value}, more than the {layer.widths[field]} of {arch}; "
-                             "pruning only removes channels")
+            raise ValueError(
+                f"layers: {name}.{field} is {value}, more than the {layer.widths[field]} of {arch}; "
+                "pruning only removes channels"
+            )
     if layer.kind != "conv":
         return
     groups, c_in, c_out = given["groups"], given["in_channels"], given["out_channels"]
     depthwise = layer.widths["groups"] > 1 and layer.widths["groups"] == layer.widths["in_channels"]
     if depthwise and not groups == c_in == c_out:
-        raise ValueError(f"layers: {name} is a depthwise convolution, so groups, in_channels and "
-                         f"out_channels must be equal; got {groups}, {c_in} and {c_out}")
+        raise ValueError(
+            f"layers: {name} is a depthwise convolution, so groups, in_channels and "
+            f"out_channels must be equal; got {groups}, {c_in} and {c_out}"
+        )
     if not depthwise and groups != layer.widths["groups"]:
         raise ValueError(f"layers: {name} has groups {layer.widths['groups']} in {arch}, got {groups}")
     if c_in % groups or c_out % groups:
-        raise ValueError(f"layers: groups {groups} of {name} do not divide {c_in} input and {c_out} "
-                         "output channels")
+        raise ValueError(f"layers: groups {groups} of {name} do not divide {c_in} input and {c_out} output channels")
 
 
 def _check_layers_fit_together(base: Layers, widths: LayerWidths) -> None:
@@ -234,16 +241,25 @@ def _check_layers_fit_together(base: Layers, widths: LayerWidths) -> None:
     first, last = names[0], names[-1]
     input_field = "in_features" if base[first].kind == "linear" else "in_channels"
     if widths[first][input_field] != base[first].widths[input_field]:
-        raise ValueError(f"layers: {first}.{input_field} must stay {base[first].widths[input_field]}: "
-                         "the input of the model cannot be pruned")
+        raise ValueError(
+            f"layers: {first}.{input_field} must stay {base[first].widths[input_field]}: "
+            "the input of the model cannot be pruned"
+        )
     if widths[last]["out_features"] != base[last].widths["out_features"]:
-        raise ValueError(f"layers: {last}.out_features must stay {base[last].widths['out_features']}: "
-                         "the classifier's outputs (num_classes) cannot be pruned")
+        raise ValueError(
+            f"layers: {last}.out_features must stay {base[last].widths['out_features']}: "
+            "the classifier's outputs (num_classes) cannot be pruned"
+        )
     for before, name in pairwise(names):
-        if base[name].kind == "bn" and base[before].kind == "conv" \
-                and widths[name]["num_features"] != widths[before]["out_channels"]:
-            raise ValueError(f"layers: {name}.num_features is {widths[name]['num_features']} but the convolution "
-                             f"before it, {before}, has {widths[before]['out_channels']} output channels")
+        if (
+            base[name].kind == "bn"
+            and base[before].kind == "conv"
+            and widths[name]["num_features"] != widths[before]["out_channels"]
+        ):
+            raise ValueError(
+                f"layers: {name}.num_features is {widths[name]['num_features']} but the convolution "
+                f"before it, {before}, has {widths[before]['out_channels']} output channels"
+            )
 
 
 def expected_state_dict(spec: AnySpec) -> StateDictLayout:

@@ -112,7 +112,7 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
         if not longer or not shorter:
             return None
         prefix = longer[0].split(".", 1)[0] + "."
-        stripped = {key[len(prefix):] for key in longer if key.startswith(prefix)}
+        stripped = {key[len(prefix) :] for key in longer if key.startswith(prefix)}
         if len(stripped) == len(longer) and set(shorter) <= stripped:
             return prefix
         return None

@@ -44,5 +44,9 @@ def peak_rss_mb() -> float:
 
 def emit(bench: str, value: float, unit: str, target: str, ok: bool, details: dict) -> None:
     details = {**details, "peak_rss_mb": round(peak_rss_mb(), 1)}
-    print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit, "target": target, "ok": ok,
-                      "details": details}), flush=True)
+    print(
+        json.dumps(
+            {"bench": bench, "value": round(value, 4), "unit": unit, "target": target, "ok": ok, "details": details}
+        ),
+        flush=True,
+    )

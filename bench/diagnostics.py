@@ -45,7 +45,7 @@ def _plain_pass(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, rng: np.ra
     model.zero_grad()
     order = rng.permutation(len(y))
     for start in range(0, len(order), BATCH):
-        index = np.sort(order[start:start + BATCH])  # sorted like ours, so memmap reads cost the same
+        index = np.sort(order[start : start + BATCH])  # sorted like ours, so memmap reads cost the same
         inputs = torch.from_numpy(np.asarray(x[index]))
         labels = torch.from_numpy(np.asarray(y[index], dtype=np.int64))
         F.cross_entropy(model(inputs), labels, reduction="sum").backward()
@@ -59,23 +59,39 @@ def bench_grad_norms_cost() -> None:
     race, sex = _unequal_groups(rng, 5), rng.integers(0, 2, ROWS)
     intersection = race * 2 + sex
 
-    plain, ours, three = interleaved_seconds([
-        lambda: _plain_pass(model, x, y, rng),
-        lambda: group_gradients(model, None, x, y, [groups], batch_size=BATCH),
-        lambda: group_gradients(model, None, x, y, [race, sex, intersection], batch_size=BATCH),
-    ], REPEATS)
+    plain, ours, three = interleaved_seconds(
+        [
+            lambda: _plain_pass(model, x, y, rng),
+            lambda: group_gradients(model, None, x, y, [groups], batch_size=BATCH),
+            lambda: group_gradients(model, None, x, y, [race, sex, intersection], batch_size=BATCH),
+        ],
+        REPEATS,
+    )
     ratio = median_ratio(ours, plain)
     plain_s, ours_s = statistics.median(plain), statistics.median(ours)
-    emit("grad_norms_cost", ratio, "ratio", "<= 1.5", ratio <= 1.5, {
-        "meaning": f"exact gradient norms of the mean loss of {GROUPS} groups (group_gradients) time / one plain "
-                   "forward+backward pass over the same data (shuffled batches of the same size)",
-        "model": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()), "rows": ROWS,
-        "batch": BATCH, "group_sizes": np.bincount(groups).tolist(), "x": "float32 .npy, memory-mapped",
-        "repeats": REPEATS, "plain_s": round(plain_s, 4), "ours_s": round(ours_s, 4),
-        "value_is": "median over repeats of the per-repeat ratio, the three runs interleaved",
-        "race_sex_intersection_17_groups_ratio": round(median_ratio(three, plain), 4),
-        "threads": torch.get_num_threads(),
-    })
+    emit(
+        "grad_norms_cost",
+        ratio,
+        "ratio",
+        "<= 1.5",
+        ratio <= 1.5,
+        {
+            "meaning": f"exact gradient norms of the mean loss of {GROUPS} groups (group_gradients) time / one plain "
+            "forward+backward pass over the same data (shuffled batches of the same size)",
+            "model": ARCHITECTURE,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "rows": ROWS,
+            "batch": BATCH,
+            "group_sizes": np.bincount(groups).tolist(),
+            "x": "float32 .npy, memory-mapped",
+            "repeats": REPEATS,
+            "plain_s": round(plain_s, 4),
+            "ours_s": round(ours_s, 4),
+            "value_is": "median over repeats of the per-repeat ratio, the three runs interleaved",
+            "race_sex_intersection_17_groups_ratio": round(median_ratio(three, plain), 4),
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def bench_hessian_cost() -> None:
@@ -90,26 +106,40 @@ def bench_hessian_cost() -> None:
         # Reference unit: one plain gradient of the mean loss over the same 512 examples.
         index = members[:MAX_EXAMPLES]
         model.zero_grad()
-        F.cross_entropy(model(torch.from_numpy(np.asarray(x[index]))),
-                        torch.from_numpy(np.asarray(y[index], dtype=np.int64))).backward()
+        F.cross_entropy(
+            model(torch.from_numpy(np.asarray(x[index]))), torch.from_numpy(np.asarray(y[index], dtype=np.int64))
+        ).backward()
 
-    reference, trace, both = interleaved_seconds([
-        gradient_of_subsample,
-        lambda: hutchinson_trace(model, None, xg, yg, probes=PROBES, max_examples=MAX_EXAMPLES, seed=0),
-        lambda: group_curvature(model, None, x, y, groups, 4, probes=PROBES, max_examples=MAX_EXAMPLES, seed=0),
-    ], REPEATS)
+    reference, trace, both = interleaved_seconds(
+        [
+            gradient_of_subsample,
+            lambda: hutchinson_trace(model, None, xg, yg, probes=PROBES, max_examples=MAX_EXAMPLES, seed=0),
+            lambda: group_curvature(model, None, x, y, groups, 4, probes=PROBES, max_examples=MAX_EXAMPLES, seed=0),
+        ],
+        REPEATS,
+    )
     reference_s, trace_s, both_s = statistics.median(reference), statistics.median(trace), statistics.median(both) / 4
-    emit("hessian_cost", trace_s, "s/group", f"<= {HESSIAN_TARGET_S}", trace_s <= HESSIAN_TARGET_S, {
-        "meaning": f"seconds per group for the Hutchinson trace with {PROBES} Rademacher probes on a "
-                   f"{MAX_EXAMPLES}-example subsample (the defaults), Hessian-vector products by double backprop",
-        "target_rationale": "an audit of 10 groups × (dense + 5 pruning ratios) then spends ≤ 1 minute on traces",
-        "model": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()),
-        "subsample": MAX_EXAMPLES, "probes": PROBES, "repeats": REPEATS,
-        "plain_gradient_of_subsample_s": round(reference_s, 4),
-        "trace_in_plain_gradients": round(median_ratio(trace, reference), 1),
-        "trace_and_top_eigenvalue_s_per_group": round(both_s, 4),
-        "threads": torch.get_num_threads(),
-    })
+    emit(
+        "hessian_cost",
+        trace_s,
+        "s/group",
+        f"<= {HESSIAN_TARGET_S}",
+        trace_s <= HESSIAN_TARGET_S,
+        {
+            "meaning": f"seconds per group for the Hutchinson trace with {PROBES} Rademacher probes on a "
+            f"{MAX_EXAMPLES}-example subsample (the defaults), Hessian-vector products by double backprop",
+            "target_rationale": "an audit of 10 groups × (dense + 5 pruning ratios) then spends ≤ 1 minute on traces",
+            "model": ARCHITECTURE,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "subsample": MAX_EXAMPLES,
+            "probes": PROBES,
+            "repeats": REPEATS,
+            "plain_gradient_of_subsample_s": round(reference_s, 4),
+            "trace_in_plain_gradients": round(median_ratio(trace, reference), 1),
+            "trace_and_top_eigenvalue_s_per_group": round(both_s, 4),
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def plain_forward(model: torch.nn.Module, x: np.ndarray) -> None:
     # The minimal eval loop over the same memory-mapped array: copy a batch in, forward, argmax.
     with torch.inference_mode():
         for start in range(0, len(x), BATCH):
-            model(torch.from_numpy(np.array(x[start:start + BATCH]))).argmax(1)
+            model(torch.from_numpy(np.array(x[start : start + BATCH]))).argmax(1)
 
 
 def bench_eval_overhead() -> None:
@@ -39,8 +39,10 @@ def bench_eval_overhead() -> None:
     np.save(path, rng.standard_normal((ROWS, 784), dtype=np.float32))
     x = np.load(path, mmap_mode="r")
     y = rng.integers(0, 10, ROWS)
-    attributes = {"race": (rng.integers(0, 5, ROWS), [str(i) for i in range(5)]),
-                  "sex": (rng.integers(0, 2, ROWS), ["F", "M"])}
+    attributes = {
+        "race": (rng.integers(0, 5, ROWS), [str(i) for i in range(5)]),
+        "sex": (rng.integers(0, 2, ROWS), ["F", "M"]),
+    }
     dense = evaluate(model, x, y, batch_size=BATCH)
 
     def ours() -> None:
@@ -51,12 +53,25 @@ def bench_eval_overhead() -> None:
     reference_times, our_times = interleaved_seconds([lambda: plain_forward(model, x), ours], REPEATS)
     ratio = median_ratio(reference_times, our_times)
     reference, measured = statistics.median(reference_times), statistics.median(our_times)
-    emit("eval_overhead", ratio, "ratio", ">= 0.90", ratio >= 0.90, {
-        "meaning": "plain forward time / (per-example outcomes + per-group metrics for 2 attributes) time",
-        "model": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()),
-        "rows": ROWS, "batch": BATCH, "x": "float32 .npy, memory-mapped", "repeats": REPEATS,
-        "reference_s": round(reference, 4), "ours_s": round(measured, 4), "threads": torch.get_num_threads(),
-    })
+    emit(
+        "eval_overhead",
+        ratio,
+        "ratio",
+        ">= 0.90",
+        ratio >= 0.90,
+        {
+            "meaning": "plain forward time / (per-example outcomes + per-group metrics for 2 attributes) time",
+            "model": ARCHITECTURE,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "rows": ROWS,
+            "batch": BATCH,
+            "x": "float32 .npy, memory-mapped",
+            "repeats": REPEATS,
+            "reference_s": round(reference, 4),
+            "ours_s": round(measured, 4),
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def bench_global_masks(ratio: float = 0.9) -> None:
@@ -75,11 +90,22 @@ def bench_global_masks(ratio: float = 0.9) -> None:
     reference_s = median_seconds(reference, REPEATS)
     ours_s = median_seconds(ours, REPEATS)
     value = reference_s / ours_s
-    emit("global_magnitude_masks", value, "ratio", ">= 0.50", value >= 0.50, {
-        "meaning": "torch.nn.utils.prune.global_unstructured(L1Unstructured) time / our exact-count masks time",
-        "model": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()), "ratio": ratio,
-        "repeats": REPEATS, "reference_s": round(reference_s, 4), "ours_s": round(ours_s, 4),
-    })
+    emit(
+        "global_magnitude_masks",
+        value,
+        "ratio",
+        ">= 0.50",
+        value >= 0.50,
+        {
+            "meaning": "torch.nn.utils.prune.global_unstructured(L1Unstructured) time / our exact-count masks time",
+            "model": ARCHITECTURE,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "ratio": ratio,
+            "repeats": REPEATS,
+            "reference_s": round(reference_s, 4),
+            "ours_s": round(ours_s, 4),
+        },
+    )
 
 
 def main() -> None:

@@ -45,9 +45,16 @@ def fairlearn_reference(label: np.ndarray, pred: np.ndarray, codes: np.ndarray) 
     from fairlearn.metrics import MetricFrame, false_positive_rate, selection_rate, true_positive_rate
 
     frame = MetricFrame(
-        metrics={"accuracy": skm.accuracy_score, "selection_rate": selection_rate, "tpr": true_positive_rate,
-                 "fpr": false_positive_rate, "confusion": functools.partial(skm.confusion_matrix, labels=[0, 1])},
-        y_true=label, y_pred=pred, sensitive_features=codes,
+        metrics={
+            "accuracy": skm.accuracy_score,
+            "selection_rate": selection_rate,
+            "tpr": true_positive_rate,
+            "fpr": false_positive_rate,
+            "confusion": functools.partial(skm.confusion_matrix, labels=[0, 1]),
+        },
+        y_true=label,
+        y_pred=pred,
+        sensitive_features=codes,
     ).by_group.sort_index()
     values = {name: frame[name].to_numpy(dtype=np.float64) for name in ("accuracy", "selection_rate", "tpr", "fpr")}
     return values | {"confusion": np.stack(frame["confusion"].to_list())}
@@ -56,9 +63,13 @@ def fairlearn_reference(label: np.ndarray, pred: np.ndarray, codes: np.ndarray) 
 def bench_group_metrics_vs_fairlearn() -> None:
     rng = np.random.default_rng(0)
     label, pred, codes = _data(rng)
-    details = {"meaning": "Fairlearn MetricFrame time / ours for per-group accuracy, selection rate, TPR, FPR and "
-                          "2x2 confusion counts on the same arrays", "rows": ROWS, "groups": GROUPS,
-               "group_sizes": np.bincount(codes, minlength=GROUPS).tolist()}
+    details = {
+        "meaning": "Fairlearn MetricFrame time / ours for per-group accuracy, selection rate, TPR, FPR and "
+        "2x2 confusion counts on the same arrays",
+        "rows": ROWS,
+        "groups": GROUPS,
+        "group_sizes": np.bincount(codes, minlength=GROUPS).tolist(),
+    }
     try:
         import fairlearn
     except ModuleNotFoundError:  # a test extra, not a runtime dependency
@@ -77,11 +88,22 @@ def bench_group_metrics_vs_fairlearn() -> None:
     pruned = Outcomes(pred=pred, correct=pred == label, loss=np.zeros(ROWS), label=label, num_classes=2)
     names = [f"g{i}" for i in range(GROUPS)]
     attribute_s = median_seconds(lambda: attribute_metrics("g", dense, pruned, codes, names), REPEATS_OURS)
-    emit("group_metrics_vs_fairlearn", speedup, "x", ">= 50", identical and speedup >= 50, details | {
-        "identical": identical, "ours_s": round(ours_s, 5), "reference_s": round(reference_s, 4),
-        "repeats": {"ours": REPEATS_OURS, "fairlearn": REPEATS_FAIRLEARN},
-        "attribute_metrics_both_models_s": round(attribute_s, 4), "fairlearn": fairlearn.__version__,
-    })
+    emit(
+        "group_metrics_vs_fairlearn",
+        speedup,
+        "x",
+        ">= 50",
+        identical and speedup >= 50,
+        details
+        | {
+            "identical": identical,
+            "ours_s": round(ours_s, 5),
+            "reference_s": round(reference_s, 4),
+            "repeats": {"ours": REPEATS_OURS, "fairlearn": REPEATS_FAIRLEARN},
+            "attribute_metrics_both_models_s": round(attribute_s, 4),
+            "fairlearn": fairlearn.__version__,
+        },
+    )
 
 
 def main() -> None:

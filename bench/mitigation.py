@@ -35,16 +35,38 @@ def main() -> None:
         def run() -> None:
             model = copy.deepcopy(dense)
             apply_masks(model, masks)
-            mitigate(model, x, y, groups, GROUPS, name=name, epochs=1, lr=0.01, batch_size=128, masks=masks,
-                     baseline=baseline, dual_lr=0.0 if name == "finetune" else 0.01, seed=0)
+            mitigate(
+                model,
+                x,
+                y,
+                groups,
+                GROUPS,
+                name=name,
+                epochs=1,
+                lr=0.01,
+                batch_size=128,
+                masks=masks,
+                baseline=baseline,
+                dual_lr=0.0 if name == "finetune" else 0.01,
+                seed=0,
+            )
+
         return run
 
     names = ["finetune", "equalized_loss", "ceag"]
     times = interleaved_seconds([one_epoch(name) for name in names], REPEATS)
-    details = {"rows": ROWS, "features": FEATURES, "groups": GROUPS, "model": SPEC,
-               "parameters": sum(p.numel() for p in dense.parameters()), "sparsity": 0.8, "batch_size": 128,
-               "repeats": REPEATS, "threads": torch.get_num_threads(),
-               "median_epoch_s": {name: float(np.median(t)) for name, t in zip(names, times, strict=True)}}
+    details = {
+        "rows": ROWS,
+        "features": FEATURES,
+        "groups": GROUPS,
+        "model": SPEC,
+        "parameters": sum(p.numel() for p in dense.parameters()),
+        "sparsity": 0.8,
+        "batch_size": 128,
+        "repeats": REPEATS,
+        "threads": torch.get_num_threads(),
+        "median_epoch_s": {name: float(np.median(t)) for name, t in zip(names, times, strict=True)},
+    }
     for name, seconds in zip(names[1:], times[1:], strict=True):
         ratio = median_ratio(seconds, times[0])
         emit(f"{name}_epoch_cost", ratio, "ratio to finetune", "<= 1.3", ratio <= 1.3, details)

@@ -45,10 +45,13 @@ def _alternating_medians(fns: dict[str, Callable[[], float]], repeats: int) -> d
 def _latencies(dense: nn.Module, other: nn.Module, shape: list[int], batch: int) -> dict[str, float]:
     for model in (dense, other):  # warm-up
         measure_latency(model, shape, batch, repeats=1, warmup=1)
-    return _alternating_medians({
-        "dense": lambda: measure_latency(dense, shape, batch, repeats=1, warmup=0),
-        "pruned": lambda: measure_latency(other, shape, batch, repeats=1, warmup=0),
-    }, LATENCY_REPEATS)
+    return _alternating_medians(
+        {
+            "dense": lambda: measure_latency(dense, shape, batch, repeats=1, warmup=0),
+            "pruned": lambda: measure_latency(other, shape, batch, repeats=1, warmup=0),
+        },
+        LATENCY_REPEATS,
+    )
 
 
 def bench_structured_speedup(ratio: float = 0.5) -> None:
@@ -62,17 +65,26 @@ def bench_structured_speedup(ratio: float = 0.5) -> None:
     figures = {batch: _latencies(dense, result.model, shape, batch) for batch in (1, LATENCY_BATCH)}
     main = figures[LATENCY_BATCH]
     speedup = main["dense"] / main["pruned"]
-    emit("structured_speedup", speedup, "x", ">= 2.0", speedup >= 2.0, {
-        "meaning": f"CPU latency dense / pruned, batch {LATENCY_BATCH}, 1 thread: resnet20 {shape} with "
-                   f"{ratio:.0%} of the channels of every coupled group removed by L1 norm (Torch-Pruning)",
-        "parameters": {"dense": before["parameters"], "pruned": after["parameters"]},
-        "macs": {"dense": before["macs"], "pruned": after["macs"]},
-        "file_bytes": {"dense": before["file_bytes"], "pruned": after["file_bytes"]},
-        "latency_s": {f"batch_{b}": {k: round(v, 5) for k, v in f.items()} for b, f in figures.items()},
-        "speedup": {f"batch_{b}": round(f["dense"] / f["pruned"], 3) for b, f in figures.items()},
-        "prune_s": round(prune_s, 3), "repeats": LATENCY_REPEATS, "statistic": "median, alternating rounds",
-        "threads": torch.get_num_threads(),
-    })
+    emit(
+        "structured_speedup",
+        speedup,
+        "x",
+        ">= 2.0",
+        speedup >= 2.0,
+        {
+            "meaning": f"CPU latency dense / pruned, batch {LATENCY_BATCH}, 1 thread: resnet20 {shape} with "
+            f"{ratio:.0%} of the channels of every coupled group removed by L1 norm (Torch-Pruning)",
+            "parameters": {"dense": before["parameters"], "pruned": after["parameters"]},
+            "macs": {"dense": before["macs"], "pruned": after["macs"]},
+            "file_bytes": {"dense": before["file_bytes"], "pruned": after["file_bytes"]},
+            "latency_s": {f"batch_{b}": {k: round(v, 5) for k, v in f.items()} for b, f in figures.items()},
+            "speedup": {f"batch_{b}": round(f["dense"] / f["pruned"], 3) for b, f in figures.items()},
+            "prune_s": round(prune_s, 3),
+            "repeats": LATENCY_REPEATS,
+            "statistic": "median, alternating rounds",
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def bench_unstructured_speedup(ratio: float = 0.9) -> None:
@@ -85,13 +97,23 @@ def bench_unstructured_speedup(ratio: float = 0.9) -> None:
     times = _latencies(dense, masked, shape, LATENCY_BATCH)
     speedup = times["dense"] / times["pruned"]
     cost = model_cost(masked, shape)
-    emit("unstructured_speedup", speedup, "x", "reported as is (dense kernels: ~1x)", True, {
-        "meaning": f"CPU latency dense / {ratio:.0%} global magnitude masks (first conv, fc dense), batch "
-                   f"{LATENCY_BATCH}, 1 thread: zeros are still multiplied",
-        "parameters": cost["parameters"], "nonzero_parameters": cost["nonzero_parameters"], "macs": cost["macs"],
-        "latency_s": {k: round(v, 5) for k, v in times.items()}, "repeats": LATENCY_REPEATS,
-        "threads": torch.get_num_threads(),
-    })
+    emit(
+        "unstructured_speedup",
+        speedup,
+        "x",
+        "reported as is (dense kernels: ~1x)",
+        True,
+        {
+            "meaning": f"CPU latency dense / {ratio:.0%} global magnitude masks (first conv, fc dense), batch "
+            f"{LATENCY_BATCH}, 1 thread: zeros are still multiplied",
+            "parameters": cost["parameters"],
+            "nonzero_parameters": cost["nonzero_parameters"],
+            "macs": cost["macs"],
+            "latency_s": {k: round(v, 5) for k, v in times.items()},
+            "repeats": LATENCY_REPEATS,
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def _bare_training(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> None:
@@ -102,7 +124,7 @@ def _bare_training(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) 
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for start in range(0, len(order), GMP_BATCH):
-            index = order[start:start + GMP_BATCH]
+            index = order[start : start + GMP_BATCH]
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(torch.from_numpy(x[index])), torch.from_numpy(y[index]))
             loss.backward()
@@ -126,23 +148,47 @@ def bench_gmp_cost(final_ratio: float = 0.9) -> None:
     def gmp() -> float:
         model = copy.deepcopy(initial)
         started = time.perf_counter()
-        gradual_magnitude_prune(model, x, y, final_ratio=final_ratio, pruning_steps=GMP_STEPS, epochs_per_step=1,
-                                scope="layerwise", ignored_layers=default_dense_layers(model), lr=0.01,
-                                batch_size=GMP_BATCH, optimizer="sgd", momentum=0.9)
+        gradual_magnitude_prune(
+            model,
+            x,
+            y,
+            final_ratio=final_ratio,
+            pruning_steps=GMP_STEPS,
+            epochs_per_step=1,
+            scope="layerwise",
+            ignored_layers=default_dense_layers(model),
+            lr=0.01,
+            batch_size=GMP_BATCH,
+            optimizer="sgd",
+            momentum=0.9,
+        )
         return time.perf_counter() - started
 
     bare(), gmp()  # warm-up
     times = _alternating_medians({"bare": bare, "gmp": gmp}, GMP_REPEATS)
     examples = GMP_ROWS * epochs
     value = (examples / times["gmp"]) / (examples / times["bare"])
-    emit("gmp_cost", value, "ratio", ">= 0.85", value >= 0.85, {
-        "meaning": "examples/s of gradual magnitude pruning + fine-tuning (cubic schedule, masks re-applied after "
-                   "every step) / examples/s of a bare SGD loop, same model, data, batches and epochs",
-        "model": GMP_MODEL, "rows": GMP_ROWS, "batch": GMP_BATCH, "epochs": epochs, "pruning_steps": GMP_STEPS,
-        "final_ratio": final_ratio, "examples_per_s": {k: round(examples / v, 1) for k, v in times.items()},
-        "seconds": {k: round(v, 3) for k, v in times.items()}, "repeats": GMP_REPEATS,
-        "threads": torch.get_num_threads(),
-    })
+    emit(
+        "gmp_cost",
+        value,
+        "ratio",
+        ">= 0.85",
+        value >= 0.85,
+        {
+            "meaning": "examples/s of gradual magnitude pruning + fine-tuning (cubic schedule, masks re-applied after "
+            "every step) / examples/s of a bare SGD loop, same model, data, batches and epochs",
+            "model": GMP_MODEL,
+            "rows": GMP_ROWS,
+            "batch": GMP_BATCH,
+            "epochs": epochs,
+            "pruning_steps": GMP_STEPS,
+            "final_ratio": final_ratio,
+            "examples_per_s": {k: round(examples / v, 1) for k, v in times.items()},
+            "seconds": {k: round(v, 3) for k, v in times.items()},
+            "repeats": GMP_REPEATS,
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def main() -> None:

@@ -82,8 +82,7 @@ class GroupDiagnostics(Result):
 class GroupResult(Result):
     group: str
     n: int
-    share: float = Field(description="n / all evaluated examples (those without a value for the attribute "
-                         "included).")
+    share: float = Field(description="n / all evaluated examples (those without a value for the attribute included).")
     dense_accuracy: float
     accuracy: float
     dense_loss: float

@@ -34,8 +34,15 @@ def parse_architecture(raw: str):
 
 
 def register_model(
-    session: Session, tenant_id: str, store: BlobStore, weights: BinaryIO, architecture_json: str, name: str | None,
-    *, max_bytes: int, max_parameters: int,
+    session: Session,
+    tenant_id: str,
+    store: BlobStore,
+    weights: BinaryIO,
+    architecture_json: str,
+    name: str | None,
+    *,
+    max_bytes: int,
+    max_parameters: int,
 ) -> Model:
     spec = parse_architecture(architecture_json)
     # Checked before anything is stored or built: a worker allocates the whole architecture.
@@ -114,13 +121,20 @@ def register_dataset(
                     "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
                     "(comma-separated group attribute columns); 'features' is optional"
                 )
-            parsed = read_csv_dataset(
-                staged.path, label=label, features=_split_columns(features), groups=group_columns
-            )
+            parsed = read_csv_dataset(staged.path, label=label, features=_split_columns(features), groups=group_columns)
     finally:
         store.discard(staged)
-    dataset = Dataset(tenant_id=tenant_id, name=name, sha256=staged.sha256, format=fmt, size_bytes=staged.size_bytes, rows=0,
-                      feature_shape=[], classes=[], groups={})
+    dataset = Dataset(
+        tenant_id=tenant_id,
+        name=name,
+        sha256=staged.sha256,
+        format=fmt,
+        size_bytes=staged.size_bytes,
+        rows=0,
+        feature_shape=[],
+        classes=[],
+        groups={},
+    )
     session.add(dataset)
     session.flush()
     summary = save_dataset(parsed, store.dataset_dir(dataset.id))

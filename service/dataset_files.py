@@ -42,7 +42,7 @@ def write_dataset_files(directory: Path, x: np.ndarray, y: np.ndarray, groups: M
 
 
 def stored_attributes(directory: Path) -> list[str]:
-    return sorted(path.name[len("group_"):-len(".npy")] for path in directory.glob("group_*.npy"))
+    return sorted(path.name[len("group_") : -len(".npy")] for path in directory.glob("group_*.npy"))
 
 
 def open_dataset_files(directory: Path, attributes: Sequence[str]) -> DatasetFiles:
@@ -57,5 +57,6 @@ def open_dataset_files(directory: Path, attributes: Sequence[str]) -> DatasetFil
     def mapped(name: str) -> np.ndarray:
         return np.load(directory / name, mmap_mode="r", allow_pickle=False)
 
-    return DatasetFiles(mapped("x.npy"), mapped("y.npy"),
-                        {attribute: mapped(f"group_{attribute}.npy") for attribute in attributes})
+    return DatasetFiles(
+        mapped("x.npy"), mapped("y.npy"), {attribute: mapped(f"group_{attribute}.npy") for attribute in attributes}
+    )

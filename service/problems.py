@@ -20,13 +20,24 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 def problem_body(status: int, title: str, detail: str, slug: str, instance: str, errors: list | None = None) -> dict:
-    return {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail,
-            "instance": instance, "errors": errors or []}
+    return {
+        "type": PROBLEM_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "errors": errors or [],
+    }
 
 
-def problem(request: Request, status: int, title: str, detail: str, slug: str, errors: list | None = None) -> JSONResponse:
-    return JSONResponse(problem_body(status, title, detail, slug, request.url.path, errors), status_code=status,
-                        media_type=PROBLEM_MEDIA_TYPE)
+def problem(
+    request: Request, status: int, title: str, detail: str, slug: str, errors: list | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        problem_body(status, title, detail, slug, request.url.path, errors),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
 
 
 def _validation_detail(errors: list[dict]) -> str:
@@ -54,15 +65,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         # Connection-level failures (database down, connection dropped, pool exhausted) are the service's
         # state, not the request's fault: 503 + Retry-After, so clients and load balancers retry.
-        unavailable = (isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError))
-                       or getattr(exc, "connection_invalidated", False))
+        unavailable = isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)) or getattr(
+            exc, "connection_invalidated", False
+        )
         if not unavailable:
             return await _unexpected(request, exc)
         log.warning("database unavailable on %s: %s", request.url.path, str(exc).splitlines()[0])
-        response = problem(request, 503, "Database unavailable",
-                           "the database cannot be reached right now; retry shortly (with an Idempotency-Key, "
-                           "retrying POST /v1/audits never makes a second audit)",
-                           "database-unavailable")
+        response = problem(
+            request,
+            503,
+            "Database unavailable",
+            "the database cannot be reached right now; retry shortly (with an Idempotency-Key, "
+            "retrying POST /v1/audits never makes a second audit)",
+            "database-unavailable",
+        )
         response.headers["Retry-After"] = "5"
         return response
 

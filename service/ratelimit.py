@@ -50,8 +50,14 @@ class Decision:
 class TokenBuckets:
     """One token bucket per client identity, least recently used first, with an injectable clock."""
 
-    def __init__(self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
-                 max_buckets: int = MAX_BUCKETS) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_buckets: int = MAX_BUCKETS,
+    ) -> None:
         if rate_per_s <= 0 or burst < 1:
             raise ValueError("a token bucket needs a positive refill rate and a burst of at least 1")
         self.rate = float(rate_per_s)
@@ -121,9 +127,14 @@ class RateLimitMiddleware:
         if decision.allowed:
             await self.app(scope, receive, send)
             return
-        response = problem(Request(scope), 429, "Too many requests",
-                           f"rate limit of {self.buckets.rate:g} requests/s (bursts of {self.buckets.burst:g}) per "
-                           f"API key exceeded; retry after {decision.retry_after_s} s", "rate-limited")
+        response = problem(
+            Request(scope),
+            429,
+            "Too many requests",
+            f"rate limit of {self.buckets.rate:g} requests/s (bursts of {self.buckets.burst:g}) per "
+            f"API key exceeded; retry after {decision.retry_after_s} s",
+            "rate-limited",
+        )
         response.headers["Retry-After"] = str(decision.retry_after_s)
         await response(scope, receive, send)
 
@@ -136,19 +147,29 @@ def _document_429(app: FastAPI) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         document = build()
-        problem_schema = ({"$ref": "#/components/schemas/Problem"}
-                          if "Problem" in document.get("components", {}).get("schemas", {}) else {"type": "object"})
+        problem_schema = (
+            {"$ref": "#/components/schemas/Problem"}
+            if "Problem" in document.get("components", {}).get("schemas", {})
+            else {"type": "object"}
+        )
         for path, operations in document.get("paths", {}).items():
             if is_exempt(path):
                 continue
             for operation in operations.values():
                 if isinstance(operation, dict) and "responses" in operation:
-                    operation["responses"].setdefault("429", {
-                        "description": "Too many requests: this API key's rate limit is exhausted",
-                        "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
-                                                    "schema": {"type": "integer"}}},
-                        "content": {"application/problem+json": {"schema": problem_schema}},
-                    })
+                    operation["responses"].setdefault(
+                        "429",
+                        {
+                            "description": "Too many requests: this API key's rate limit is exhausted",
+                            "headers": {
+                                "Retry-After": {
+                                    "description": "Seconds to wait before retrying",
+                                    "schema": {"type": "integer"},
+                                }
+                            },
+                            "content": {"application/problem+json": {"schema": problem_schema}},
+                        },
+                    )
         app.openapi_schema = document
         return document
 

@@ -27,20 +27,30 @@ class Settings(BaseSettings):
     # Crash safety (service/recovery.py, worker/heartbeat.py).
     heartbeat_interval_s: float = Field(30.0, gt=0, description="How often a running audit's worker beats.")
     heartbeat_timeout_s: float = Field(
-        300.0, gt=0, description="A running audit with no heartbeat for this long lost its worker: re-queued.")
+        300.0, gt=0, description="A running audit with no heartbeat for this long lost its worker: re-queued."
+    )
     max_attempts: int = Field(3, ge=1, description="Attempts before an audit whose worker keeps vanishing fails.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often `pruneaudit sweeper` looks for audits.")
     requeue_queued_after_s: float = Field(
-        60.0, gt=0, description="A queued audit this old with no message in the broker (lost) is enqueued again.")
+        60.0, gt=0, description="A queued audit this old with no message in the broker (lost) is enqueued again."
+    )
     worker_max_tasks_per_child: int = Field(20, ge=1, description="A worker child is replaced after this many audits.")
     worker_max_memory_mb: int = Field(
-        16384, ge=0, description="Resident memory cap of a worker child (MiB; 0 = none): an audit above it fails "
-                                 "with the reason and the child is replaced.")
+        16384,
+        ge=0,
+        description="Resident memory cap of a worker child (MiB; 0 = none): an audit above it fails "
+        "with the reason and the child is replaced.",
+    )
     # Rate limit per API key (service/ratelimit.py; in-process, per API process). 0 in either turns it off.
     rate_limit_per_s: float = Field(10.0, ge=0, description="Requests a second refilled per API key (0 = no limit).")
     rate_limit_burst: int = Field(60, ge=0, description="Requests an API key may send at once (0 = no limit).")
-    api_threads: int = Field(40, ge=1, le=1000, description="Request threads of an API process, and its database "
-                             "connection pool (one connection a thread; see service/db.py).")
+    api_threads: int = Field(
+        40,
+        ge=1,
+        le=1000,
+        description="Request threads of an API process, and its database "
+        "connection pool (one connection a thread; see service/db.py).",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
 

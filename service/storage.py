@@ -8,8 +8,8 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import BinaryIO
 
 from service.errors import PayloadTooLarge

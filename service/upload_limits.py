@@ -27,14 +27,18 @@ class _BodyTooLarge(Exception):
 
 
 def _problem(scope: Scope, detail: str) -> tuple[dict, bytes]:
-    body = json.dumps(problem_body(PayloadTooLarge.status, PayloadTooLarge.title, detail, PayloadTooLarge.slug,
-                                   scope.get("path", ""))).encode()
+    body = json.dumps(
+        problem_body(PayloadTooLarge.status, PayloadTooLarge.title, detail, PayloadTooLarge.slug, scope.get("path", ""))
+    ).encode()
     start = {
         "type": "http.response.start",
         "status": PayloadTooLarge.status,
         # The unread rest of the body cannot be skipped cheaply: end the connection after this answer.
-        "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")],
+        "headers": [
+            (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ],
     }
     return start, body
 
@@ -52,8 +56,11 @@ class BodyLimitMiddleware:
         limit = file_limit + ENVELOPE_BYTES
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_problem(scope, send, f"the request body is {declared} bytes (Content-Length); uploads are "
-                                             f"limited to {file_limit} bytes")
+            await _send_problem(
+                scope,
+                send,
+                f"the request body is {declared} bytes (Content-Length); uploads are limited to {file_limit} bytes",
+            )
             return
 
         received = 0
@@ -86,8 +93,9 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not response_started:
-            await _send_problem(scope, send, f"the request body exceeds the limit: uploads are limited to "
-                                             f"{file_limit} bytes")
+            await _send_problem(
+                scope, send, f"the request body exceeds the limit: uploads are limited to {file_limit} bytes"
+            )
 
 
 async def _send_problem(scope: Scope, send: Send, detail: str) -> None:

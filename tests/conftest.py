@@ -43,8 +43,9 @@ class DigitsCase:
         return self.upload_dataset(client, self.npz(x=self.x_train, y=self.y_train, group_digit=self.y_train))
 
     def upload_dataset(self, client, content: bytes | None = None, filename: str = "eval.npz", **form):
-        return client.post("/v1/datasets", files={"file": (filename, content if content is not None else self.npz())},
-                           data=form)
+        return client.post(
+            "/v1/datasets", files={"file": (filename, content if content is not None else self.npz())}, data=form
+        )
 
 
 @pytest.fixture(scope="session")

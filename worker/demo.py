@@ -73,23 +73,37 @@ def run(url: str, timeout_s: float) -> int:
         weights = Path(tmp) / "digits-mlp.safetensors"
         save_file(model.state_dict(), weights)
         with weights.open("rb") as handle:
-            uploaded_model = check(client.post(
-                "/v1/models",
-                files={"weights": ("digits-mlp.safetensors", handle, "application/octet-stream")},
-                data={"architecture": json.dumps(ARCHITECTURE), "name": "digits-mlp"},
-            ))
+            uploaded_model = check(
+                client.post(
+                    "/v1/models",
+                    files={"weights": ("digits-mlp.safetensors", handle, "application/octet-stream")},
+                    data={"architecture": json.dumps(ARCHITECTURE), "name": "digits-mlp"},
+                )
+            )
         buffer = io.BytesIO()
         np.savez(buffer, x=x_eval, y=y_eval, group_digit=y_eval)
-        dataset = check(client.post(
-            "/v1/datasets",
-            files={"file": ("digits-eval.npz", buffer.getvalue(), "application/octet-stream")},
-            data={"name": "digits held-out split"},
-        ))
-        audit = check(client.post("/v1/audits", json={
-            "model_id": uploaded_model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-            "pruning": {"ratios": RATIOS, "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}]},
-            "seed": 0,
-        }))
+        dataset = check(
+            client.post(
+                "/v1/datasets",
+                files={"file": ("digits-eval.npz", buffer.getvalue(), "application/octet-stream")},
+                data={"name": "digits held-out split"},
+            )
+        )
+        audit = check(
+            client.post(
+                "/v1/audits",
+                json={
+                    "model_id": uploaded_model["id"],
+                    "dataset_id": dataset["id"],
+                    "group_by": ["digit"],
+                    "pruning": {
+                        "ratios": RATIOS,
+                        "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}],
+                    },
+                    "seed": 0,
+                },
+            )
+        )
         deadline = time.monotonic() + timeout_s
         while audit["status"] in ("queued", "running"):
             if time.monotonic() > deadline:

@@ -52,8 +52,9 @@ class AttemptHeartbeat:
         self._thread.join(timeout=10)
 
     def _owned_row(self):
-        return update(Audit).where(Audit.id == self.audit_id, Audit.status == AuditStatus.running,
-                                   Audit.attempts == self.attempt)
+        return update(Audit).where(
+            Audit.id == self.audit_id, Audit.status == AuditStatus.running, Audit.attempts == self.attempt
+        )
 
     def _beat(self) -> bool:
         """False once the row is no longer this attempt's (ended, or re-queued after a stall)."""
@@ -64,12 +65,17 @@ class AttemptHeartbeat:
         """Fail this attempt with the reason, then end the child: a thread cannot interrupt torch inside a C
         call, and killing the child frees the memory at once. Celery replaces the child; the redelivered
         message finds the audit no longer queued and does nothing."""
-        error = (f"the audit used {used_mb:.0f} MiB of memory, above the worker's cap of {self.max_memory_mb} MiB "
-                 "(PRUNEAUDIT_WORKER_MAX_MEMORY_MB); use a smaller model, dataset or batch_size, or raise the cap")
+        error = (
+            f"the audit used {used_mb:.0f} MiB of memory, above the worker's cap of {self.max_memory_mb} MiB "
+            "(PRUNEAUDIT_WORKER_MAX_MEMORY_MB); use a smaller model, dataset or batch_size, or raise the cap"
+        )
         try:
             with session_scope() as session:
-                session.execute(self._owned_row().values(status=AuditStatus.failed, error=error,
-                                                         finished_at=utcnow(), heartbeat_at=utcnow()))
+                session.execute(
+                    self._owned_row().values(
+                        status=AuditStatus.failed, error=error, finished_at=utcnow(), heartbeat_at=utcnow()
+                    )
+                )
         finally:
             log.error("audit %s: %s; ending this worker child", self.audit_id, error)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -51,8 +51,10 @@ class AuditInputs:
             for ratio in self.spec.pruning.ratios:
                 unmitigated = RunPlan(len(plans) + 1, method, ratio)
                 plans.append(unmitigated)
-                plans.extend(RunPlan(len(plans) + 1, method, ratio, mitigation, starts_from=unmitigated.position)
-                             for mitigation in self.spec.mitigations)
+                plans.extend(
+                    RunPlan(len(plans) + 1, method, ratio, mitigation, starts_from=unmitigated.position)
+                    for mitigation in self.spec.mitigations
+                )
         return plans
 
     def weights_of(self, position: int) -> Path:
@@ -60,12 +62,14 @@ class AuditInputs:
 
 
 def _dataset_input(store: BlobStore, dataset: Dataset, attributes: list[str]) -> DatasetInput:
-    return DatasetInput(store.dataset_dir(dataset.id),
-                        {a: dataset.groups[a]["names"] for a in attributes if a in dataset.groups})
+    return DatasetInput(
+        store.dataset_dir(dataset.id), {a: dataset.groups[a]["names"] for a in attributes if a in dataset.groups}
+    )
 
 
-def audit_inputs(audit: Audit, train_dataset: Dataset | None, store: BlobStore, output_dir: Path,
-                 device: str) -> AuditInputs:
+def audit_inputs(
+    audit: Audit, train_dataset: Dataset | None, store: BlobStore, output_dir: Path, device: str
+) -> AuditInputs:
     spec = AuditSpec.model_validate(audit.spec)
     return AuditInputs(
         spec=spec,

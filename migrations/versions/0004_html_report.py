@@ -10,19 +10,17 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-
-revision = '0004'
-down_revision = '0003'
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('audits', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('report_html_sha256', sa.String(length=64), nullable=True))
+    with op.batch_alter_table("audits", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("report_html_sha256", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('audits', schema=None) as batch_op:
-        batch_op.drop_column('report_html_sha256')
-
+    with op.batch_alter_table("audits", schema=None) as batch_op:
+        batch_op.drop_column("report_html_sha256")

@@ -33,8 +33,7 @@ class ParsedDataset:
 def check_attribute_name(attr: str, fix: str) -> None:
     if not ATTRIBUTE_RE.match(attr):
         raise InvalidInput(
-            f"{attr!r} cannot be a group attribute name: names must be 1-64 letters, digits or "
-            f"underscores; {fix}"
+            f"{attr!r} cannot be a group attribute name: names must be 1-64 letters, digits or underscores; {fix}"
         )
 
 

@@ -43,7 +43,7 @@ _EXPORT_REFUSAL = (
 )
 _CHECKPOINT_HINT = (
     "Only weights-only state dicts are accepted from PyTorch files "
-    "(torch.save(model.state_dict(), \"model.pt\")); better, upload safetensors: `from safetensors.torch "
+    '(torch.save(model.state_dict(), "model.pt")); better, upload safetensors: `from safetensors.torch '
     'import save_file; save_file(model.state_dict(), "model.safetensors")`'
 )
 
@@ -87,8 +87,12 @@ def classify_zip_entries(names: list[str]) -> str:
     """What a zip holds, from its entry names: "torch.export", "torchscript", "checkpoint" (torch.save)
     or "other". Torch archives put every entry under one top-level folder named after the file."""
     inner = [name.split("/", 1)[1] if "/" in name else name for name in names]
-    export = [n for n in inner if n.rsplit("/", 1)[-1] in ("archive_format", "archive_version")
-              or (n.startswith("models/") and n.endswith(".json"))]
+    export = [
+        n
+        for n in inner
+        if n.rsplit("/", 1)[-1] in ("archive_format", "archive_version")
+        or (n.startswith("models/") and n.endswith(".json"))
+    ]
     if export:
         return "torch.export"
     if any(n == "constants.pkl" or n.startswith("code/") for n in inner):
@@ -109,7 +113,7 @@ def _zip_directory_size(handle, file_size: int) -> tuple[int, int] | None:
         return None
     entries, directory_bytes = struct.unpack_from("<HI", tail, at + 10)
     locator = at - 20
-    if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
         # zip64, as torch writes it: the locator points at the zip64 end record, whose counts win
         (offset,) = struct.unpack_from("<Q", tail, locator + 8)
         if offset > file_size - 56:
@@ -126,8 +130,9 @@ def _zip_names(path: Path) -> list[str]:
     with open(path, "rb") as handle:
         directory = _zip_directory_size(handle, os.fstat(handle.fileno()).st_size)
     if directory is None:
-        raise InvalidInput("the file starts like a zip archive but has no zip directory (truncated or corrupt); "
-                           + EXPORT_HINT + ".")
+        raise InvalidInput(
+            "the file starts like a zip archive but has no zip directory (truncated or corrupt); " + EXPORT_HINT + "."
+        )
     entries, directory_bytes = directory
     if entries > MAX_ZIP_ENTRIES or directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
         raise InvalidInput(
@@ -182,28 +187,54 @@ def convert_torch_checkpoint(
     raise _conversion_failure(result, max_memory, max_output_bytes, limits)
 
 
-def _run_converter(source: Path, output: Path, workdir: Path, max_memory: int, max_output_bytes: int,
-                   limits: ConversionLimits) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", _CONVERTER_MODULE, str(source), str(output),
-               "--max-memory-bytes", str(max_memory), "--max-cpu-seconds", str(limits.cpu_seconds),
-               "--max-output-bytes", str(max_output_bytes)]
+def _run_converter(
+    source: Path, output: Path, workdir: Path, max_memory: int, max_output_bytes: int, limits: ConversionLimits
+) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        _CONVERTER_MODULE,
+        str(source),
+        str(output),
+        "--max-memory-bytes",
+        str(max_memory),
+        "--max-cpu-seconds",
+        str(limits.cpu_seconds),
+        "--max-output-bytes",
+        str(max_output_bytes),
+    ]
     # A minimal environment: the child needs no secrets (database URLs) and one thread.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(_PROJECT_ROOT),
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(_PROJECT_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "LC_ALL": "C.UTF-8",
+    }
     with _CONVERSION_SLOTS:
         try:
-            return subprocess.run(command, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=limits.timeout_s, check=False)
+            return subprocess.run(
+                command,
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=limits.timeout_s,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise InvalidInput(
                 f"reading the PyTorch checkpoint took longer than {limits.timeout_s:g} s, the server's limit. "
-                + _CHECKPOINT_HINT + "."
+                + _CHECKPOINT_HINT
+                + "."
             ) from None
 
 
-def _conversion_failure(result: subprocess.CompletedProcess, max_memory: int, max_output_bytes: int,
-                        limits: ConversionLimits) -> Exception:
+def _conversion_failure(
+    result: subprocess.CompletedProcess, max_memory: int, max_output_bytes: int, limits: ConversionLimits
+) -> Exception:
     """What a failed conversion means, from the child's exit status and output."""
     stdout = result.stdout.decode("utf-8", "replace").strip().splitlines()
     stderr = result.stderr.decode("utf-8", "replace")
@@ -218,8 +249,11 @@ def _conversion_failure(result: subprocess.CompletedProcess, max_memory: int, ma
         return PayloadTooLarge(
             f"the safetensors file converted from the checkpoint exceeds the limit of {max_output_bytes} bytes"
         )
-    if result.returncode in (_OUT_OF_MEMORY, -signal.SIGXCPU, -signal.SIGKILL) or "MemoryError" in stderr \
-            or "std::bad_alloc" in stderr:
+    if (
+        result.returncode in (_OUT_OF_MEMORY, -signal.SIGXCPU, -signal.SIGKILL)
+        or "MemoryError" in stderr
+        or "std::bad_alloc" in stderr
+    ):
         return InvalidInput(
             f"reading the PyTorch checkpoint exceeded the server's limits ({limits.cpu_seconds} CPU seconds, "
             f"{max_memory // 2**20} MiB of memory). " + _CHECKPOINT_HINT + "."

@@ -34,19 +34,37 @@ def upload_model(
     tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
-    weights: Annotated[UploadFile, File(description=(
-        "safetensors file: safetensors.torch.save_file(model.state_dict(), path). A weights-only PyTorch state "
-        "dict (torch.save(model.state_dict(), path)) is also accepted: it is read only with "
-        "torch.load(weights_only=True) in a resource-limited child process and stored as safetensors. Whole "
-        "pickled models, TorchScript and torch.export (.pt2) archives are refused."))],
-    architecture: Annotated[str, Form(description=ARCHITECTURE_HELP, examples=['{"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10}'])],
+    weights: Annotated[
+        UploadFile,
+        File(
+            description=(
+                "safetensors file: safetensors.torch.save_file(model.state_dict(), path). A weights-only PyTorch state "
+                "dict (torch.save(model.state_dict(), path)) is also accepted: it is read only with "
+                "torch.load(weights_only=True) in a resource-limited child process and stored as safetensors. Whole "
+                "pickled models, TorchScript and torch.export (.pt2) archives are refused."
+            )
+        ),
+    ],
+    architecture: Annotated[
+        str,
+        Form(
+            description=ARCHITECTURE_HELP,
+            examples=['{"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10}'],
+        ),
+    ],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> ModelOut:
     """Upload model weights for a registry architecture: safetensors, or a weights-only .pt state dict that is
     converted to safetensors. Uploads are data, never code."""
     model = catalog.register_model(
-        session, tenant, store, weights.file, architecture, name,
-        max_bytes=settings.max_upload_bytes, max_parameters=settings.max_parameters,
+        session,
+        tenant,
+        store,
+        weights.file,
+        architecture,
+        name,
+        max_bytes=settings.max_upload_bytes,
+        max_parameters=settings.max_parameters,
     )
     return ModelOut.model_validate(model)
 
@@ -64,16 +82,30 @@ def upload_dataset(
     tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")],
+    file: Annotated[
+        UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")
+    ],
     label: Annotated[str | None, Form(description="CSV: the label column")] = None,
-    features: Annotated[str | None, Form(description="CSV: comma-separated feature columns (default: all others)")] = None,
-    groups: Annotated[str | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])] = None,
+    features: Annotated[
+        str | None, Form(description="CSV: comma-separated feature columns (default: all others)")
+    ] = None,
+    groups: Annotated[
+        str | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])
+    ] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> DatasetOut:
     """Upload a labelled dataset with group attributes (npz or csv)."""
     dataset = catalog.register_dataset(
-        session, tenant, store, file.file, file.filename,
-        name=name, label=label, features=features, groups=groups, max_bytes=settings.max_upload_bytes,
+        session,
+        tenant,
+        store,
+        file.file,
+        file.filename,
+        name=name,
+        label=label,
+        features=features,
+        groups=groups,
+        max_bytes=settings.max_upload_bytes,
     )
     return DatasetOut.model_validate(dataset)
 

@@ -15,8 +15,11 @@ router = APIRouter(prefix="/v1", tags=["audits"], responses=PROBLEM_RESPONSES)
 
 @router.get("/compare", response_model=Comparison)
 @releases_connection
-def compare(session: SessionDep, tenant: TenantDep, audits: Annotated[str, Query(description="Two audit ids: first,second",
-                                                             examples=["a1b2…,c3d4…"])]) -> Comparison:
+def compare(
+    session: SessionDep,
+    tenant: TenantDep,
+    audits: Annotated[str, Query(description="Two audit ids: first,second", examples=["a1b2…,c3d4…"])],
+) -> Comparison:
     """Two succeeded audits of the same dataset side by side, per method, ratio, attribute and group."""
     ids = [audit_id.strip() for audit_id in audits.split(",") if audit_id.strip()]
     if len(ids) != 2:

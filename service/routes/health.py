@@ -22,8 +22,16 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"model": Problem, "content": {"application/problem+json": {}},
-                                         "description": "Not ready: the database or the blob store is unavailable"}})
+@router.get(
+    "/readyz",
+    responses={
+        503: {
+            "model": Problem,
+            "content": {"application/problem+json": {}},
+            "description": "Not ready: the database or the blob store is unavailable",
+        }
+    },
+)
 @releases_connection
 def readyz(session: SessionDep, store: StoreDep) -> dict:
     """Readiness: the database answers and the blob store is there; 503 problem+json otherwise (a database

@@ -11,8 +11,10 @@ class ModelOut(BaseModel):
     id: str
     created_at: datetime
     name: str | None
-    sha256: str = Field(description="sha256 of the stored safetensors file (for a .pt upload, the safetensors "
-                        "converted from it); the file is stored under it.")
+    sha256: str = Field(
+        description="sha256 of the stored safetensors file (for a .pt upload, the safetensors "
+        "converted from it); the file is stored under it."
+    )
     size_bytes: int
     architecture: dict = Field(examples=[{"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10}])
     parameter_count: int

@@ -43,8 +43,13 @@ def per_group(state: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, groups
     return result
 
 
-def group_gradients(state: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                    kept: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def group_gradients(
+    state: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    kept: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Each group's mean-loss gradient, by autograd on the whole group at once (float64), masked to the
     kept entries when `kept` is given."""
     import torch

@@ -57,8 +57,14 @@ class Stack:
                 process.wait()
 
 
-def stack_env(var_dir: Path, *, database_url: str | None = None, broker_url: str | None = None,
-              key_prefix: str = "", port: int | None = None) -> dict:
+def stack_env(
+    var_dir: Path,
+    *,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    key_prefix: str = "",
+    port: int | None = None,
+) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEAUDIT_")}
     env["PRUNEAUDIT_VAR_DIR"] = str(var_dir)
     # Off unless a test turns it on (settings=…): fuzzing and polling must reach the handlers.
@@ -77,8 +83,14 @@ def stack_env(var_dir: Path, *, database_url: str | None = None, broker_url: str
 
 
 def create_key(env: dict, tenant: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", "--tenant", tenant], env=env,
-                          cwd=REPO, check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", tenant],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return done.stdout.strip().splitlines()[-1]
 
 
@@ -93,10 +105,14 @@ def start_stack(var_dir: Path, *, with_worker: bool = True, settings: dict[str, 
     """`settings`: extra PRUNEAUDIT_* variables for every process of the stack."""
     var_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    stack = Stack(url=f"http://127.0.0.1:{port}", env={**stack_env(var_dir, port=port, **urls), **(settings or {})},
-                  var_dir=var_dir)
-    subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=stack.env, cwd=REPO, check=True,
-                   capture_output=True)
+    stack = Stack(
+        url=f"http://127.0.0.1:{port}",
+        env={**stack_env(var_dir, port=port, **urls), **(settings or {})},
+        var_dir=var_dir,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "migrate"], env=stack.env, cwd=REPO, check=True, capture_output=True
+    )
     stack.env["PRUNEAUDIT_API_KEY"] = create_key(stack.env, "tests")
     if with_worker:
         start_process(stack, "worker", ["worker"])

@@ -20,8 +20,11 @@ def api(tmp_path_factory):
 
 
 def stored_blobs(stack) -> list:
-    return sorted(p.name for p in (stack.var_dir / "blobs" / "sha256").rglob("*") if p.is_file()) \
-        if (stack.var_dir / "blobs" / "sha256").exists() else []
+    return (
+        sorted(p.name for p in (stack.var_dir / "blobs" / "sha256").rglob("*") if p.is_file())
+        if (stack.var_dir / "blobs" / "sha256").exists()
+        else []
+    )
 
 
 def test_non_weights_upload_is_refused_and_not_kept(api, digits_case):
@@ -37,8 +40,12 @@ def test_unknown_architecture(api, digits_case):
     _stack, client = api
     body = assert_problem(digits_case.upload_model(client, architecture={"name": "transformer"}), 422, "mlp", "cnn")
     assert body["errors"]
-    assert_problem(client.post("/v1/models", files={"weights": ("m.safetensors", digits_case.weights)},
-                               data={"architecture": "{not json"}), 422)
+    assert_problem(
+        client.post(
+            "/v1/models", files={"weights": ("m.safetensors", digits_case.weights)}, data={"architecture": "{not json"}
+        ),
+        422,
+    )
 
 
 def test_weights_that_do_not_fit_the_architecture(api, digits_case):
@@ -64,8 +71,9 @@ def test_model_dataset_shape_mismatch_at_audit_creation(api, digits_case):
     _stack, client = api
     model = digits_case.upload_model(client).json()
     narrow = digits_case.upload_dataset(client, digits_case.npz(x=digits_case.x[:, :30])).json()
-    response = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": narrow["id"],
-                                               "group_by": ["digit"]})
+    response = client.post(
+        "/v1/audits", json={"model_id": model["id"], "dataset_id": narrow["id"], "group_by": ["digit"]}
+    )
     assert_problem(response, 422, "model expects input [64]", "[30]")
 
 
@@ -85,10 +93,14 @@ def test_spec_errors(api, digits_case):
     assert_problem(client.post("/v1/audits", json=dict(base, pruning=gradual)), 422, "magnitude")
     assert_problem(client.post("/v1/audits", json=dict(base, colour="red")), 422, "colour")
     assert_problem(client.post("/v1/audits", json=dict(base, model_id="nope")), 422, "model nope does not exist")
-    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"methods": [{"ignored_layers": ["layers.9"]}]})),
-                   422, "layers.9")
-    assert_problem(client.post("/v1/audits", json=dict(base, pruning={"ratios": [i / 100 for i in range(1, 80)]})),
-                   422, "at most")
+    assert_problem(
+        client.post("/v1/audits", json=dict(base, pruning={"methods": [{"ignored_layers": ["layers.9"]}]})),
+        422,
+        "layers.9",
+    )
+    assert_problem(
+        client.post("/v1/audits", json=dict(base, pruning={"ratios": [i / 100 for i in range(1, 80)]})), 422, "at most"
+    )
     assert_problem(client.post("/v1/audits", content=b"{", headers={"content-type": "application/json"}), 422)
     assert client.get("/v1/audits").json()["total"] == audits_before
 
@@ -97,8 +109,9 @@ def test_report_is_409_until_the_audit_succeeds(api, digits_case):
     _stack, client = api
     model = digits_case.upload_model(client).json()
     dataset = digits_case.upload_dataset(client).json()
-    audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
-                                            "group_by": ["digit"]}).json()
+    audit = client.post(
+        "/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"]}
+    ).json()
     # No worker runs in this stack, so the audit stays queued.
     assert client.get(f"/v1/audits/{audit['id']}").json()["status"] == "queued"
     assert_problem(client.get(f"/v1/audits/{audit['id']}/report"), 409, "queued")
@@ -120,15 +133,27 @@ def test_openapi_documents_the_api(api):
     assert "AuditReport" in document["components"]["schemas"]
     assert client.get("/docs").status_code == 200
     names = [a["name"] for a in client.get("/v1/architectures").json()]
-    assert names == ["mlp", "cnn", "resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "resnet20", "resnet56", "pruned"]
+    assert names == [
+        "mlp",
+        "cnn",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "vgg16_bn",
+        "mobilenet_v2",
+        "resnet20",
+        "resnet56",
+        "pruned",
+    ]
 
 
 def test_cancel_a_queued_audit(api, digits_case):
     _stack, client = api
     model = digits_case.upload_model(client).json()
     dataset = digits_case.upload_dataset(client).json()
-    audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
-                                            "group_by": ["digit"]}).json()
+    audit = client.post(
+        "/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"]}
+    ).json()
     cancelled = client.post(f"/v1/audits/{audit['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert client.get(f"/v1/audits/{audit['id']}").json()["status"] == "cancelled"
@@ -150,8 +175,11 @@ def test_idempotency_key_makes_retries_safe(api, digits_case):
     assert first.status_code == replay.status_code == 202
     assert replay.json()["id"] == first.json()["id"] and replay.headers["location"] == first.headers["location"]
     assert replay.headers["idempotent-replayed"] == "true"
-    assert_problem(client.post("/v1/audits", json=dict(body, seed=7), headers={"Idempotency-Key": "nightly-2026-11-24"}),
-                   422, "different request body")
+    assert_problem(
+        client.post("/v1/audits", json=dict(body, seed=7), headers={"Idempotency-Key": "nightly-2026-11-24"}),
+        422,
+        "different request body",
+    )
     assert client.get("/v1/audits").json()["total"] == before + 1
 
     def post(_):

@@ -23,8 +23,14 @@ from tests.integration.stack import start_stack
 
 # Bounded for `make test` (about 40 s); raise it for a deeper run, e.g. PRUNEAUDIT_FUZZ_EXAMPLES=500.
 EXAMPLES = int(os.environ.get("PRUNEAUDIT_FUZZ_EXAMPLES", "25"))
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,14 @@ def test_the_server_serves_the_fuzzed_document(served):
 
 
 @schema.parametrize()
-@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 def test_every_operation_conforms_and_never_5xx(case, served):
     # The security scheme is a required header to schemathesis: where it generated one, send a real key so the
     # request reaches the handler; where a negative case left it out, it stays out (and must get a 401).

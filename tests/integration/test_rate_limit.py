@@ -17,8 +17,11 @@ PER_S = 0.5  # one token every 2 s: Retry-After is 2 right after the burst is sp
 
 @pytest.fixture(scope="module")
 def limited_stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("rate-limit"), with_worker=False,
-                        settings={"PRUNEAUDIT_RATE_LIMIT_BURST": str(BURST), "PRUNEAUDIT_RATE_LIMIT_PER_S": str(PER_S)})
+    stack = start_stack(
+        tmp_path_factory.mktemp("rate-limit"),
+        with_worker=False,
+        settings={"PRUNEAUDIT_RATE_LIMIT_BURST": str(BURST), "PRUNEAUDIT_RATE_LIMIT_PER_S": str(PER_S)},
+    )
     yield stack
     stack.stop()
 

@@ -28,8 +28,15 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Chromium's own traffic, stopped or kept on loopback; each flag was added because a NetLog showed the request
 # (Chromium 156, Debian 12), and the negative control below proves the check still sees outside requests.
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--hide-scrollbars",
     # clients2.google.com/time/1/current (network time), despite --disable-background-networking:
     "--disable-features=NetworkTimeServiceQuerying",
     # update.googleapis.com (the Optimization Guide models manifest component), despite
@@ -44,11 +51,26 @@ FLAGS = [
 # Chromium checks whether IPv6 is reachable by connect()ing a UDP socket to Google's public DNS address; a UDP
 # connect sends no packet (it asks the kernel for a route), so it is not a request.
 IPV6_PROBE = {"2001:4860:4860::8888", "8.8.8.8"}
-URL_KEYS = {"url", "original_url", "location", "new_location", "destination", "logical_destination", "group_id",
-            "initiator", "origin"}
+URL_KEYS = {
+    "url",
+    "original_url",
+    "location",
+    "new_location",
+    "destination",
+    "logical_destination",
+    "group_id",
+    "initiator",
+    "origin",
+}
 HOST_KEYS = {"host", "hostname", "qname"}
-SOCKET_EVENTS = {"TCP_CONNECT", "TCP_CONNECT_ATTEMPT", "TCP_CONNECT_JOB_CONNECTOR_CONNECT_START", "SOCKET_CONNECT",
-                 "UDP_CONNECT", "SSL_CONNECT"}
+SOCKET_EVENTS = {
+    "TCP_CONNECT",
+    "TCP_CONNECT_ATTEMPT",
+    "TCP_CONNECT_JOB_CONNECTOR_CONNECT_START",
+    "SOCKET_CONNECT",
+    "UDP_CONNECT",
+    "SSL_CONNECT",
+}
 NETWORK_SCHEMES = {"http", "https", "ws", "wss", "ftp"}
 
 
@@ -61,14 +83,22 @@ def fail_or_skip(message: str):
     pytest.skip(message)
 
 
-def run_chromium(work: Path, name: str, url: str, *extra: str,
-                 timeout: float = 120) -> tuple[subprocess.CompletedProcess, Path]:
+def run_chromium(
+    work: Path, name: str, url: str, *extra: str, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess, Path]:
     """One headless run with a fresh profile and its own NetLog; returns the process and the NetLog's path."""
     profile = work / f"{name}-profile"
     net_log = work / f"{name}-netlog.json"
     env = dict(os.environ, HOME=str(work), XDG_CONFIG_HOME=str(work / "config"), XDG_CACHE_HOME=str(work / "cache"))
-    command = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--log-net-log={net_log}",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", *extra, url]
+    command = [
+        CHROMIUM,
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        f"--log-net-log={net_log}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *extra,
+        url,
+    ]
     process = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
     return process, net_log
 
@@ -110,7 +140,7 @@ def _host_of(text: str) -> str | None:
 def _address_host(address: str) -> str:
     """'127.0.0.1:8765' → 127.0.0.1; '[2001:db8::1]:443' → 2001:db8::1."""
     if address.startswith("["):
-        return address[1:address.index("]")]
+        return address[1 : address.index("]")]
     return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
 
 
@@ -214,12 +244,19 @@ def audited(tmp_path_factory, digits_case):
             assert model.status_code == 201, model.text
             dataset = digits_case.upload_dataset(client)
             assert dataset.status_code == 201, dataset.text
-            created = client.post("/v1/audits", json={
-                "model_id": model.json()["id"], "dataset_id": dataset.json()["id"], "group_by": ["digit"],
-                "pruning": {"ratios": [0.5, 0.9],
-                            "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}]},
-                "seed": 3,
-            })
+            created = client.post(
+                "/v1/audits",
+                json={
+                    "model_id": model.json()["id"],
+                    "dataset_id": dataset.json()["id"],
+                    "group_by": ["digit"],
+                    "pruning": {
+                        "ratios": [0.5, 0.9],
+                        "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}],
+                    },
+                    "seed": 3,
+                },
+            )
             assert created.status_code == 202, created.text
             audit = wait_for_audit(client, created.json()["id"])
             assert audit["status"] == "succeeded", (audit, stack.log("worker"))
@@ -301,8 +338,10 @@ def test_chromium_renders_the_report_and_requests_nothing_outside_loopback(chrom
 def test_the_net_log_check_sees_a_request_to_an_outside_host(chromium):
     """Negative control: a page that does reach for an outside host is caught by the same check."""
     page = chromium / "leaky.html"
-    page.write_text('<!DOCTYPE html><html><body><p>leaky</p><img src="http://example.invalid/pixel.png">'
-                    '<link rel="stylesheet" href="https://cdn.example.invalid/style.css"></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><body><p>leaky</p><img src="http://example.invalid/pixel.png">'
+        '<link rel="stylesheet" href="https://cdn.example.invalid/style.css"></body></html>'
+    )
     process, net_log = run_chromium(chromium, "leaky", page.as_uri(), "--dump-dom")
     assert process.returncode == 0, process.stderr[-3000:]
     _, outside = outside_requests(load_net_log(net_log))

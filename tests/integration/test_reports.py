@@ -29,15 +29,25 @@ def audits(stack, digits_case):
         model = digits_case.upload_model(client).json()
         dataset = digits_case.upload_dataset(client).json()
         ids = {}
-        for name, policy in {"strict": {"max_excess_accuracy_gap": 0.0, "max_worst_group_drop": 0.0},
-                             "lenient": {"max_excess_accuracy_gap": 1.0, "max_worst_group_drop": None,
-                                         "min_group_size": 1}}.items():
-            created = client.post("/v1/audits", json={
-                "model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"],
-                "pruning": {"ratios": RATIOS, "methods": [{"method": "magnitude", "scope": "global",
-                                                           "ignored_layers": []}]},
-                "diagnostics": {"curvature": "off"}, "statistics": {"bootstrap_resamples": 0}, "policy": policy,
-            }).json()
+        for name, policy in {
+            "strict": {"max_excess_accuracy_gap": 0.0, "max_worst_group_drop": 0.0},
+            "lenient": {"max_excess_accuracy_gap": 1.0, "max_worst_group_drop": None, "min_group_size": 1},
+        }.items():
+            created = client.post(
+                "/v1/audits",
+                json={
+                    "model_id": model["id"],
+                    "dataset_id": dataset["id"],
+                    "group_by": ["digit"],
+                    "pruning": {
+                        "ratios": RATIOS,
+                        "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}],
+                    },
+                    "diagnostics": {"curvature": "off"},
+                    "statistics": {"bootstrap_resamples": 0},
+                    "policy": policy,
+                },
+            ).json()
             audit = wait_for_audit(client, created["id"])
             assert audit["status"] == "succeeded", (audit, stack.log("worker"))
             ids[name] = audit["id"]
@@ -58,8 +68,12 @@ def test_verdict_follows_the_policy(stack, audits):
         assert run["verdict"]["passed"] is False and run["verdict"]["reasons"]
         items = {item["name"]: item for item in run["attributes"][0]["metrics"]}
         assert items["max_excess_accuracy_gap"]["value"] == check["value"]
-        assert items["max_excess_accuracy_gap"]["threshold"] == 0.0 and items["max_excess_accuracy_gap"]["passed"] is False
-        assert items["loss_fairness_violation"]["value"] == run["attributes"][0]["aggregates"]["loss_fairness_violation"]
+        assert (
+            items["max_excess_accuracy_gap"]["threshold"] == 0.0 and items["max_excess_accuracy_gap"]["passed"] is False
+        )
+        assert (
+            items["loss_fairness_violation"]["value"] == run["attributes"][0]["aggregates"]["loss_fairness_violation"]
+        )
         assert items["loss_fairness_violation"]["threshold"] is None
         assert items["max_worst_group_drop"]["n"] == sum(g["n"] for g in run["attributes"][0]["groups"])
     assert lenient["verdict"]["passed"] and lenient["verdict"]["highest_passing_ratio"] == {"magnitude-global": 0.9}
@@ -93,10 +107,14 @@ def test_reports_are_immutable_with_etags(stack, audits):
             etag = first.headers["etag"]
             again = client.get(f"/v1/audits/{audits['strict']}/{path}", headers={"If-None-Match": etag})
             assert again.status_code == 304 and again.content == b""
-            assert client.get(f"/v1/audits/{audits['strict']}/{path}",
-                              headers={"If-None-Match": '"other"'}).status_code == 200
-        assert client.get(f"/v1/audits/{audits['strict']}/report").headers["etag"] != \
-            client.get(f"/v1/audits/{audits['lenient']}/report").headers["etag"]
+            assert (
+                client.get(f"/v1/audits/{audits['strict']}/{path}", headers={"If-None-Match": '"other"'}).status_code
+                == 200
+            )
+        assert (
+            client.get(f"/v1/audits/{audits['strict']}/report").headers["etag"]
+            != client.get(f"/v1/audits/{audits['lenient']}/report").headers["etag"]
+        )
 
 
 def test_compare_two_audits_of_one_dataset(stack, audits):
@@ -108,7 +126,8 @@ def test_compare_two_audits_of_one_dataset(stack, audits):
         bad = client.get("/v1/compare", params={"audits": audits["strict"]})
     assert bad.status_code == 422
     assert [(r["label"], r["ratio"]) for r in comparison["runs"]] == [("dense", 0.0)] + [
-        ("magnitude-global", ratio) for ratio in RATIOS]
+        ("magnitude-global", ratio) for ratio in RATIOS
+    ]
     for compared, run in zip(comparison["runs"][1:], strict["runs"], strict=True):
         assert compared["first_passed"] is False and compared["second_passed"] is True
         for group, original in zip(compared["groups"], run["attributes"][0]["groups"], strict=True):
@@ -119,8 +138,13 @@ def test_compare_two_audits_of_one_dataset(stack, audits):
 
 def test_gate_exit_codes(stack, audits):
     def gate(*args):
-        return subprocess.run([sys.executable, "-m", "service.cli", "gate", *args, "--url", stack.url],
-                              cwd=REPO, capture_output=True, text=True, env=stack.env)
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "gate", *args, "--url", stack.url],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=stack.env,
+        )
 
     assert gate(audits["lenient"]).returncode == 0
     failing = gate(audits["strict"])
@@ -156,11 +180,11 @@ def test_html_numbers_equal_the_json(stack, audits):
         page = client.get(f"/v1/audits/{audits['strict']}/report.html").text
     assert report["verdict"]["summary"] in html.unescape(page)
     for run in report["runs"]:
-        block = page[page.index(f'data-run="{run["id"]}"'):]
-        block = block[:block.index("</tbody>")]
+        block = page[page.index(f'data-run="{run["id"]}"') :]
+        block = block[: block.index("</tbody>")]
         for group in run["attributes"][0]["groups"]:
-            row = block[block.index(f'data-group="{group["group"]}"'):]
-            cells = dict(re.findall(r'<td data-field="([a-z_]+)">([^<]*)</td>', row[:row.index("</tr>")]))
+            row = block[block.index(f'data-group="{group["group"]}"') :]
+            cells = dict(re.findall(r'<td data-field="([a-z_]+)">([^<]*)</td>', row[: row.index("</tr>")]))
             # Documented formats: accuracies in % with one decimal, gaps in points with one decimal.
             assert cells["accuracy"] == f"{group['accuracy'] * 100:.1f}%"
             assert cells["excess_accuracy_gap"] == f"{group['excess_accuracy_gap'] * 100:.1f}".replace("-0.0", "0.0")

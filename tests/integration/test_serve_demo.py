@@ -19,8 +19,13 @@ def test_serve_with_demo_reaches_a_succeeded_audit(tmp_path):
     env = stack_env(tmp_path, port=port)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--demo", "--port", str(port)],
-                                 env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--demo", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         match = None
@@ -53,9 +58,13 @@ def test_serve_with_demo_reaches_a_succeeded_audit(tmp_path):
 def test_serve_children_die_with_it(tmp_path):
     """Killed hard (kill -9, a CI timeout), `serve` leaves no API or worker behind holding the port."""
     port = free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                             env=stack_env(tmp_path, port=port), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=stack_env(tmp_path, port=port),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

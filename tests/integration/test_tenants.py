@@ -20,8 +20,7 @@ def stack(request, tmp_path_factory):
     urls = {}
     if request.param == "postgres-redis":
         broker_url, prefix = request.getfixturevalue("redis_broker")
-        urls = {"database_url": request.getfixturevalue("postgres_url"), "broker_url": broker_url,
-                "key_prefix": prefix}
+        urls = {"database_url": request.getfixturevalue("postgres_url"), "broker_url": broker_url, "key_prefix": prefix}
     stack = start_stack(tmp_path_factory.mktemp("tenants"), **urls)
     yield stack
     stack.stop()
@@ -35,8 +34,12 @@ def upload_all(client, digits_case) -> dict:
     }
 
 
-SPEC = {"group_by": ["digit"], "pruning": {"ratios": [0.5]}, "diagnostics": {"curvature": "off"},
-        "statistics": {"bootstrap_resamples": 0}}
+SPEC = {
+    "group_by": ["digit"],
+    "pruning": {"ratios": [0.5]},
+    "diagnostics": {"curvature": "off"},
+    "statistics": {"bootstrap_resamples": 0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +80,12 @@ def test_another_tenant_gets_404_on_every_endpoint_as_for_a_missing_id(stack, ow
             assert response.status_code == 404, (path, response.text)
             assert response.headers["content-type"].startswith("application/problem+json")
             # Indistinguishable from an id that does not exist at all.
-            missing = theirs.request(method, path.replace(audit_id, "0" * 32).replace(owned["model_id"], "0" * 32)
-                                     .replace(owned["dataset_id"], "0" * 32))
+            missing = theirs.request(
+                method,
+                path.replace(audit_id, "0" * 32)
+                .replace(owned["model_id"], "0" * 32)
+                .replace(owned["dataset_id"], "0" * 32),
+            )
             assert missing.status_code == 404
             assert response.json()["title"] == missing.json()["title"]
         assert theirs.get("/v1/audits").json()["total"] == 0
@@ -92,8 +99,12 @@ def test_another_tenant_gets_404_on_every_endpoint_as_for_a_missing_id(stack, ow
 def test_bad_keys_are_401_problems(stack, owned, key):
     headers = {} if key is None else {"X-API-Key": key}
     with httpx.Client(base_url=stack.url, headers=headers) as client:
-        for method, path in [*tenant_paths(owned), ("GET", "/v1/audits"), ("GET", "/v1/architectures"),
-                             ("POST", "/v1/audits")]:
+        for method, path in [
+            *tenant_paths(owned),
+            ("GET", "/v1/audits"),
+            ("GET", "/v1/architectures"),
+            ("POST", "/v1/audits"),
+        ]:
             response = client.request(method, path, json=SPEC if method == "POST" else None)
             assert response.status_code == 401, (path, response.text)
             assert response.headers["content-type"].startswith("application/problem+json")
@@ -106,13 +117,19 @@ def test_revoked_key_stops_working_and_keys_are_stored_hashed(stack):
         assert client.get("/v1/audits").status_code == 200
     key_id, secret = key.removeprefix("pa_").split("_", 1)
     database = sqlalchemy.create_engine(
-        stack.env.get("PRUNEAUDIT_DATABASE_URL") or f"sqlite:///{stack.var_dir / 'pruneaudit.sqlite'}")
+        stack.env.get("PRUNEAUDIT_DATABASE_URL") or f"sqlite:///{stack.var_dir / 'pruneaudit.sqlite'}"
+    )
     with database.connect() as db:
         stored = tuple(db.execute(sqlalchemy.text("SELECT * FROM api_keys WHERE id = :id"), {"id": key_id}).one())
     database.dispose()
     assert secret not in repr(stored) and hashlib.sha256(secret.encode()).hexdigest() in stored
-    revoked = subprocess.run([sys.executable, "-m", "service.cli", "keys", "revoke", key_id], env=stack.env, cwd=REPO,
-                             capture_output=True, text=True)
+    revoked = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "revoke", key_id],
+        env=stack.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     with stack.client(key) as client:
         assert client.get("/v1/audits").status_code == 401
@@ -139,7 +156,9 @@ def test_swagger_ui_has_the_authorize_scheme(stack):
         document = client.get("/openapi.json").json()
         assert client.get("/docs").status_code == 200
     assert document["components"]["securitySchemes"]["APIKeyHeader"] == {
-        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
         "description": "An API key from `pruneaudit keys create --tenant NAME`.",
     }
     assert document["paths"]["/v1/audits"]["post"]["security"] == [{"APIKeyHeader": []}]

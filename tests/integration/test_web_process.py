@@ -33,8 +33,9 @@ def test_running_api_has_no_torch_and_stays_small(stack, digits_case):
     with stack.client() as client:
         model = digits_case.upload_model(client).json()
         dataset = digits_case.upload_dataset(client).json()
-        audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
-                                                "group_by": ["digit"]}).json()
+        audit = client.post(
+            "/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"], "group_by": ["digit"]}
+        ).json()
         assert wait_for_audit(client, audit["id"])["status"] == "succeeded"
         for _ in range(20):
             assert client.get(f"/v1/audits/{audit['id']}/report").status_code == 200

@@ -147,8 +147,7 @@ def test_load_weights_raises_the_mismatch_message(tmp_path: Path) -> None:
     state = dict(build_model(MLP_SPEC).state_dict())
     state["layers.0.weight"] = torch.zeros(128, 30)
     expected = (
-        "weights do not fit architecture mlp: "
-        "layers.0.weight has shape [128, 30], the architecture expects [128, 64]"
+        "weights do not fit architecture mlp: layers.0.weight has shape [128, 30], the architecture expects [128, 64]"
     )
     with pytest.raises(EngineError) as raised:
         load_weights(build_model(MLP_SPEC), _save(state, tmp_path))
@@ -225,8 +224,9 @@ def test_state_dict_mismatch_a_key_can_have_both_a_wrong_shape_and_a_wrong_kind(
     mismatch = state_dict_mismatch("x", {"w": ((2,), "float")}, {"w": ((3,), "bool")})
     assert mismatch is not None
     assert [e["problem"] for e in mismatch.errors] == ["shape_mismatch", "kind_mismatch"]
-    assert mismatch.message.endswith("w has shape [3], the architecture expects [2]; w is a bool tensor, "
-                                     "the architecture expects a float tensor")
+    assert mismatch.message.endswith(
+        "w has shape [3], the architecture expects [2]; w is a bool tensor, the architecture expects a float tensor"
+    )
 
 
 def test_state_dict_mismatch_lists_first_five_and_counts_the_rest() -> None:
@@ -293,9 +293,7 @@ def test_the_engine_imports_neither_the_service_nor_its_settings() -> None:
 NAMED = ["resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "resnet20", "resnet56"]
 IMAGENET = NAMED[:5]
 # Small enough to keep CPU forwards fast; every ImageNet architecture ends in adaptive pooling.
-NAMED_SPECS = {
-    name: {"name": name, "num_classes": 10, "image_size": 64 if name in IMAGENET else 32} for name in NAMED
-}
+NAMED_SPECS = {name: {"name": name, "num_classes": 10, "image_size": 64 if name in IMAGENET else 32} for name in NAMED}
 
 
 @pytest.fixture(scope="module")
@@ -492,13 +490,24 @@ def test_named_layouts_pin_known_entries(name: str) -> None:
 def test_resnet_state_dict_order_follows_module_registration() -> None:
     keys = list(expected_state_dict(architecture_adapter.validate_python({"name": "resnet50"})))
     assert keys[:8] == [
-        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
-        "bn1.num_batches_tracked", "layer1.0.conv1.weight", "layer1.0.bn1.weight",
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+        "bn1.running_mean",
+        "bn1.running_var",
+        "bn1.num_batches_tracked",
+        "layer1.0.conv1.weight",
+        "layer1.0.bn1.weight",
     ]
     block = [key for key in keys if key.startswith("layer1.0.") and key.endswith(".weight")]
     assert block == [
-        "layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv2.weight", "layer1.0.bn2.weight",
-        "layer1.0.conv3.weight", "layer1.0.bn3.weight", "layer1.0.downsample.0.weight",
+        "layer1.0.conv1.weight",
+        "layer1.0.bn1.weight",
+        "layer1.0.conv2.weight",
+        "layer1.0.bn2.weight",
+        "layer1.0.conv3.weight",
+        "layer1.0.bn3.weight",
+        "layer1.0.downsample.0.weight",
         "layer1.0.downsample.1.weight",
     ]
     assert keys[-2:] == ["fc.weight", "fc.bias"]
@@ -622,15 +631,25 @@ def test_pruned_spec_exposes_and_dumps_its_base_fields() -> None:
     dumped = spec.model_dump()
     # worker.pipeline.check_inputs_fit and service.catalog read these from any stored architecture.
     assert {key: dumped[key] for key in ("name", "num_classes", "in_channels", "image_size")} == {
-        "name": "pruned", "num_classes": 4, "in_channels": 3, "image_size": 8}
+        "name": "pruned",
+        "num_classes": 4,
+        "in_channels": 3,
+        "image_size": 8,
+    }
     assert architecture_adapter.validate_python(dumped) == spec
     assert architecture_adapter.validate_json(spec.model_dump_json()) == spec
 
-    mlp = architecture_adapter.validate_python({
-        "name": "pruned", "version": 1,
-        "base": {"name": "mlp", "in_features": 64, "hidden": [16], "num_classes": 10},
-        "layers": {"layers.0": {"in_features": 64, "out_features": 8}, "layers.2": {"in_features": 8, "out_features": 10}},
-    })
+    mlp = architecture_adapter.validate_python(
+        {
+            "name": "pruned",
+            "version": 1,
+            "base": {"name": "mlp", "in_features": 64, "hidden": [16], "num_classes": 10},
+            "layers": {
+                "layers.0": {"in_features": 64, "out_features": 8},
+                "layers.2": {"in_features": 8, "out_features": 10},
+            },
+        }
+    )
     assert (mlp.num_classes, mlp.in_features) == (10, 64) and input_shape(mlp) == [64]
     assert not hasattr(mlp, "in_channels") and "image_size" not in mlp.model_dump()
     assert mlp.model_dump()["in_features"] == 64 and parameter_count(mlp) == (64 * 8 + 8) + (8 * 10 + 10)
@@ -645,23 +664,39 @@ DEPTHWISE = "features.1.conv.0.0"  # MobileNetV2's first depthwise conv: 32 chan
     [
         (_with_layer(PRUNED_CNN, "features.9", {"num_features": 2}), "'features.9' is not a Conv, Linear or BatchNorm"),
         (_with_layer(PRUNED_CNN, "features.2", {"num_features": 2}), "'features.2' is not a Conv"),  # the ReLU
-        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 7, "groups": 1}),
-         "features.0.out_channels is 7, more than the 6 of cnn"),
+        (
+            _with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 7, "groups": 1}),
+            "features.0.out_channels is 7, more than the 6 of cnn",
+        ),
         (_with_layer(PRUNED_CNN, "features.1", {"num_features": 0}), "greater than or equal to 1"),
         (_with_layer(PRUNED_CNN, "features.1", {"num_features": True}), "valid integer"),
         (_with_layer(PRUNED_CNN, "features.1", {"num_features": 3, "eps": 1}), "must give exactly num_features"),
         (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 3}), "must give exactly groups"),
-        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 3, "groups": 3}),
-         "features.0 has groups 1 in cnn, got 3"),
-        (_with_layer(PRUNED_CNN, "features.1", {"num_features": 2}),
-         "features.1.num_features is 2 but the convolution before it, features.0, has 3 output channels"),
-        (_with_layer(PRUNED_CNN, "features.0", {"in_channels": 2, "out_channels": 3, "groups": 1}),
-         "the input of the model cannot be pruned"),
-        (_with_layer(PRUNED_CNN, "classifier", {"in_features": 4, "out_features": 3}),
-         "the classifier's outputs \\(num_classes\\) cannot be pruned"),
-        ({"name": "pruned", "version": 1, "base": {"name": "mobilenet_v2", "image_size": 32},
-          "layers": {DEPTHWISE: {"in_channels": 16, "out_channels": 16, "groups": 8}}},
-         "depthwise convolution, so groups, in_channels and out_channels must be equal"),
+        (
+            _with_layer(PRUNED_CNN, "features.0", {"in_channels": 3, "out_channels": 3, "groups": 3}),
+            "features.0 has groups 1 in cnn, got 3",
+        ),
+        (
+            _with_layer(PRUNED_CNN, "features.1", {"num_features": 2}),
+            "features.1.num_features is 2 but the convolution before it, features.0, has 3 output channels",
+        ),
+        (
+            _with_layer(PRUNED_CNN, "features.0", {"in_channels": 2, "out_channels": 3, "groups": 1}),
+            "the input of the model cannot be pruned",
+        ),
+        (
+            _with_layer(PRUNED_CNN, "classifier", {"in_features": 4, "out_features": 3}),
+            "the classifier's outputs \\(num_classes\\) cannot be pruned",
+        ),
+        (
+            {
+                "name": "pruned",
+                "version": 1,
+                "base": {"name": "mobilenet_v2", "image_size": 32},
+                "layers": {DEPTHWISE: {"in_channels": 16, "out_channels": 16, "groups": 8}},
+            },
+            "depthwise convolution, so groups, in_channels and out_channels must be equal",
+        ),
         ({**PRUNED_CNN, "base": PRUNED_CNN}, "does not match any of the expected tags"),  # no nesting
         ({**PRUNED_CNN, "version": 2}, "version"),
         ({**PRUNED_CNN, "width": 0.5}, "Extra inputs are not permitted"),

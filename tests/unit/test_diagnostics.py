@@ -62,7 +62,7 @@ def _data(spec: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _flat_grad(model: nn.Module, x: np.ndarray, y: np.ndarray, i: int) -> torch.Tensor:
     model.zero_grad()
-    F.cross_entropy(model(torch.from_numpy(x[i:i + 1])), torch.from_numpy(y[i:i + 1])).backward()
+    F.cross_entropy(model(torch.from_numpy(x[i : i + 1])), torch.from_numpy(y[i : i + 1])).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -85,8 +85,9 @@ def _flat(tensors: dict) -> torch.Tensor:
 
 
 def _flat_mask(model: nn.Module, masks: dict) -> torch.Tensor:
-    return torch.cat([masks.get(n, torch.ones_like(p, dtype=torch.bool)).flatten().double()
-                      for n, p in model.named_parameters()])
+    return torch.cat(
+        [masks.get(n, torch.ones_like(p, dtype=torch.bool)).flatten().double() for n, p in model.named_parameters()]
+    )
 
 
 def _unflat(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -112,8 +113,11 @@ def _exact_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> torch.Ten
 def _relu_pattern(model: nn.Module, x: np.ndarray, flat: torch.Tensor) -> torch.Tensor:
     """Which ReLU inputs are positive, for every example and unit, at parameters `flat`."""
     seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0] > 0))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
+    hooks = [
+        m.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0] > 0))
+        for m in model.modules()
+        if isinstance(m, nn.ReLU)
+    ]
     try:
         functional_call(model, _unflat(model, flat), (torch.from_numpy(x),))
     finally:
@@ -143,8 +147,7 @@ def test_gradient_norms_and_dots_match_a_per_example_loop(spec: dict, pruned: bo
         flat_mask = _flat_mask(model, masks)
     delta = _random_direction(model, 0.1)
     groupings, sizes = [race, sex, intersection], [5, 2, 10]
-    results = group_gradients(model, None, x, y, groupings, n_groups=sizes, masks=masks, delta=delta,
-                              batch_size=BATCH)
+    results = group_gradients(model, None, x, y, groupings, n_groups=sizes, masks=masks, delta=delta, batch_size=BATCH)
     for result, codes, size in zip(results, groupings, sizes, strict=True):
         brute = _brute_group_gradients(model, x, y, codes, size, flat_mask)
         np.testing.assert_array_equal(result.counts, [np.sum(codes == a) for a in range(size)])
@@ -170,8 +173,7 @@ def test_dense_parameters_are_evaluated_while_the_module_holds_the_pruned_ones()
 def test_a_small_memory_budget_spreads_groupings_over_passes_with_the_same_norms() -> None:
     model = _model(MLP_SPEC)
     x, y, race, sex = _data(MLP_SPEC)
-    results = group_gradients(model, None, x, y, [race, sex], n_groups=[5, 2], batch_size=BATCH,
-                              memory_budget_bytes=0)
+    results = group_gradients(model, None, x, y, [race, sex], n_groups=[5, 2], batch_size=BATCH, memory_budget_bytes=0)
     assert [r.passes for r in results] == [2, 2]
     for result, codes, size in zip(results, [race, sex], [5, 2], strict=True):
         brute = _brute_group_gradients(model, x, y, codes, size)
@@ -314,8 +316,7 @@ def test_group_curvature_uses_the_documented_subsample_and_seeds() -> None:
         assert result.top_eigenvalue[group] == pytest.approx(float(torch.linalg.eigvalsh(hessian)[-1]), rel=0.01)
         assert result.eigenvalue_converged[group]
         # The per-group seed reproduces the standalone functions exactly.
-        standalone = hutchinson_trace(model, None, x[members], y[members], probes=400, max_examples=8,
-                                      seed=(11, group))
+        standalone = hutchinson_trace(model, None, x[members], y[members], probes=400, max_examples=8, seed=(11, group))
         assert standalone == (result.trace[group], result.trace_se[group])
     assert (result.trace[4], result.trace_se[4], result.top_eigenvalue[4]) == (0.0, 0.0, 0.0)
 
@@ -391,8 +392,15 @@ def test_predicted_excessive_loss_matches_the_measured_one_to_third_order() -> N
         assert torch.equal(_relu_pattern(model, x, theta), _relu_pattern(model, x, shifted))
         (result,) = group_directional(model, None, x, y, [race], delta, n_groups=[4], batch_size=BATCH)
         predicted = predicted_excessive_loss(result.dot, result.quadratic)
-        measured = np.array([float(_mean_loss(model, x[race == a], y[race == a], shifted)
-                                   - _mean_loss(model, x[race == a], y[race == a], theta)) for a in range(4)])
+        measured = np.array(
+            [
+                float(
+                    _mean_loss(model, x[race == a], y[race == a], shifted)
+                    - _mean_loss(model, x[race == a], y[race == a], theta)
+                )
+                for a in range(4)
+            ]
+        )
         assert np.all(np.abs(predicted - measured) < 0.01 * np.abs(measured))
         errors.append(np.abs(predicted - measured))
     # Third-order remainder: halving δ divides the error by about 2³ = 8.

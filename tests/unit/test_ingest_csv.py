@@ -59,7 +59,10 @@ def test_csv_group_may_be_a_feature_when_listed(tmp_path):
 def test_csv_bad_column_names(tmp_path):
     path = write_csv(tmp_path / "d.csv", HAPPY)
     err = invalid(read_csv_dataset, path, label="target", features=["height", "bmi"], groups=["age"])
-    assert "the CSV has no column 'target', 'bmi'; available columns: 'height', 'label', 'age', 'weight', 'sex'" in err.detail
+    assert (
+        "the CSV has no column 'target', 'bmi'; available columns: 'height', 'label', 'age', 'weight', 'sex'"
+        in err.detail
+    )
     assert err.errors == [
         {"key": "target", "problem": "missing_column"},
         {"key": "bmi", "problem": "missing_column"},
@@ -77,7 +80,10 @@ def test_csv_non_numeric_feature_row_number(tmp_path):
 
 def test_csv_empty_and_nonfinite_feature(tmp_path):
     path = write_csv(tmp_path / "d.csv", "x1,y,g\n1,0,a\n,1,b\n")
-    assert "feature column 'x1' has '' in row 3" in invalid(read_csv_dataset, path, label="y", features=None, groups=["g"]).detail
+    assert (
+        "feature column 'x1' has '' in row 3"
+        in invalid(read_csv_dataset, path, label="y", features=None, groups=["g"]).detail
+    )
     path = write_csv(tmp_path / "e.csv", "x1,y,g\n1,0,a\n2,1,b\nnan,1,b\n")
     err = invalid(read_csv_dataset, path, label="y", features=None, groups=["g"])
     assert "feature column 'x1' has 'nan' in row 4, which is not a finite float32 number" in err.detail

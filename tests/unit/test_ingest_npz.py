@@ -137,7 +137,10 @@ def test_npz_wrong_lengths(tmp_path):
     path = write_npz(tmp_path / "d.npz", x=np.ones((3, 1)), y=np.zeros(2, dtype=int), group_g=np.arange(3))
     assert "y has shape [2]; it must be 1-D with one label per row of x (3)" in invalid(read_npz_dataset, path).detail
     path = write_npz(tmp_path / "e.npz", x=np.ones((3, 1)), y=np.zeros(3, dtype=int), group_g=np.arange(4))
-    assert "group_g has shape [4]; it must be 1-D with one value per row of x (3)" in invalid(read_npz_dataset, path).detail
+    assert (
+        "group_g has shape [4]; it must be 1-D with one value per row of x (3)"
+        in invalid(read_npz_dataset, path).detail
+    )
 
 
 def test_npz_no_group_attribute(tmp_path):
@@ -162,7 +165,9 @@ def test_npz_missing_x(tmp_path):
 
 
 def test_npz_bad_attribute_name(tmp_path):
-    path = write_npz(tmp_path / "d.npz", x=np.ones((2, 1)), y=np.zeros(2, dtype=int), **{"group_skin tone": np.arange(2)})
+    path = write_npz(
+        tmp_path / "d.npz", x=np.ones((2, 1)), y=np.zeros(2, dtype=int), **{"group_skin tone": np.arange(2)}
+    )
     err = invalid(read_npz_dataset, path)
     assert "'skin tone' cannot be a group attribute name" in err.detail
 

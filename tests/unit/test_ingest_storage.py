@@ -49,7 +49,9 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_load_unknown_attribute(tmp_path):
     ds = ParsedDataset(
-        x=np.zeros((1, 1), np.float32), y=np.zeros(1, np.int64), classes=["0"],
+        x=np.zeros((1, 1), np.float32),
+        y=np.zeros(1, np.int64),
+        classes=["0"],
         groups={"sex": GroupColumn(codes=np.zeros(1, np.int32), names=["f"])},
     )
     save_dataset(ds, tmp_path)

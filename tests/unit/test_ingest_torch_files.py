@@ -22,8 +22,10 @@ from tests.unit.ingest_support import invalid
 
 
 def test_ingest_modules_do_not_import_torch():
-    code = ("import sys, service.ingest.csv, service.ingest.npz, service.ingest.safetensors, "
-            "service.ingest.torch_files; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, service.ingest.csv, service.ingest.npz, service.ingest.safetensors, "
+        "service.ingest.torch_files; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
@@ -109,15 +111,23 @@ def _convert(source: Path, tmp_path: Path, **kwargs) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     target = tmp_path / "out.safetensors"
-    torch_files.convert_torch_checkpoint(source, target, max_output_bytes=kwargs.pop("max_output_bytes", 10**8), **kwargs)
+    torch_files.convert_torch_checkpoint(
+        source, target, max_output_bytes=kwargs.pop("max_output_bytes", 10**8), **kwargs
+    )
     assert read_safetensors_header(target)
     return load_file(str(target))
 
 
 def test_convert_state_dict_with_tied_and_viewed_tensors(tmp_path):
     base = torch.arange(12, dtype=torch.float32)
-    state = {"a": base[:6].view(2, 3), "b": base[:6].view(2, 3), "c": base[6:], "t": base.view(3, 4).t(),
-             "steps": torch.tensor(5), "half": torch.ones(2, dtype=torch.bfloat16)}
+    state = {
+        "a": base[:6].view(2, 3),
+        "b": base[:6].view(2, 3),
+        "c": base[6:],
+        "t": base.view(3, 4).t(),
+        "steps": torch.tensor(5),
+        "half": torch.ones(2, dtype=torch.bfloat16),
+    }
     path = tmp_path / "tied.pt"
     torch.save({"state_dict": state, "epoch": 3}, path)
     out = _convert(path, tmp_path)

@@ -22,8 +22,11 @@ from worker.engine.groupings import intersect
 from worker.engine.metrics import attribute_metrics, overall_metrics
 from worker.engine.outcomes import Outcomes, evaluate
 
-BINARY_AGGREGATES = {f"{prefix}{name}" for prefix in ("", "dense_") for name in
-                     ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")}
+BINARY_AGGREGATES = {
+    f"{prefix}{name}"
+    for prefix in ("", "dense_")
+    for name in ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")
+}
 
 
 # The sections of a group the engine fills (its diagnostics are the pipeline's).
@@ -239,7 +242,9 @@ def test_evaluate_proxies_match_a_per_example_softmax() -> None:
             probs = torch.softmax(logits, 0)
             others = [logits[c].item() for c in range(4) if c != y[i]]
             assert outcomes.p_true[i] == pytest.approx(probs[y[i]].item(), rel=1e-5, abs=1e-7)
-            assert outcomes.gini[i] == pytest.approx(1 - sum(probs[c].item() ** 2 for c in range(4)), rel=1e-5, abs=1e-7)
+            assert outcomes.gini[i] == pytest.approx(
+                1 - sum(probs[c].item() ** 2 for c in range(4)), rel=1e-5, abs=1e-7
+            )
             assert outcomes.margin[i] == pytest.approx(logits[y[i]].item() - max(others), rel=1e-5, abs=1e-5)
             assert (outcomes.margin[i] > 0) == outcomes.correct[i]
 
@@ -247,7 +252,9 @@ def test_evaluate_proxies_match_a_per_example_softmax() -> None:
 # ---- random outcomes compared with brute force and with Fairlearn -------------------------------------------
 
 
-def _random_outcomes(rng: np.random.Generator, n: int, num_classes: int, label: np.ndarray, accuracy: float) -> Outcomes:
+def _random_outcomes(
+    rng: np.random.Generator, n: int, num_classes: int, label: np.ndarray, accuracy: float
+) -> Outcomes:
     wrong = (label + rng.integers(1, num_classes, n)) % num_classes
     pred = np.where(rng.random(n) < accuracy, label, wrong)
     logits = rng.normal(size=(n, num_classes))
@@ -255,9 +262,14 @@ def _random_outcomes(rng: np.random.Generator, n: int, num_classes: int, label: 
     masked = logits.copy()
     masked[np.arange(n), label] = -np.inf
     return Outcomes(
-        pred=pred, correct=pred == label, loss=rng.exponential(1 / accuracy, n), label=label,
-        p_true=probs[np.arange(n), label], gini=1 - (probs**2).sum(1),
-        margin=logits[np.arange(n), label] - masked.max(1), num_classes=num_classes,
+        pred=pred,
+        correct=pred == label,
+        loss=rng.exponential(1 / accuracy, n),
+        label=label,
+        p_true=probs[np.arange(n), label],
+        gini=1 - (probs**2).sum(1),
+        margin=logits[np.arange(n), label] - masked.max(1),
+        num_classes=num_classes,
     )
 
 
@@ -267,8 +279,11 @@ def _random_case(seed: int, num_classes: int = 2, n: int = 3000, names=("a", "b"
     dense = _random_outcomes(rng, n, num_classes, label, 0.85)
     pruned = _random_outcomes(rng, n, num_classes, label, 0.7)
     # Unequal groups, a few rows without a group.
-    codes = rng.choice(np.arange(-1, len(names)), size=n, p=np.r_[0.03, np.geomspace(1, 0.05, len(names))
-                                                                    / np.geomspace(1, 0.05, len(names)).sum() * 0.97])
+    codes = rng.choice(
+        np.arange(-1, len(names)),
+        size=n,
+        p=np.r_[0.03, np.geomspace(1, 0.05, len(names)) / np.geomspace(1, 0.05, len(names)).sum() * 0.97],
+    )
     return dense, pruned, codes, list(names)
 
 
@@ -293,7 +308,10 @@ def test_proxies_flips_and_confusion_match_a_python_loop() -> None:
         to_right = sum(1 for i in members if not dense.correct[i] and pruned.correct[i])
         changed = sum(1 for i in members if dense.pred[i] != pruned.pred[i])
         assert (flips.flips_correct_to_wrong, flips.flips_wrong_to_correct, flips.flips_any) == (
-            to_wrong, to_right, changed)
+            to_wrong,
+            to_right,
+            changed,
+        )
         assert flips.flips_any_rate == pytest.approx(changed / len(members))
         assert flips.flips_correct_to_wrong_rate == pytest.approx(to_wrong / len(members))
         assert flips.flips_wrong_to_correct_rate == pytest.approx(to_right / len(members))
@@ -308,9 +326,16 @@ def _fairlearn_frame(label, pred, sensitive):
     from fairlearn.metrics import MetricFrame, false_positive_rate, selection_rate, true_positive_rate
 
     return MetricFrame(
-        metrics={"accuracy": skm.accuracy_score, "selection_rate": selection_rate, "tpr": true_positive_rate,
-                 "fpr": false_positive_rate, "confusion": functools.partial(skm.confusion_matrix, labels=[0, 1])},
-        y_true=label, y_pred=pred, sensitive_features=sensitive,
+        metrics={
+            "accuracy": skm.accuracy_score,
+            "selection_rate": selection_rate,
+            "tpr": true_positive_rate,
+            "fpr": false_positive_rate,
+            "confusion": functools.partial(skm.confusion_matrix, labels=[0, 1]),
+        },
+        y_true=label,
+        y_pred=pred,
+        sensitive_features=sensitive,
     ).by_group
 
 
@@ -337,11 +362,14 @@ def test_binary_metrics_equal_fairlearn(seed: int) -> None:
             assert getattr(group.confusion, prefix + "confusion") == row["confusion"].tolist()
         kwargs = {"y_true": label, "y_pred": pred, "sensitive_features": sensitive}
         assert getattr(result.aggregates, prefix + "demographic_parity_difference") == pytest.approx(
-            demographic_parity_difference(**kwargs), abs=1e-15)
+            demographic_parity_difference(**kwargs), abs=1e-15
+        )
         assert getattr(result.aggregates, prefix + "demographic_parity_ratio") == pytest.approx(
-            demographic_parity_ratio(**kwargs), abs=1e-15)
+            demographic_parity_ratio(**kwargs), abs=1e-15
+        )
         assert getattr(result.aggregates, prefix + "equalized_odds_difference") == pytest.approx(
-            equalized_odds_difference(**kwargs), abs=1e-15)
+            equalized_odds_difference(**kwargs), abs=1e-15
+        )
 
 
 def test_a_group_without_positives_has_no_tpr_where_fairlearn_says_zero() -> None:
@@ -364,11 +392,15 @@ def test_a_group_without_positives_has_no_tpr_where_fairlearn_says_zero() -> Non
     assert frame.loc["c", "tpr"] == 0.0  # sklearn's zero-division rule, silently
     # Ours: the TPR spread over the groups that have positives, the FPR spread over all; said in a caveat.
     has_positives = grouped & ~in_c
-    tpr_spread = true_positive_rate_difference(label[has_positives], pruned.pred[has_positives],
-                                               sensitive_features=np.array(names)[codes[has_positives]])
+    tpr_spread = true_positive_rate_difference(
+        label[has_positives], pruned.pred[has_positives], sensitive_features=np.array(names)[codes[has_positives]]
+    )
     fpr_spread = false_positive_rate_difference(label[grouped], pruned.pred[grouped], sensitive_features=sensitive)
     assert result.aggregates.equalized_odds_difference == pytest.approx(max(tpr_spread, fpr_spread), abs=1e-15)
-    assert "left out" in result.caveats["equalized_odds_difference"] and ": c" in result.caveats["equalized_odds_difference"]
+    assert (
+        "left out" in result.caveats["equalized_odds_difference"]
+        and ": c" in result.caveats["equalized_odds_difference"]
+    )
     _json(result)
 
 
@@ -393,8 +425,7 @@ def test_no_positive_prediction_leaves_the_parity_ratio_undefined_where_fairlear
     pruned = dataclasses.replace(pruned, pred=pred, correct=pred == pruned.label)
     result = attribute_metrics("g", dense, pruned, codes, names)
     grouped = codes >= 0
-    assert math.isnan(demographic_parity_ratio(pruned.label[grouped], pred[grouped],
-                                               sensitive_features=codes[grouped]))
+    assert math.isnan(demographic_parity_ratio(pruned.label[grouped], pred[grouped], sensitive_features=codes[grouped]))
     assert result.aggregates.demographic_parity_ratio is None
     assert "no group of g has any positive prediction" in result.undefined["demographic_parity_ratio"]
     assert result.aggregates.demographic_parity_difference == 0.0
@@ -427,18 +458,33 @@ def test_small_groups_are_flagged() -> None:
 def test_confusion_over_the_cell_limit_is_left_out_with_a_reason() -> None:
     dense, pruned, codes, names = _random_case(10, num_classes=4, n=400)
     result = attribute_metrics("g", dense, pruned, codes, names, max_confusion_cells=20)
-    assert all(g.confusion.confusion is None and g.confusion.dense_confusion is None
-               and "over the limit of 20" in g.undefined["confusion"] for g in result.groups)
+    assert all(
+        g.confusion.confusion is None
+        and g.confusion.dense_confusion is None
+        and "over the limit of 20" in g.undefined["confusion"]
+        for g in result.groups
+    )
 
 
 def test_every_none_has_a_reason_and_json_has_no_nan() -> None:
     cases = [
         attribute_metrics("race", DENSE, PRUNED, CODES, NAMES),
         attribute_metrics("race", DENSE, PRUNED, np.full(10, -1), NAMES, bootstrap_resamples=50),
-        attribute_metrics("g", *[Outcomes(pred=o.pred, correct=o.correct, loss=o.loss) for o in _random_case(4)[:2]],
-                          _random_case(4)[2], list("abcde"), num_classes=2, bootstrap_resamples=50),
-        attribute_metrics("g", *_random_case(11, num_classes=3, n=500)[:2], _random_case(11, n=500)[2],
-                          list("abcde"), bootstrap_resamples=50),
+        attribute_metrics(
+            "g",
+            *[Outcomes(pred=o.pred, correct=o.correct, loss=o.loss) for o in _random_case(4)[:2]],
+            _random_case(4)[2],
+            list("abcde"),
+            num_classes=2,
+            bootstrap_resamples=50,
+        ),
+        attribute_metrics(
+            "g",
+            *_random_case(11, num_classes=3, n=500)[:2],
+            _random_case(11, n=500)[2],
+            list("abcde"),
+            bootstrap_resamples=50,
+        ),
     ]
     for result in cases:
         _json(result)
@@ -458,8 +504,13 @@ def test_mismatched_labels_and_classes_are_errors() -> None:
     with pytest.raises(EngineError, match="number of classes disagrees"):
         attribute_metrics("g", dense, pruned, codes, names, num_classes=3)
     with pytest.raises(EngineError, match="different labels"):
-        attribute_metrics("g", dense, dataclasses.replace(pruned, label=1 - pruned.label,
-                                                          correct=pruned.pred == 1 - pruned.label), codes, names)
+        attribute_metrics(
+            "g",
+            dense,
+            dataclasses.replace(pruned, label=1 - pruned.label, correct=pruned.pred == 1 - pruned.label),
+            codes,
+            names,
+        )
 
 
 # ---- intersections -------------------------------------------------------------------------------------------
@@ -488,8 +539,9 @@ def test_intersect_matches_a_brute_force_dict(seed: int) -> None:
         assert np.flatnonzero(codes == code).tolist() == combos[key]
     # Row order does not change the codes of a combination.
     perm = rng.permutation(n)
-    _, permuted, permuted_names = intersect([("race", race[perm], race_names), ("sex", sex[perm], sex_names),
-                                             ("age", age[perm], age_names)])
+    _, permuted, permuted_names = intersect(
+        [("race", race[perm], race_names), ("sex", sex[perm], sex_names), ("age", age[perm], age_names)]
+    )
     assert permuted_names == names and np.array_equal(permuted, codes[perm])
     # The intersection feeds attribute_metrics as any attribute; missing rows are counted, not dropped.
     dense, pruned, _, _ = _random_case(seed, n=n)
@@ -500,8 +552,12 @@ def test_intersect_matches_a_brute_force_dict(seed: int) -> None:
 
 def test_intersect_of_huge_code_spaces_uses_unique_rows() -> None:
     big = [f"v{i}" for i in range(1 << 21)]
-    codes = [np.array([5, 5, -1, 7, 5]), np.array([1, 1, 1, 0, 0]), np.array([2, 2, 2, 2, 3]),
-             np.array([9, 9, 9, 9, 9])]
+    codes = [
+        np.array([5, 5, -1, 7, 5]),
+        np.array([1, 1, 1, 0, 0]),
+        np.array([2, 2, 2, 2, 3]),
+        np.array([9, 9, 9, 9, 9]),
+    ]
     name, out, names = intersect([(f"a{k}", c, big) for k, c in enumerate(codes)])
     assert name == "a0&a1&a2&a3"
     assert out.tolist() == [1, 1, -1, 2, 0]  # sorted by the codes, first attribute slowest

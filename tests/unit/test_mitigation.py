@@ -61,8 +61,9 @@ def run_mitigation(problem, name: str, **options):
     model = copy.deepcopy(dense)
     apply_masks(model, masks)
     baseline = GroupBaseline.from_outcomes(evaluate(dense, x, y, batch_size=1024), group, 2)
-    result = mitigate(model, x, y, group, 2, name=name, epochs=5, lr=0.01, masks=masks, baseline=baseline, seed=0,
-                      **options)
+    result = mitigate(
+        model, x, y, group, 2, name=name, epochs=5, lr=0.01, masks=masks, baseline=baseline, seed=0, **options
+    )
     return model, result
 
 
@@ -70,8 +71,9 @@ def test_constrained_mitigations_shrink_the_minority_gap_that_fine_tuning_leaves
     dense, masks, x, y, group = pruned_minority_problem
     gaps = {}
     for name in ("finetune", "equalized_loss", "ceag"):
-        model, _ = run_mitigation(pruned_minority_problem, name,
-                                  dual_lr={"finetune": 0.0, "equalized_loss": 0.2, "ceag": 0.05}[name])
+        model, _ = run_mitigation(
+            pruned_minority_problem, name, dual_lr={"finetune": 0.0, "equalized_loss": 0.2, "ceag": 0.05}[name]
+        )
         gaps[name] = group_excess_gaps(dense, model, x, y, group)[1]
     # Fine-tuning recovers the majority and leaves the minority behind (ψ ≈ 0.20 at this seed); both
     # constrained methods cut the minority's gap by more than 10 points (to ≈ 0.05 and ≈ −0.06). ceag's step
@@ -122,8 +124,9 @@ def test_equalized_loss_objective_and_dual_step_by_hand() -> None:
 
 def test_ceag_dual_step_uses_full_buffers_only_by_hand() -> None:
     codes = np.array([0] * 6 + [1] * 2 + [2] * 2)  # training shares 0.6, 0.2, 0.2
-    baseline = GroupBaseline(group_loss=np.array([0.2, 0.4, 0.3]), group_accuracy=np.array([0.9, 0.8, 0.7]),
-                             loss=0.27, accuracy=0.85)
+    baseline = GroupBaseline(
+        group_loss=np.array([0.2, 0.4, 0.3]), group_accuracy=np.array([0.9, 0.8, 0.7]), loss=0.27, accuracy=0.85
+    )
     objective = ConstrainedExcessAccuracyGap(codes, 3, baseline, dual_lr=0.1, tolerance=0.01, buffer_size=4)
     objective.buffers.add(np.array([1, 1, 0, 1, 0, 1, 0]), np.array([0, 0, 0, 1, 1, 2, 2]))
     objective.dual_step()
@@ -166,8 +169,9 @@ def test_replay_buffer_keeps_the_last_k_outcomes_of_each_group() -> None:
 
 
 def test_group_baseline_is_the_per_group_mean_of_the_dense_outcomes() -> None:
-    outcomes = Outcomes(pred=np.array([0, 1, 1, 0]), correct=np.array([True, False, True, True]),
-                        loss=np.array([0.1, 2.0, 0.3, 0.5]))
+    outcomes = Outcomes(
+        pred=np.array([0, 1, 1, 0]), correct=np.array([True, False, True, True]), loss=np.array([0.1, 2.0, 0.3, 0.5])
+    )
     baseline = GroupBaseline.from_outcomes(outcomes, np.array([0, 0, 1, -1]), 3)
     assert baseline.group_loss[:2].tolist() == pytest.approx([1.05, 0.3])
     assert baseline.group_accuracy[:2].tolist() == [0.5, 1.0]

@@ -272,13 +272,17 @@ def test_previous_masks_nest(scope: str) -> None:
 # --- layers kept dense ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    (CNN_SPEC, ["features.0", "classifier"]),
-    ({"name": "resnet20"}, ["conv1", "fc"]),
-    ({"name": "mobilenet_v2", "num_classes": 10, "image_size": 32}, ["features.0.0", "classifier.1"]),
-    (MLP_SPEC, ["layers.0", "layers.4"]),
-    ({"name": "mlp", "in_features": 9, "hidden": [], "num_classes": 3}, ["layers.0"]),
-], ids=["cnn", "resnet20", "mobilenet_v2", "mlp", "mlp-no-hidden"])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (CNN_SPEC, ["features.0", "classifier"]),
+        ({"name": "resnet20"}, ["conv1", "fc"]),
+        ({"name": "mobilenet_v2", "num_classes": 10, "image_size": 32}, ["features.0.0", "classifier.1"]),
+        (MLP_SPEC, ["layers.0", "layers.4"]),
+        ({"name": "mlp", "in_features": 9, "hidden": [], "num_classes": 3}, ["layers.0"]),
+    ],
+    ids=["cnn", "resnet20", "mobilenet_v2", "mlp", "mlp-no-hidden"],
+)
 def test_default_dense_layers_are_the_first_conv_and_the_last_linear(spec: dict, expected: list[str]) -> None:
     assert default_dense_layers(build_model(spec)) == expected
 
@@ -300,10 +304,14 @@ def test_default_dense_layers_stay_bitwise_untouched(pruner_type, scope: str) ->
 # --- masks kept through training --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
-    lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
-], ids=["sgd-momentum-wd", "adam"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
+    ],
+    ids=["sgd-momentum-wd", "adam"],
+)
 def test_mask_keeper_reapplies_masks_after_every_step(make_optimizer) -> None:
     model = _seeded(MLP_SPEC)
     masks = MagnitudePruner(scope="layerwise").compute_masks(model, 0.6)

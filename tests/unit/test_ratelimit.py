@@ -58,12 +58,15 @@ def test_refused_requests_do_not_lose_refill_time():
     assert buckets.take("a").allowed
 
 
-@pytest.mark.parametrize(("rate", "burst", "elapsed", "expected"), [
-    (10, 60, 0.0, 1),     # the default: 0.1 s to the next token → 1 s (whole seconds, never 0)
-    (0.1, 1, 0.0, 10),    # one request every 10 s
-    (0.1, 1, 4.5, 6),     # 5.5 s left → 6
-    (0.25, 2, 1.0, 3),    # 0.25 of a token after 1 s; 0.75 missing at 0.25/s → 3 s
-])
+@pytest.mark.parametrize(
+    ("rate", "burst", "elapsed", "expected"),
+    [
+        (10, 60, 0.0, 1),  # the default: 0.1 s to the next token → 1 s (whole seconds, never 0)
+        (0.1, 1, 0.0, 10),  # one request every 10 s
+        (0.1, 1, 4.5, 6),  # 5.5 s left → 6
+        (0.25, 2, 1.0, 3),  # 0.25 of a token after 1 s; 0.75 missing at 0.25/s → 3 s
+    ],
+)
 def test_retry_after_is_the_wait_until_the_next_token_rounded_up(rate, burst, elapsed, expected):
     clock = Clock()
     buckets = TokenBuckets(rate_per_s=rate, burst=burst, clock=clock)

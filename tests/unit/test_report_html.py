@@ -61,8 +61,12 @@ RUNS = {
     ("channel-layerwise-l1", 0.9): ({"female": 0.9, "male": 0.9312500000000000, "nonbinary": 0.8}, 0.9133333333333333),
 }
 DENSE_OVERALL = 0.9266666666666666
-POLICY = {"max_excess_accuracy_gap": 0.01, "max_worst_group_drop": 0.05, "max_accuracy_fairness_violation": None,
-          "min_group_size": 30}
+POLICY = {
+    "max_excess_accuracy_gap": 0.01,
+    "max_worst_group_drop": 0.05,
+    "max_accuracy_fairness_violation": None,
+    "min_group_size": 30,
+}
 
 
 def group_row(group: str, accuracy: float, overall_drop: float, dense: bool, ratio: float, method: str) -> dict:
@@ -72,9 +76,17 @@ def group_row(group: str, accuracy: float, overall_drop: float, dense: bool, rat
     wrong = round(drop * n) if drop > 0 else 0
     channel = method.startswith("channel")
     return {
-        "group": group, "n": n, "share": n / 300, "dense_accuracy": dense_accuracy, "accuracy": accuracy,
-        "dense_loss": dense_loss, "loss": loss, "accuracy_drop": drop, "excess_accuracy_gap": drop - overall_drop,
-        "excessive_loss": loss - dense_loss, "small_group": n < POLICY["min_group_size"],
+        "group": group,
+        "n": n,
+        "share": n / 300,
+        "dense_accuracy": dense_accuracy,
+        "accuracy": accuracy,
+        "dense_loss": dense_loss,
+        "loss": loss,
+        "accuracy_drop": drop,
+        "excess_accuracy_gap": drop - overall_drop,
+        "excessive_loss": loss - dense_loss,
+        "small_group": n < POLICY["min_group_size"],
         "confidence_intervals": {
             "dense_accuracy_ci": [dense_accuracy - 0.05, min(1.0, dense_accuracy + 0.04)],
             "accuracy_ci": None if n < 30 else [accuracy - 0.0512, min(1.0, accuracy + 0.0433)],
@@ -82,18 +94,31 @@ def group_row(group: str, accuracy: float, overall_drop: float, dense: bool, rat
             "excess_accuracy_gap_ci": None if n < 30 else [drop - overall_drop - 0.021, drop - overall_drop + 0.034],
             "excessive_loss_ci": None,
         },
-        "boundary": {"dense_error_proxy": 1 - dense_accuracy, "error_proxy": 1 - accuracy,
-                     "dense_boundary_proximity": proximity, "boundary_proximity": proximity * 1.5,
-                     "dense_gini_impurity": 0.1, "gini_impurity": 0.2,
-                     "dense_logit_margin": 4.21 - 10 * proximity, "logit_margin": 3.0},
-        "flips": {"flips_correct_to_wrong": wrong + 1, "flips_wrong_to_correct": 1, "flips_any": wrong + 3,
-                  "flips_correct_to_wrong_rate": (wrong + 1) / n, "flips_wrong_to_correct_rate": 1 / n,
-                  "flips_any_rate": (wrong + 3) / n},
+        "boundary": {
+            "dense_error_proxy": 1 - dense_accuracy,
+            "error_proxy": 1 - accuracy,
+            "dense_boundary_proximity": proximity,
+            "boundary_proximity": proximity * 1.5,
+            "dense_gini_impurity": 0.1,
+            "gini_impurity": 0.2,
+            "dense_logit_margin": 4.21 - 10 * proximity,
+            "logit_margin": 3.0,
+        },
+        "flips": {
+            "flips_correct_to_wrong": wrong + 1,
+            "flips_wrong_to_correct": 1,
+            "flips_any": wrong + 3,
+            "flips_correct_to_wrong_rate": (wrong + 1) / n,
+            "flips_wrong_to_correct_rate": 1 / n,
+            "flips_any_rate": (wrong + 3) / n,
+        },
         "confusion": {"dense_confusion": [[50, 3], [4, 63]], "confusion": [[48, 5], [6, 61]]},
         "binary": {},
         "diagnostics": {
-            "dense_gradient_norm": gradient, "gradient_norm": None if dense else gradient * 1.3,
-            "dense_hessian_trace": trace, "dense_hessian_trace_se": None if trace is None else trace / 20,
+            "dense_gradient_norm": gradient,
+            "gradient_norm": None if dense else gradient * 1.3,
+            "dense_hessian_trace": trace,
+            "dense_hessian_trace_se": None if trace is None else trace / 20,
             "dense_hessian_top_eigenvalue": None if trace is None else trace / 3,
             "curvature_examples": n,
             "gradient_dot_delta": None if dense or channel else 0.01 * drop,
@@ -111,87 +136,161 @@ def run_report(method: str, ratio: float, accuracies: dict, overall: float) -> d
     eligible = [r for r in rows if not r["small_group"]]
     gaps = [r["excess_accuracy_gap"] for r in rows]
     checks = [
-        {"name": "max_excess_accuracy_gap", "attribute": "sex", "threshold": POLICY["max_excess_accuracy_gap"],
-         "value": max(r["excess_accuracy_gap"] for r in eligible)},
-        {"name": "max_worst_group_drop", "attribute": "sex", "threshold": POLICY["max_worst_group_drop"],
-         "value": max(r["accuracy_drop"] for r in eligible)},
+        {
+            "name": "max_excess_accuracy_gap",
+            "attribute": "sex",
+            "threshold": POLICY["max_excess_accuracy_gap"],
+            "value": max(r["excess_accuracy_gap"] for r in eligible),
+        },
+        {
+            "name": "max_worst_group_drop",
+            "attribute": "sex",
+            "threshold": POLICY["max_worst_group_drop"],
+            "value": max(r["accuracy_drop"] for r in eligible),
+        },
     ]
     for check in checks:
         check["passed"] = check["value"] <= check["threshold"]
-    reasons = [f"sex: {c['name']} {c['value'] * 100:.1f} points exceeds the limit of {c['threshold'] * 100:.1f} "
-               "points" for c in checks if not c["passed"]]
+    reasons = [
+        f"sex: {c['name']} {c['value'] * 100:.1f} points exceeds the limit of {c['threshold'] * 100:.1f} points"
+        for c in checks
+        if not c["passed"]
+    ]
     worst = min(rows, key=lambda r: r["accuracy"])
     scope = "layerwise" if method.startswith("channel") else "global"
-    cost = {"parameters": 6570, "nonzero_parameters": round(6570 * (1 - ratio)), "macs": 6432,
-            "file_bytes": 27311, "input_shape": [64]}
+    cost = {
+        "parameters": 6570,
+        "nonzero_parameters": round(6570 * (1 - ratio)),
+        "macs": 6432,
+        "file_bytes": 27311,
+        "input_shape": [64],
+    }
     if dense:
         compression = {"dense": cost}
     elif method.startswith("channel"):
-        pruned = {"parameters": round(6570 * (1 - ratio)), "nonzero_parameters": round(6570 * (1 - ratio)),
-                  "macs": round(6432 * (1 - ratio)), "file_bytes": round(27311 * (1 - ratio)), "input_shape": [64],
-                  "latency_s_batch_1": 0.0000412 * (1 - ratio / 2), "latency_s_batch_64": 0.000231 * (1 - ratio / 2)}
+        pruned = {
+            "parameters": round(6570 * (1 - ratio)),
+            "nonzero_parameters": round(6570 * (1 - ratio)),
+            "macs": round(6432 * (1 - ratio)),
+            "file_bytes": round(27311 * (1 - ratio)),
+            "input_shape": [64],
+            "latency_s_batch_1": 0.0000412 * (1 - ratio / 2),
+            "latency_s_batch_64": 0.000231 * (1 - ratio / 2),
+        }
         dense_cost = dict(cost, latency_s_batch_1=0.0000412, latency_s_batch_64=0.000231)
-        compression = {"dense": dense_cost, "pruned": pruned, "threads": 1,
-                       "ratios": {k: dense_cost[k] / pruned[k] for k in pruned if k != "input_shape"}}
+        compression = {
+            "dense": dense_cost,
+            "pruned": pruned,
+            "threads": 1,
+            "ratios": {k: dense_cost[k] / pruned[k] for k in pruned if k != "input_shape"},
+        }
     else:
-        compression = {"dense": cost, "pruned": cost | {"nonzero_parameters": round(6570 * (1 - ratio))},
-                       "ratios": {"parameters": 1.0, "nonzero_parameters": 1 / (1 - ratio), "macs": 1.0,
-                                  "file_bytes": 1.0}}
+        compression = {
+            "dense": cost,
+            "pruned": cost | {"nonzero_parameters": round(6570 * (1 - ratio))},
+            "ratios": {"parameters": 1.0, "nonzero_parameters": 1 / (1 - ratio), "macs": 1.0, "file_bytes": 1.0},
+        }
     run_id = "dense" if dense else f"{method}-{ratio}"
     return {
-        "id": f"run-{run_id}", "label": method, "method": method.split("-")[0], "scope": None if dense else scope,
-        "ratio": 0.0 if dense else ratio, "achieved_sparsity": 0.0 if dense else ratio * 0.98765,
-        "layer_sparsity": {}, "seconds": 1.25, "delta_norm": None if dense else 3.2 * ratio,
-        "compression": compression, "recipe": {"method": method, "ratio": ratio},
-        "weights_url": None, "notes": {} if not method.startswith("channel") else
-        {"predicted_excessive_loss": "not computed when channels are removed (θs and θd differ in shape)"},
-        "overall": {"n": 300, "dense_accuracy": DENSE_OVERALL, "accuracy": overall, "dense_loss": 0.25,
-                    "loss": 0.25 + overall_drop, "accuracy_drop": overall_drop, "excessive_loss": overall_drop},
+        "id": f"run-{run_id}",
+        "label": method,
+        "method": method.split("-")[0],
+        "scope": None if dense else scope,
+        "ratio": 0.0 if dense else ratio,
+        "achieved_sparsity": 0.0 if dense else ratio * 0.98765,
+        "layer_sparsity": {},
+        "seconds": 1.25,
+        "delta_norm": None if dense else 3.2 * ratio,
+        "compression": compression,
+        "recipe": {"method": method, "ratio": ratio},
+        "weights_url": None,
+        "notes": {}
+        if not method.startswith("channel")
+        else {"predicted_excessive_loss": "not computed when channels are removed (θs and θd differ in shape)"},
+        "overall": {
+            "n": 300,
+            "dense_accuracy": DENSE_OVERALL,
+            "accuracy": overall,
+            "dense_loss": 0.25,
+            "loss": 0.25 + overall_drop,
+            "accuracy_drop": overall_drop,
+            "excessive_loss": overall_drop,
+        },
         "verdict": None if dense else {"passed": not reasons, "reasons": reasons, "checks": checks},
-        "attributes": [{
-            "attribute": "sex", "n_missing": 7, "groups": rows,
-            "aggregates": {
-                "loss_fairness_violation": (max(r["excessive_loss"] for r in rows)
-                                            - min(r["excessive_loss"] for r in rows)),
-                "accuracy_fairness_violation": max(r["accuracy"] for r in rows) - min(r["accuracy"] for r in rows),
-                "dense_accuracy_fairness_violation": 0.0937,
-                "max_excess_accuracy_gap": max(gaps), "pairwise_disparity": max(gaps) - min(gaps),
-                "accuracy_drop_std": 0.01, "worst_group_accuracy": worst["accuracy"], "worst_group": worst["group"],
-                "max_accuracy_drop": max(r["accuracy_drop"] for r in rows), "max_excess_accuracy_gap_ci": None,
-                "min_group_size": 30, "small_groups": ["nonbinary"], "bootstrap_resamples": 1000,
-                "bootstrap_seed": 0, "num_classes": 2,
-            },
-            "undefined": {"demographic_parity_difference": "not a binary task"},
-            "caveats": {},
-            "diagnostics": {
-                "size_vs_dense_gradient_norm": {"rho": -1.0, "reason": None},
-                "dense_gradient_norm_vs_dense_hessian_trace": {
-                    "rho": None, "reason": "fewer than 3 groups with a Hessian trace"},
-                "dense_accuracy_vs_accuracy_drop": {"rho": 0.5 if not dense else None,
-                                                    "reason": "no drop in the dense model" if dense else None},
-                "predicted_vs_excessive_loss": {"rho": 0.8660254 if not dense else None,
-                                                "reason": "dense" if dense else None},
-            },
-        }],
+        "attributes": [
+            {
+                "attribute": "sex",
+                "n_missing": 7,
+                "groups": rows,
+                "aggregates": {
+                    "loss_fairness_violation": (
+                        max(r["excessive_loss"] for r in rows) - min(r["excessive_loss"] for r in rows)
+                    ),
+                    "accuracy_fairness_violation": max(r["accuracy"] for r in rows) - min(r["accuracy"] for r in rows),
+                    "dense_accuracy_fairness_violation": 0.0937,
+                    "max_excess_accuracy_gap": max(gaps),
+                    "pairwise_disparity": max(gaps) - min(gaps),
+                    "accuracy_drop_std": 0.01,
+                    "worst_group_accuracy": worst["accuracy"],
+                    "worst_group": worst["group"],
+                    "max_accuracy_drop": max(r["accuracy_drop"] for r in rows),
+                    "max_excess_accuracy_gap_ci": None,
+                    "min_group_size": 30,
+                    "small_groups": ["nonbinary"],
+                    "bootstrap_resamples": 1000,
+                    "bootstrap_seed": 0,
+                    "num_classes": 2,
+                },
+                "undefined": {"demographic_parity_difference": "not a binary task"},
+                "caveats": {},
+                "diagnostics": {
+                    "size_vs_dense_gradient_norm": {"rho": -1.0, "reason": None},
+                    "dense_gradient_norm_vs_dense_hessian_trace": {
+                        "rho": None,
+                        "reason": "fewer than 3 groups with a Hessian trace",
+                    },
+                    "dense_accuracy_vs_accuracy_drop": {
+                        "rho": 0.5 if not dense else None,
+                        "reason": "no drop in the dense model" if dense else None,
+                    },
+                    "predicted_vs_excessive_loss": {
+                        "rho": 0.8660254 if not dense else None,
+                        "reason": "dense" if dense else None,
+                    },
+                },
+            }
+        ],
     }
 
 
 def make_report() -> dict:
     runs = [run_report(method, ratio, accuracies, overall) for (method, ratio), (accuracies, overall) in RUNS.items()]
     return {
-        "report_version": "2", "audit_id": "a1b2c3d4e5f6",
-        "created_at": "2026-11-24T10:00:00Z", "finished_at": "2026-11-24T10:01:30Z",
+        "report_version": "2",
+        "audit_id": "a1b2c3d4e5f6",
+        "created_at": "2026-11-24T10:00:00Z",
+        "finished_at": "2026-11-24T10:01:30Z",
         "spec": {"group_by": ["sex"], "policy": POLICY},
-        "model": {"id": "m1", "sha256": "ab" * 32, "architecture": {"name": "mlp", "in_features": 64},
-                  "parameter_count": 6570},
-        "dataset": {"id": "d1", "sha256": "cd" * 32, "rows": 307, "classes": ["no", "yes"],
-                    "groups": {"sex": {"values": list(GROUPS), "sizes": [g[0] for g in GROUPS.values()]}}},
+        "model": {
+            "id": "m1",
+            "sha256": "ab" * 32,
+            "architecture": {"name": "mlp", "in_features": 64},
+            "parameter_count": 6570,
+        },
+        "dataset": {
+            "id": "d1",
+            "sha256": "cd" * 32,
+            "rows": 307,
+            "classes": ["no", "yes"],
+            "groups": {"sex": {"values": list(GROUPS), "sizes": [g[0] for g in GROUPS.values()]}},
+        },
         "environment": {"torch": "2.13.0", "pruneaudit": "0.1.0", "python": "3.11.2"},
         "policy": POLICY,
-        "verdict": {"passed": True,
-                    "highest_passing_ratio": {"magnitude-global": 0.5, "channel-layerwise-l1": 0.9},
-                    "summary": "passes: channel-layerwise-l1 holds the policy up to 90% sparsity; "
-                               "magnitude-global up to 50%"},
+        "verdict": {
+            "passed": True,
+            "highest_passing_ratio": {"magnitude-global": 0.5, "channel-layerwise-l1": 0.9},
+            "summary": "passes: channel-layerwise-l1 holds the policy up to 90% sparsity; magnitude-global up to 50%",
+        },
         "dense": run_report("dense", 0.0, {g: v[1] for g, v in GROUPS.items()}, DENSE_OVERALL),
         "runs": runs,
     }
@@ -214,8 +313,11 @@ class Node:
                 yield from child.iter()
 
     def find_all(self, tag: str | None = None, **attrs) -> list[Node]:
-        return [n for n in self.iter() if (tag is None or n.tag == tag)
-                and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+        return [
+            n
+            for n in self.iter()
+            if (tag is None or n.tag == tag) and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())
+        ]
 
 
 VOID = {"meta", "link", "br", "hr", "img", "input", "col", "area", "base", "embed", "source", "track", "wbr"}
@@ -256,8 +358,11 @@ def parse(page: str) -> Node:
 
 def cells(row: Node) -> dict[str, str]:
     """A table row's numbers by JSON field (the group's name is the row's data-group)."""
-    return {td.attrs["data-field"]: " ".join(td.text().split()) for td in row.find_all("td")
-            if td.attrs.get("data-field", "group") != "group"}
+    return {
+        td.attrs["data-field"]: " ".join(td.text().split())
+        for td in row.find_all("td")
+        if td.attrs.get("data-field", "group") != "group"
+    }
 
 
 def render(report: dict) -> str:
@@ -291,8 +396,12 @@ def test_page_refers_to_nothing_outside_itself(page, dom):
     assert re.search(r"(?i)<(script|link|img|iframe|object|embed|audio|video|base)\b", page) is None
     assert "@import" not in page and "@font-face" not in page
     assert set(re.findall(r"url\(([^)]*)\)", page)) <= {m for m in re.findall(r"url\((#[^)]*)\)", page)}
-    references = [(n.tag, key, value) for n in dom.iter() for key, value in n.attrs.items()
-                  if key in ("src", "href", "xlink:href", "action", "srcset", "poster", "data")]
+    references = [
+        (n.tag, key, value)
+        for n in dom.iter()
+        for key, value in n.attrs.items()
+        if key in ("src", "href", "xlink:href", "action", "srcset", "poster", "data")
+    ]
     assert references, "the page has in-page anchors and /v1 links"
     for tag, key, value in references:
         assert value.startswith("#") or (value.startswith("/v1/") and not value.startswith("//")), (tag, key, value)
@@ -331,13 +440,25 @@ def test_verdict_says_pass_and_the_highest_passing_ratio_per_method(report, dom)
 
 def test_a_failing_audit_says_fail_and_null_ratios_show_a_dash(report):
     failing = copy.deepcopy(report)
-    failing["verdict"] = {"passed": False, "highest_passing_ratio": {"magnitude-global": None,
-                                                                      "channel-layerwise-l1": None},
-                          "summary": "fails: no method meets the policy even at its lowest pruning ratio"}
+    failing["verdict"] = {
+        "passed": False,
+        "highest_passing_ratio": {"magnitude-global": None, "channel-layerwise-l1": None},
+        "summary": "fails: no method meets the policy even at its lowest pruning ratio",
+    }
     for run in failing["runs"]:
-        run["verdict"] = {"passed": False, "reasons": [f"sex: made to fail at {run['ratio']}"],
-                          "checks": [{"name": "max_excess_accuracy_gap", "attribute": "sex", "value": None,
-                                      "threshold": 0.01, "passed": False}]}
+        run["verdict"] = {
+            "passed": False,
+            "reasons": [f"sex: made to fail at {run['ratio']}"],
+            "checks": [
+                {
+                    "name": "max_excess_accuracy_gap",
+                    "attribute": "sex",
+                    "value": None,
+                    "threshold": 0.01,
+                    "passed": False,
+                }
+            ],
+        }
     (verdict,) = parse(render(failing)).find_all(data_testid="verdict")
     assert verdict.attrs["data-passed"] == "false"
     text = " ".join(verdict.text().split())
@@ -351,9 +472,13 @@ def test_a_failing_audit_says_fail_and_null_ratios_show_a_dash(report):
 def expected_group_cells(row: dict) -> dict[str, str]:
     ci = row["confidence_intervals"]
     return {
-        "n": COUNT(row["n"]), "share": PCT(row["share"]), "dense_accuracy": PCT(row["dense_accuracy"]),
-        "accuracy": PCT(row["accuracy"]), "accuracy_ci": CI(ci["accuracy_ci"], PCT),
-        "accuracy_drop": PTS(row["accuracy_drop"]), "excess_accuracy_gap": PTS(row["excess_accuracy_gap"]),
+        "n": COUNT(row["n"]),
+        "share": PCT(row["share"]),
+        "dense_accuracy": PCT(row["dense_accuracy"]),
+        "accuracy": PCT(row["accuracy"]),
+        "accuracy_ci": CI(ci["accuracy_ci"], PCT),
+        "accuracy_drop": PTS(row["accuracy_drop"]),
+        "excess_accuracy_gap": PTS(row["excess_accuracy_gap"]),
         "excess_accuracy_gap_ci": CI(ci["excess_accuracy_gap_ci"], PTS),
         "excessive_loss": NUM(row["excessive_loss"]),
         "predicted_excessive_loss": NUM(row["diagnostics"]["predicted_excessive_loss"]),
@@ -366,12 +491,17 @@ def test_every_group_table_cell_is_the_json_value_formatted(report, dom):
     (table,) = dom.find_all("table", data_testid="group-table")
     assert table.attrs["data-attribute"] == "sex"
     blocks = {body.attrs["data-run"]: body for body in table.find_all("tbody")}
-    assert list(blocks) == [run["id"] for method in ("magnitude-global", "channel-layerwise-l1")
-                            for run in report["runs"] if run["label"] == method]
+    assert list(blocks) == [
+        run["id"]
+        for method in ("magnitude-global", "channel-layerwise-l1")
+        for run in report["runs"]
+        if run["label"] == method
+    ]
     checked = 0
     for run in report["runs"]:
-        rows = {tr.attrs["data-group"]: cells(tr) for tr in blocks[run["id"]].find_all("tr")
-                if "data-group" in tr.attrs}
+        rows = {
+            tr.attrs["data-group"]: cells(tr) for tr in blocks[run["id"]].find_all("tr") if "data-group" in tr.attrs
+        }
         (attribute,) = run["attributes"]
         assert list(rows) == [g["group"] for g in attribute["groups"]]
         for group in attribute["groups"]:
@@ -390,7 +520,9 @@ def test_diagnostics_aggregates_checks_and_compression_equal_the_json(report, do
             continue
         g = dense_rows[tr.attrs["data-group"]]
         assert cells(tr) == {
-            "n": COUNT(g["n"]), "share": PCT(g["share"]), "dense_accuracy": PCT(g["dense_accuracy"]),
+            "n": COUNT(g["n"]),
+            "share": PCT(g["share"]),
+            "dense_accuracy": PCT(g["dense_accuracy"]),
             "dense_gradient_norm": NUM(g["diagnostics"]["dense_gradient_norm"]),
             "dense_hessian_trace": NUM(g["diagnostics"]["dense_hessian_trace"]),
             "dense_hessian_top_eigenvalue": NUM(g["diagnostics"]["dense_hessian_top_eigenvalue"]),
@@ -408,14 +540,17 @@ def test_diagnostics_aggregates_checks_and_compression_equal_the_json(report, do
         a = run["attributes"][0]["aggregates"]
         seen.add(run["id"])
         assert cells(tr) == {
-            "ratio": RATIO(run["ratio"]), "achieved_sparsity": PCT(run["achieved_sparsity"]),
+            "ratio": RATIO(run["ratio"]),
+            "achieved_sparsity": PCT(run["achieved_sparsity"]),
             "overall_accuracy": PCT(run["overall"]["accuracy"]),
             "overall_accuracy_drop": PTS(run["overall"]["accuracy_drop"]),
             "max_excess_accuracy_gap": PTS(a["max_excess_accuracy_gap"]),
-            "pairwise_disparity": PTS(a["pairwise_disparity"]), "max_accuracy_drop": PTS(a["max_accuracy_drop"]),
+            "pairwise_disparity": PTS(a["pairwise_disparity"]),
+            "max_accuracy_drop": PTS(a["max_accuracy_drop"]),
             "accuracy_fairness_violation": PTS(a["accuracy_fairness_violation"]),
             "loss_fairness_violation": NUM(a["loss_fairness_violation"]),
-            "worst_group": a["worst_group"], "worst_group_accuracy": PCT(a["worst_group_accuracy"]),
+            "worst_group": a["worst_group"],
+            "worst_group_accuracy": PCT(a["worst_group_accuracy"]),
         }
     assert seen == set(runs)
 
@@ -433,8 +568,14 @@ def test_diagnostics_aggregates_checks_and_compression_equal_the_json(report, do
         got = cells(tr)
         side = "dense" if run["method"] == "dense" else "pruned"
         cost, ratios = run["compression"][side], run["compression"].get("ratios", {})
-        for key, fmt in (("parameters", COUNT), ("nonzero_parameters", COUNT), ("macs", COUNT),
-                         ("file_bytes", COUNT), ("latency_s_batch_1", MS), ("latency_s_batch_64", MS)):
+        for key, fmt in (
+            ("parameters", COUNT),
+            ("nonzero_parameters", COUNT),
+            ("macs", COUNT),
+            ("file_bytes", COUNT),
+            ("latency_s_batch_1", MS),
+            ("latency_s_batch_64", MS),
+        ):
             expected = fmt(cost.get(key))
             if side == "pruned" and ratios.get(key) is not None:
                 expected += f" ({TIMES(ratios[key])})"
@@ -444,8 +585,15 @@ def test_diagnostics_aggregates_checks_and_compression_equal_the_json(report, do
 def test_plots_are_inline_svg_with_drawn_paths(dom):
     figures = [n for n in dom.find_all("figure") if n.attrs.get("data-testid", "").startswith("plot-")]
     kinds = {f.attrs["data-testid"] for f in figures}
-    assert kinds == {"plot-accuracy", "plot-excess-gap", "plot-excessive-loss", "plot-gradient-vs-size",
-                     "plot-curvature-vs-boundary", "plot-flips", "plot-group-sizes"}
+    assert kinds == {
+        "plot-accuracy",
+        "plot-excess-gap",
+        "plot-excessive-loss",
+        "plot-gradient-vs-size",
+        "plot-curvature-vs-boundary",
+        "plot-flips",
+        "plot-group-sizes",
+    }
     for figure in figures:
         (svg,) = figure.find_all("svg")
         assert float(re.match(r"[\d.]+", svg.attrs["width"]).group()) > 100
@@ -481,9 +629,11 @@ def test_the_paragraph_explains_the_failing_run_with_its_numbers(report, dom):
     groups = {g["group"]: g for g in run["attributes"][0]["groups"]}
     worst = max(groups.values(), key=lambda g: g["excess_accuracy_gap"])
     assert worst["group"] == "nonbinary"
-    assert (f"At {RATIO(0.9)} sparsity (magnitude-global) the sex group 'nonbinary' loses "
-            f"{PTS(worst['accuracy_drop'])} points of accuracy ({PCT(worst['dense_accuracy'])} → "
-            f"{PCT(worst['accuracy'])}) against {PTS(run['overall']['accuracy_drop'])} overall") in text
+    assert (
+        f"At {RATIO(0.9)} sparsity (magnitude-global) the sex group 'nonbinary' loses "
+        f"{PTS(worst['accuracy_drop'])} points of accuracy ({PCT(worst['dense_accuracy'])} → "
+        f"{PCT(worst['accuracy'])}) against {PTS(run['overall']['accuracy_drop'])} overall"
+    ) in text
     assert f"ψ = {PTS(worst['excess_accuracy_gap'])} points is the largest of the 3 groups" in text
     assert f"only {COUNT(worst['n'])} examples" in text
     dense_norm = report["dense"]["attributes"][0]["groups"][2]["diagnostics"]["dense_gradient_norm"]
@@ -582,8 +732,9 @@ def test_the_templates_ship_in_the_package():
 
     root = Path(__file__).resolve().parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["worker"]
-    templates = [p.relative_to(root / "worker").as_posix() for p in (root / "worker" / "templates").rglob("*")
-                 if p.is_file()]
+    templates = [
+        p.relative_to(root / "worker").as_posix() for p in (root / "worker" / "templates").rglob("*") if p.is_file()
+    ]
     assert templates
     for template in templates:
         assert any(fnmatch.fnmatch(template, pattern) for pattern in patterns), template

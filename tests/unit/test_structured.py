@@ -95,10 +95,14 @@ def _zero_outgoing(dense: nn.Module, removed: dict[str, list[int]], consumers: d
     return masked
 
 
-@pytest.mark.parametrize(("spec", "consumers"), [
-    (MLP_SPEC, {"layers.0": "layers.2", "layers.2": "layers.4"}),
-    (CNN_SPEC, {"features.0": "features.4", "features.4": "classifier"}),
-], ids=["mlp-hidden-units", "cnn-conv-channels"])
+@pytest.mark.parametrize(
+    ("spec", "consumers"),
+    [
+        (MLP_SPEC, {"layers.0": "layers.2", "layers.2": "layers.4"}),
+        (CNN_SPEC, {"features.0": "features.4", "features.4": "classifier"}),
+    ],
+    ids=["mlp-hidden-units", "cnn-conv-channels"],
+)
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_removing_channels_equals_zeroing_their_outgoing_weights(spec: dict, consumers: dict, norm: str) -> None:
     dense = _model(spec)
@@ -226,5 +230,8 @@ def test_pruning_a_pruned_model_again_describes_it_over_the_registry_base(pruned
     rebuilt.load_state_dict(result.model.state_dict(), strict=True)
     again = ChannelPruner().prune(rebuilt, 0.5)
     assert again.architecture["base"] == result.architecture["base"]  # never a nested "pruned" base
-    assert parameter_count(architecture_adapter.validate_python({"name": "pruned", **again.architecture})) \
-        == sum(p.numel() for p in again.model.parameters()) < sum(p.numel() for p in result.model.parameters())
+    assert (
+        parameter_count(architecture_adapter.validate_python({"name": "pruned", **again.architecture}))
+        == sum(p.numel() for p in again.model.parameters())
+        < sum(p.numel() for p in result.model.parameters())
+    )

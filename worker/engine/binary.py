@@ -44,7 +44,10 @@ def binary_rates(confusion: np.ndarray) -> GroupRateArrays:
 
 
 def add_binary_rates(
-    table: GroupTable, attribute: str, num_classes: int | None, confusions: dict[str, np.ndarray],
+    table: GroupTable,
+    attribute: str,
+    num_classes: int | None,
+    confusions: dict[str, np.ndarray],
     label_reason: str | None,
 ) -> tuple[dict[str, float | None], dict[str, str], dict[str, str]]:
     """Per-group selection rate, TPR and FPR of each model, and the attribute's binary aggregates:
@@ -105,8 +108,10 @@ def _binary_aggregates(
     spreads: dict[str, float] = {}
     problems: list[str] = []
     notes: list[str] = []
-    for short, rate, what in (("TPR", rates.true_positive_rate, "positive"),
-                              ("FPR", rates.false_positive_rate, "negative")):
+    for short, rate, what in (
+        ("TPR", rates.true_positive_rate, "positive"),
+        ("FPR", rates.false_positive_rate, "negative"),
+    ):
         defined = ~np.isnan(rate)
         left_out = ", ".join(group_names[i] for i in np.flatnonzero(~defined))
         if defined.sum() < 2:
@@ -114,8 +119,10 @@ def _binary_aggregates(
         else:
             spreads[short] = spread(rate[defined])
             if left_out:
-                notes.append(f"{short} spread over {int(defined.sum())} of {len(group_names)} groups; left out "
-                             f"(no {what} examples; Fairlearn would count their {short} as 0): {left_out}")
+                notes.append(
+                    f"{short} spread over {int(defined.sum())} of {len(group_names)} groups; left out "
+                    f"(no {what} examples; Fairlearn would count their {short} as 0): {left_out}"
+                )
     if notes:
         caveats["equalized_odds_difference"] = "; ".join(notes)
     if problems:

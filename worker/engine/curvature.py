@@ -147,8 +147,14 @@ def group_curvature(
             top[group], converged[group] = _top_eigenvalue(operator, power_iterations, tolerance, power_rng)
             used[group] = len(rows)
             del operator  # frees the retained graph before the next group builds its own
-    return GroupCurvature(trace=trace, trace_se=trace_se, top_eigenvalue=top, eigenvalue_converged=converged,
-                          examples_used=used, counts=counts)
+    return GroupCurvature(
+        trace=trace,
+        trace_se=trace_se,
+        top_eigenvalue=top,
+        eigenvalue_converged=converged,
+        examples_used=used,
+        counts=counts,
+    )
 
 
 class _HessianOperator:
@@ -164,8 +170,10 @@ class _HessianOperator:
             raise EngineError("cannot estimate the curvature of a group with no examples")
         self.state, self.n = state, len(rows)
         self.leaves = list(state.leaves.values())
-        self.batches = [load_batch(x, y, rows[start:start + batch_size], state.dtype, device)
-                        for start in range(0, len(rows), batch_size)]
+        self.batches = [
+            load_batch(x, y, rows[start : start + batch_size], state.dtype, device)
+            for start in range(0, len(rows), batch_size)
+        ]
         self.retained = self._gradient(*self.batches[0]) if len(self.batches) == 1 else None
 
     def _gradient(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -177,8 +185,9 @@ class _HessianOperator:
         if self.retained is not None:
             products = [torch.autograd.grad(self.retained, self.leaves, grad_outputs=pieces, retain_graph=True)]
         else:
-            products = [torch.autograd.grad(self._gradient(*batch), self.leaves, grad_outputs=pieces)
-                        for batch in self.batches]
+            products = [
+                torch.autograd.grad(self._gradient(*batch), self.leaves, grad_outputs=pieces) for batch in self.batches
+            ]
         hv = torch.cat([sum(parts).flatten() for parts in zip(*products, strict=True)]) / self.n
         return hv * mask if mask is not None else hv
 
@@ -210,8 +219,9 @@ def _top_eigenvalue(
     if rho == 0.0 or (r >= 0 and r >= (1 - 10 * tolerance) * rho):
         return r, converged
     shift = rho
-    shifted, _, converged = _power_iteration(lambda v: operator(v) + shift * v, _start_vector(state, rng),
-                                             iterations, tolerance)
+    shifted, _, converged = _power_iteration(
+        lambda v: operator(v) + shift * v, _start_vector(state, rng), iterations, tolerance
+    )
     return shifted - shift, converged
 
 

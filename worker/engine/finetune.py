@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from worker.engine.errors import EngineError
-from worker.engine.pruning import Masks, MagnitudePruner, MaskKeeper, Scope
+from worker.engine.pruning import MagnitudePruner, MaskKeeper, Masks, Scope
 
 OptimizerName = Literal["sgd", "adam"]
 # Called after each epoch with (epochs done so far, counted from 1; that epoch's mean training loss).
@@ -69,8 +69,16 @@ def finetune(
     device = torch.device(device)
     model.to(device)
     keeper = mask_keeper(model, masks)
-    trainer = Trainer(model, x, y, batch_size=batch_size, optimizer=make_optimizer(model, optimizer, lr, momentum,
-                       weight_decay), seed=seed, device=device, keeper=keeper)
+    trainer = Trainer(
+        model,
+        x,
+        y,
+        batch_size=batch_size,
+        optimizer=make_optimizer(model, optimizer, lr, momentum, weight_decay),
+        seed=seed,
+        device=device,
+        keeper=keeper,
+    )
     with trainer.attached(), forked_rng(device, seed):
         losses = [trainer.epoch(epoch, on_epoch) for epoch in range(1, epochs + 1)]
     model.eval()
@@ -108,8 +116,9 @@ def gradual_magnitude_prune(
     epoch counted over the whole run."""
     schedule = cubic_sparsity_schedule(initial_ratio, final_ratio, pruning_steps)
     if initial_ratio > final_ratio:
-        raise EngineError(f"gradual pruning goes up: the initial sparsity {initial_ratio} is above the final "
-                          f"{final_ratio}")
+        raise EngineError(
+            f"gradual pruning goes up: the initial sparsity {initial_ratio} is above the final {final_ratio}"
+        )
     layer_ratios = dict(layer_ratios or {})
     low = sorted(name for name, ratio in layer_ratios.items() if ratio < initial_ratio)
     if low:
@@ -118,15 +127,25 @@ def gradual_magnitude_prune(
     device = torch.device(device)
     model.to(device)
     keeper = MaskKeeper(model, {})
-    trainer = Trainer(model, x, y, batch_size=batch_size, optimizer=make_optimizer(model, optimizer, lr, momentum,
-                       weight_decay), seed=seed, device=device, keeper=keeper)
+    trainer = Trainer(
+        model,
+        x,
+        y,
+        batch_size=batch_size,
+        optimizer=make_optimizer(model, optimizer, lr, momentum, weight_decay),
+        seed=seed,
+        device=device,
+        keeper=keeper,
+    )
     masks: Masks | None = None
     epoch = 0
     with trainer.attached(), forked_rng(device, seed):
         for step, ratio in enumerate(schedule):
             progress = _schedule_progress(pruning_steps, step)
-            step_layer_ratios = {name: r if progress == 1 else initial_ratio + (r - initial_ratio) * progress
-                                 for name, r in layer_ratios.items()}
+            step_layer_ratios = {
+                name: r if progress == 1 else initial_ratio + (r - initial_ratio) * progress
+                for name, r in layer_ratios.items()
+            }
             pruner = MagnitudePruner(scope=scope, ignored_layers=ignored_layers, layer_ratios=step_layer_ratios)
             masks = pruner.compute_masks(model, ratio, previous=masks)
             keeper.update(masks)
@@ -167,8 +186,9 @@ def mask_keeper(model: nn.Module, masks: Mapping[str, torch.Tensor] | MaskKeeper
     return MaskKeeper(model, masks)
 
 
-def make_optimizer(model: nn.Module, name: OptimizerName, lr: float, momentum: float,
-               weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, name: OptimizerName, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -194,9 +214,19 @@ class Trainer:
     """One optimizer and one shuffling stream over (x, y): `epoch()` is one seeded pass. The objective is
     cross-entropy unless given (the mitigations add their constraint terms to it)."""
 
-    def __init__(self, model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int,
-                 optimizer: torch.optim.Optimizer, seed: int, device: torch.device,
-                 keeper: MaskKeeper | None, objective: Objective | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        batch_size: int,
+        optimizer: torch.optim.Optimizer,
+        seed: int,
+        device: torch.device,
+        keeper: MaskKeeper | None,
+        objective: Objective | None = None,
+    ) -> None:
         self.model, self.x, self.device, self.optimizer, self.keeper = model, x, device, optimizer, keeper
         self.y = np.asarray(y).astype(np.int64, copy=False)
         self.batch_size = batch_size
@@ -227,8 +257,9 @@ class Trainer:
             self.optimizer.step()  # the MaskKeeper hook re-zeroes removed weights here
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise EngineError(f"fine-tuning diverged: the training loss is {value} in epoch {epoch}; "
-                                  "lower the learning rate")
+                raise EngineError(
+                    f"fine-tuning diverged: the training loss is {value} in epoch {epoch}; lower the learning rate"
+                )
             total += value * len(index)
             seen += len(index)
         mean_loss = total / seen
@@ -238,7 +269,7 @@ class Trainer:
 
     def _batches(self) -> list[np.ndarray]:
         order = self.rng.permutation(len(self.y))
-        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         if len(batches) > 1 and len(batches[-1]) == 1:
             # BatchNorm cannot train on a single example: fold a lone last example into the batch before.
             batches[-2:] = [np.concatenate(batches[-2:])]

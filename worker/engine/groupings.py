@@ -17,9 +17,7 @@ def checked_codes(attribute: str, codes: np.ndarray, n: int, n_names: int) -> np
     if codes.shape != (n,) or not np.issubdtype(codes.dtype, np.integer):
         raise EngineError(f"group codes for {attribute} must be {n} integers, got shape {codes.shape} of {codes.dtype}")
     if n and (codes.min() < -1 or codes.max() >= n_names):
-        raise EngineError(
-            f"group codes for {attribute} must be in [-1, {n_names}), got {codes.min()} to {codes.max()}"
-        )
+        raise EngineError(f"group codes for {attribute} must be in [-1, {n_names}), got {codes.min()} to {codes.max()}")
     return codes.astype(np.int64, copy=False)
 
 

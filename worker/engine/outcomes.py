@@ -54,8 +54,15 @@ class Outcomes:
             raise EngineError("outcomes disagree with themselves: `correct` is not `pred == label`")
 
     def _arrays(self) -> dict[str, np.ndarray | None]:
-        return {"pred": self.pred, "correct": self.correct, "loss": self.loss, "label": self.label,
-                "p_true": self.p_true, "gini": self.gini, "margin": self.margin}
+        return {
+            "pred": self.pred,
+            "correct": self.correct,
+            "loss": self.loss,
+            "label": self.label,
+            "p_true": self.p_true,
+            "gini": self.gini,
+            "margin": self.margin,
+        }
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -86,8 +93,15 @@ def evaluate(
     labels = np.array(y, dtype=np.int64)
     if len(labels) == 0:
         empty_f, empty_i = np.empty(0, np.float64), np.empty(0, np.int64)
-        return Outcomes(pred=empty_i, correct=np.empty(0, bool), loss=empty_f, label=empty_i,
-                        p_true=empty_f, gini=empty_f, margin=empty_f)
+        return Outcomes(
+            pred=empty_i,
+            correct=np.empty(0, bool),
+            loss=empty_f,
+            label=empty_i,
+            p_true=empty_f,
+            gini=empty_f,
+            margin=empty_f,
+        )
     input_dtype = _input_dtype(model)
     blocks, pending, pending_start = [], [], 0
     was_training = model.training
@@ -96,21 +110,30 @@ def evaluate(
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
                 # np.array copies the slice: a writable float32 batch even when x is a read-only memmap.
-                batch = torch.from_numpy(np.array(x[start:start + batch_size], dtype=np.float32))
+                batch = torch.from_numpy(np.array(x[start : start + batch_size], dtype=np.float32))
                 # Kept as a float64 copy: holding the model's own output buffers across batches slowed the
                 # forward pass by ~4% here (measured), and float64 is what the losses need anyway.
                 pending.append(model(batch.to(device=device, dtype=input_dtype)).double())
                 num_classes = int(pending[-1].shape[1])
                 rows = start + len(batch) - pending_start
                 if rows >= POSTPROCESS_ROWS or start + batch_size >= len(x):
-                    blocks.append(_per_example(torch.cat(pending), labels[pending_start:pending_start + rows],
-                                               pending_start))
+                    blocks.append(
+                        _per_example(torch.cat(pending), labels[pending_start : pending_start + rows], pending_start)
+                    )
                     pending, pending_start = [], pending_start + rows
     finally:
         model.train(was_training)
     pred, correct, loss, p_true, gini, margin = (np.concatenate(parts) for parts in zip(*blocks, strict=True))
-    return Outcomes(pred=pred, correct=correct, loss=loss, label=labels, p_true=p_true, gini=gini, margin=margin,
-                    num_classes=num_classes)
+    return Outcomes(
+        pred=pred,
+        correct=correct,
+        loss=loss,
+        label=labels,
+        p_true=p_true,
+        gini=gini,
+        margin=margin,
+        num_classes=num_classes,
+    )
 
 
 def _per_example(logits: torch.Tensor, labels_np: np.ndarray, offset: int) -> tuple:

@@ -114,8 +114,13 @@ def bootstrap_group_intervals(
 
 
 def _checked_inputs(
-    dense_correct: np.ndarray, pruned_correct: np.ndarray, dense_loss: np.ndarray, pruned_loss: np.ndarray,
-    codes: np.ndarray, resamples: int, confidence: float,
+    dense_correct: np.ndarray,
+    pruned_correct: np.ndarray,
+    dense_loss: np.ndarray,
+    pruned_loss: np.ndarray,
+    codes: np.ndarray,
+    resamples: int,
+    confidence: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(dense_correct, pruned_correct, pruned − dense loss, codes) as bool, bool, float64, int64, checked."""
     dense_correct = np.asarray(dense_correct, dtype=bool)
@@ -161,7 +166,7 @@ def _excessive_loss_draws(
     starts = np.concatenate(([0], np.cumsum(group_sizes)))
     for g in range(n_groups):  # loop over groups only; each group's draws are blocked
         size = int(group_sizes[g])
-        values = d[order[starts[g]:starts[g + 1]]]
+        values = d[order[starts[g] : starts[g + 1]]]
         center = float(values.mean())
         # Centred float32 copy: half the memory traffic of the random gather, and the rounding error sits
         # on deviations from the mean (a constant group resamples to exactly its mean).
@@ -171,7 +176,7 @@ def _excessive_loss_draws(
         for first in range(0, resamples, per_block):
             block = min(per_block, resamples - first)
             index = rng.integers(0, size, size=(block, size), dtype=index_dtype)
-            excessive_loss[first:first + block, g] = center + centred.take(index).sum(axis=1, dtype=np.float64) / size
+            excessive_loss[first : first + block, g] = center + centred.take(index).sum(axis=1, dtype=np.float64) / size
     return excessive_loss
 
 

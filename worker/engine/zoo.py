@@ -87,8 +87,14 @@ class ResNet(nn.Module):
     def __init__(self, table: ResNetTable, num_classes: int, *, in_channels: int = 3) -> None:
         super().__init__()
         stem = table.stem
-        self.conv1 = nn.Conv2d(in_channels, table.widths[0], kernel_size=stem.kernel, stride=stem.stride,
-                               padding=stem.kernel // 2, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels,
+            table.widths[0],
+            kernel_size=stem.kernel,
+            stride=stem.stride,
+            padding=stem.kernel // 2,
+            bias=False,
+        )
         self.bn1 = nn.BatchNorm2d(table.widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem.maxpool else nn.Identity()
@@ -191,8 +197,9 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """torchvision.models.MobileNetV2 at width multiplier 1.0, its blocks as `table` gives them."""
 
-    def __init__(self, table: MobileNetV2Table, num_classes: int, *, in_channels: int = 3,
-                 dropout: float = 0.2) -> None:
+    def __init__(
+        self, table: MobileNetV2Table, num_classes: int, *, in_channels: int = 3, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         features: list[nn.Module] = [Conv2dNormActivation(in_channels, table.stem, stride=2)]
         features += [InvertedResidual(plan) for plan in table.blocks()]

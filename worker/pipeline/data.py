@@ -65,8 +65,10 @@ def load_train(inputs: AuditInputs, evaluation: Split) -> Split | None:
         return Split(files.x, files.y, [])
     x, y, own = _groupings(inputs.train, inputs.spec.group_by)
     check_fits(inputs.architecture, x, y)
-    groupings = [Grouping(target.attribute, aligned_codes(grouping.codes, grouping.names, target.names), target.names)
-                 for grouping, target in zip(own, evaluation.groupings, strict=True)]
+    groupings = [
+        Grouping(target.attribute, aligned_codes(grouping.codes, grouping.names, target.names), target.names)
+        for grouping, target in zip(own, evaluation.groupings, strict=True)
+    ]
     return Split(x, y, groupings)
 
 

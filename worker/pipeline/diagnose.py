@@ -57,22 +57,45 @@ def curvature_decision(options: DiagnosticsSpec, parameter_count: int) -> tuple[
     return True, None
 
 
-def diagnose_model(model: torch.nn.Module, split: Split, options: DiagnosticsSpec, *, seed: int,
-                   device: torch.device, with_curvature: bool, masks: Masks | None = None) -> ModelDiagnostics:
+def diagnose_model(
+    model: torch.nn.Module,
+    split: Split,
+    options: DiagnosticsSpec,
+    *,
+    seed: int,
+    device: torch.device,
+    with_curvature: bool,
+    masks: Masks | None = None,
+) -> ModelDiagnostics:
     groupings = split.groupings
     norms = None
     if options.gradient_norms:
         gradients = group_gradients(
-            model, None, split.x, split.y, [g.codes for g in groupings], n_groups=[len(g.names) for g in groupings],
-            masks=masks, device=device,
+            model,
+            None,
+            split.x,
+            split.y,
+            [g.codes for g in groupings],
+            n_groups=[len(g.names) for g in groupings],
+            masks=masks,
+            device=device,
         )
         norms = [g.norms for g in gradients]
     curvature = None
     if with_curvature:
         curvature = [
             group_curvature(
-                model, None, split.x, split.y, g.codes, len(g.names), masks=masks, probes=options.hutchinson_probes,
-                power_iterations=options.power_iterations, max_examples=options.max_examples_per_group, seed=seed,
+                model,
+                None,
+                split.x,
+                split.y,
+                g.codes,
+                len(g.names),
+                masks=masks,
+                probes=options.hutchinson_probes,
+                power_iterations=options.power_iterations,
+                max_examples=options.max_examples_per_group,
+                seed=seed,
                 device=device,
             )
             for g in groupings
@@ -84,8 +107,14 @@ def direction(dense_model: torch.nn.Module, model: torch.nn.Module, split: Split
     """R̂(a) = g_a·δ + ½ δᵀH_aδ needs both terms at the dense parameters (Tran Eq. 4): one pass for all groups."""
     delta = parameter_delta(dict(dense_model.named_parameters()), dict(model.named_parameters()))
     terms = group_directional(
-        dense_model, None, split.x, split.y, [g.codes for g in split.groupings], delta,
-        n_groups=[len(g.names) for g in split.groupings], device=device,
+        dense_model,
+        None,
+        split.x,
+        split.y,
+        [g.codes for g in split.groupings],
+        delta,
+        n_groups=[len(g.names) for g in split.groupings],
+        device=device,
     )
     return Direction(terms, delta_norm(delta))
 
@@ -101,8 +130,9 @@ def _model_figures(prefix: str, model: ModelDiagnostics, k: int, code: int) -> d
     }
 
 
-def grouping_diagnostics(k: int, n_groups: int, dense: ModelDiagnostics, pruned: ModelDiagnostics,
-                         along: Direction | None) -> list[GroupDiagnostics]:
+def grouping_diagnostics(
+    k: int, n_groups: int, dense: ModelDiagnostics, pruned: ModelDiagnostics, along: Direction | None
+) -> list[GroupDiagnostics]:
     """The diagnostics of every group code of grouping `k`."""
     predicted = bound_gradient = bound_curvature = None
     if along is not None:
@@ -112,26 +142,28 @@ def grouping_diagnostics(k: int, n_groups: int, dense: ModelDiagnostics, pruned:
         tops = dense.curvature[k].top_eigenvalue if dense.curvature else None
         absent = np.zeros(n_groups)
         gradient_term, curvature_term = bound_terms(
-            norms if norms is not None else absent, tops if tops is not None else absent, along.norm)
+            norms if norms is not None else absent, tops if tops is not None else absent, along.norm
+        )
         bound_gradient = gradient_term if norms is not None else None
         bound_curvature = curvature_term if tops is not None else None
     figures = []
     for code in range(n_groups):
-        figures.append(GroupDiagnostics(
-            **_model_figures("dense_", dense, k, code),
-            **_model_figures("", pruned, k, code),
-            curvature_examples=int(dense.curvature[k].examples_used[code]) if dense.curvature else None,
-            gradient_dot_delta=float(along.terms[k].dot[code]) if along else None,
-            delta_hessian_delta=float(along.terms[k].quadratic[code]) if along else None,
-            predicted_excessive_loss=float(predicted[code]) if predicted is not None else None,
-            bound_gradient_term=float(bound_gradient[code]) if bound_gradient is not None else None,
-            bound_curvature_term=float(bound_curvature[code]) if bound_curvature is not None else None,
-        ))
+        figures.append(
+            GroupDiagnostics(
+                **_model_figures("dense_", dense, k, code),
+                **_model_figures("", pruned, k, code),
+                curvature_examples=int(dense.curvature[k].examples_used[code]) if dense.curvature else None,
+                gradient_dot_delta=float(along.terms[k].dot[code]) if along else None,
+                delta_hessian_delta=float(along.terms[k].quadratic[code]) if along else None,
+                predicted_excessive_loss=float(predicted[code]) if predicted is not None else None,
+                bound_gradient_term=float(bound_gradient[code]) if bound_gradient is not None else None,
+                bound_curvature_term=float(bound_curvature[code]) if bound_curvature is not None else None,
+            )
+        )
     return figures
 
 
-def with_diagnostics(groups: list[GroupResult], names: list[str],
-                     figures: list[GroupDiagnostics]) -> list[GroupResult]:
+def with_diagnostics(groups: list[GroupResult], names: list[str], figures: list[GroupDiagnostics]) -> list[GroupResult]:
     """The groups (those with examples, in the attribute's order) with their diagnostics filled in."""
     by_name = dict(zip(names, figures, strict=True))
     return [group.model_copy(update={"diagnostics": by_name[group.group]}) for group in groups]

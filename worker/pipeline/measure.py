@@ -75,19 +75,28 @@ class Candidate:
 def split_attributes(baseline: Baseline, split: Split, outcomes: Outcomes) -> list[AttributeMetrics]:
     statistics, seed = baseline.inputs.spec.statistics, baseline.inputs.spec.seed
     return [
-        attribute_metrics(g.attribute, split.dense, outcomes, g.codes, g.names, num_classes=baseline.num_classes,
-                          min_group_size=statistics.min_group_size,
-                          bootstrap_resamples=statistics.bootstrap_resamples, seed=seed)
+        attribute_metrics(
+            g.attribute,
+            split.dense,
+            outcomes,
+            g.codes,
+            g.names,
+            num_classes=baseline.num_classes,
+            min_group_size=statistics.min_group_size,
+            bootstrap_resamples=statistics.bootstrap_resamples,
+            seed=seed,
+        )
         for g in split.groupings
     ]
 
 
-def evaluation_attributes(baseline: Baseline, outcomes: Outcomes, pruned: ModelDiagnostics,
-                          along: Direction | None) -> list[AttributeResult]:
+def evaluation_attributes(
+    baseline: Baseline, outcomes: Outcomes, pruned: ModelDiagnostics, along: Direction | None
+) -> list[AttributeResult]:
     attributes = []
-    for k, (grouping, metrics) in enumerate(zip(baseline.evaluation.groupings,
-                                                split_attributes(baseline, baseline.evaluation, outcomes),
-                                                strict=True)):
+    for k, (grouping, metrics) in enumerate(
+        zip(baseline.evaluation.groupings, split_attributes(baseline, baseline.evaluation, outcomes), strict=True)
+    ):
         figures = grouping_diagnostics(k, len(grouping.names), baseline.diagnostics, pruned, along)
         metrics = metrics.model_copy(update={"groups": with_diagnostics(metrics.groups, grouping.names, figures)})
         attributes.append(AttributeResult(**dict(metrics), diagnostics=mechanism(metrics)))
@@ -100,8 +109,11 @@ def compression_report(baseline: Baseline, model: torch.nn.Module, physically_pr
     if physically_pruned:
         return compare_models(baseline.model, model, baseline.input_shape, batch_sizes=(1, 64), repeats=5)
     pruned_cost = model_cost(model, baseline.input_shape)
-    ratios = {key: baseline.cost[key] / pruned_cost[key]
-              for key in ("parameters", "nonzero_parameters", "macs", "file_bytes") if pruned_cost[key]}
+    ratios = {
+        key: baseline.cost[key] / pruned_cost[key]
+        for key in ("parameters", "nonzero_parameters", "macs", "file_bytes")
+        if pruned_cost[key]
+    }
     return {"dense": baseline.cost, "pruned": pruned_cost, "ratios": ratios}
 
 
@@ -113,34 +125,61 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
     if is_dense:
         outcomes, pruned, along = baseline.evaluation.dense, baseline.diagnostics, None
     else:
-        outcomes = evaluate(model, baseline.evaluation.x, baseline.evaluation.y, batch_size=inputs.spec.batch_size,
-                            device=baseline.device)
-        pruned = diagnose_model(model, baseline.evaluation, inputs.spec.diagnostics, seed=inputs.spec.seed,
-                                device=baseline.device, with_curvature=baseline.with_curvature,
-                                masks=candidate.masks)
-        along = direction(baseline.model, model, baseline.evaluation, baseline.device) \
-            if candidate.masks is not None else None
+        outcomes = evaluate(
+            model,
+            baseline.evaluation.x,
+            baseline.evaluation.y,
+            batch_size=inputs.spec.batch_size,
+            device=baseline.device,
+        )
+        pruned = diagnose_model(
+            model,
+            baseline.evaluation,
+            inputs.spec.diagnostics,
+            seed=inputs.spec.seed,
+            device=baseline.device,
+            with_curvature=baseline.with_curvature,
+            masks=candidate.masks,
+        )
+        along = (
+            direction(baseline.model, model, baseline.evaluation, baseline.device)
+            if candidate.masks is not None
+            else None
+        )
         if candidate.masks is None:
             notes["predicted_excessive_loss"] = CHANNEL_NOTE
     attributes = evaluation_attributes(baseline, outcomes, pruned, along)
     if weights_path is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
     train = train_figures(baseline, model) if inputs.spec.mitigations else None
-    compression = {"dense": baseline.cost} if is_dense else compression_report(baseline, model,
-                                                                               candidate.masks is None)
+    compression = {"dense": baseline.cost} if is_dense else compression_report(baseline, model, candidate.masks is None)
     return RunResult(
-        label=candidate.label, method=candidate.method, scope=candidate.scope, ratio=candidate.ratio,
-        achieved_sparsity=candidate.layer_report["overall"], layer_sparsity=candidate.layer_report["per_layer"],
-        seconds=time.perf_counter() - started, delta_norm=along.norm if along is not None else None,
-        compression=compression, recipe=candidate.recipe, notes=notes,
-        overall=overall_metrics(baseline.evaluation.dense, outcomes), attributes=attributes,
-        mitigation=candidate.mitigation, mitigation_details=candidate.mitigation_details, train=train,
+        label=candidate.label,
+        method=candidate.method,
+        scope=candidate.scope,
+        ratio=candidate.ratio,
+        achieved_sparsity=candidate.layer_report["overall"],
+        layer_sparsity=candidate.layer_report["per_layer"],
+        seconds=time.perf_counter() - started,
+        delta_norm=along.norm if along is not None else None,
+        compression=compression,
+        recipe=candidate.recipe,
+        notes=notes,
+        overall=overall_metrics(baseline.evaluation.dense, outcomes),
+        attributes=attributes,
+        mitigation=candidate.mitigation,
+        mitigation_details=candidate.mitigation_details,
+        train=train,
     )
 
 
 def train_figures(baseline: Baseline, model: torch.nn.Module) -> SplitResult:
     train = baseline.train
-    outcomes = train.dense if model is baseline.model else evaluate(
-        model, train.x, train.y, batch_size=baseline.inputs.spec.batch_size, device=baseline.device)
-    return SplitResult(overall=overall_metrics(train.dense, outcomes),
-                       attributes=split_attributes(baseline, train, outcomes))
+    outcomes = (
+        train.dense
+        if model is baseline.model
+        else evaluate(model, train.x, train.y, batch_size=baseline.inputs.spec.batch_size, device=baseline.device)
+    )
+    return SplitResult(
+        overall=overall_metrics(train.dense, outcomes), attributes=split_attributes(baseline, train, outcomes)
+    )

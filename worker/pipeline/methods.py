@@ -12,7 +12,7 @@ import torch
 
 from service.schemas.audits import FineTuningSpec, MethodSpec
 from worker.engine.finetune import finetune, gradual_magnitude_prune
-from worker.engine.pruning import Masks, MagnitudePruner, RandomPruner, apply_masks, default_dense_layers, sparsity
+from worker.engine.pruning import MagnitudePruner, Masks, RandomPruner, apply_masks, default_dense_layers, sparsity
 from worker.engine.structured import ChannelPruner
 from worker.pipeline.data import Split
 
@@ -45,8 +45,13 @@ def _training(fine_tuning: FineTuningSpec) -> dict:
 
 
 def _recipe(method: MethodSpec, ratio: float, ignored: list[str], job: PruningJob) -> dict:
-    return {"method": {**method.model_dump(mode="json"), "label": method.label}, "ratio": ratio,
-            "ignored_layers": ignored, "seed": job.seed, "architecture": job.architecture}
+    return {
+        "method": {**method.model_dump(mode="json"), "label": method.label},
+        "ratio": ratio,
+        "ignored_layers": ignored,
+        "seed": job.seed,
+        "architecture": job.architecture,
+    }
 
 
 def _ignored_layers(method: MethodSpec, model: torch.nn.Module) -> list[str]:
@@ -60,48 +65,82 @@ class UnstructuredMethod:
         self.pruner_class = pruner_class
         self.seeded = seeded
 
-    def prune(self, dense_model: torch.nn.Module, method: MethodSpec, ratio: float, job: PruningJob, *,
-              copy_model: bool) -> PrunedModel:
+    def prune(
+        self, dense_model: torch.nn.Module, method: MethodSpec, ratio: float, job: PruningJob, *, copy_model: bool
+    ) -> PrunedModel:
         ignored = _ignored_layers(method, dense_model)
         model = copy.deepcopy(dense_model) if copy_model else dense_model
         fine_tuning = method.fine_tuning
         if method.schedule == "gradual":
             masks = gradual_magnitude_prune(
-                model, job.train.x, job.train.y, final_ratio=ratio, pruning_steps=method.pruning_steps,
-                epochs_per_step=fine_tuning.epochs, scope=method.scope, ignored_layers=ignored,
-                layer_ratios=method.layer_ratios, seed=job.seed, device=job.device, on_epoch=job.on_epoch,
+                model,
+                job.train.x,
+                job.train.y,
+                final_ratio=ratio,
+                pruning_steps=method.pruning_steps,
+                epochs_per_step=fine_tuning.epochs,
+                scope=method.scope,
+                ignored_layers=ignored,
+                layer_ratios=method.layer_ratios,
+                seed=job.seed,
+                device=job.device,
+                on_epoch=job.on_epoch,
                 **_training(fine_tuning),
             )
         else:
             options = {"seed": job.seed} if self.seeded else {}
-            pruner = self.pruner_class(scope=method.scope, ignored_layers=ignored, layer_ratios=method.layer_ratios,
-                                       **options)
+            pruner = self.pruner_class(
+                scope=method.scope, ignored_layers=ignored, layer_ratios=method.layer_ratios, **options
+            )
             masks = pruner.compute_masks(model, ratio)
             apply_masks(model, masks)
             if fine_tuning:
-                finetune(model, job.train.x, job.train.y, epochs=fine_tuning.epochs, seed=job.seed, masks=masks,
-                         device=job.device, on_epoch=job.on_epoch, **_training(fine_tuning))
+                finetune(
+                    model,
+                    job.train.x,
+                    job.train.y,
+                    epochs=fine_tuning.epochs,
+                    seed=job.seed,
+                    masks=masks,
+                    device=job.device,
+                    on_epoch=job.on_epoch,
+                    **_training(fine_tuning),
+                )
         return PrunedModel(model, masks, _recipe(method, ratio, ignored, job), sparsity(model, masks))
 
 
 class ChannelMethod:
     """Filters and hidden units removed by L1/L2 norm (Torch-Pruning): always a new, smaller model."""
 
-    def prune(self, dense_model: torch.nn.Module, method: MethodSpec, ratio: float, job: PruningJob, *,
-              copy_model: bool) -> PrunedModel:
+    def prune(
+        self, dense_model: torch.nn.Module, method: MethodSpec, ratio: float, job: PruningJob, *, copy_model: bool
+    ) -> PrunedModel:
         ignored = _ignored_layers(method, dense_model)
-        pruner = ChannelPruner(norm=method.norm, scope=method.scope, ignored_layers=ignored,
-                               layer_ratios=method.layer_ratios)
+        pruner = ChannelPruner(
+            norm=method.norm, scope=method.scope, ignored_layers=ignored, layer_ratios=method.layer_ratios
+        )
         pruned = pruner.prune(dense_model, ratio)
         recipe = {**_recipe(method, ratio, ignored, job), "architecture": {"name": "pruned", **pruned.architecture}}
         if method.fine_tuning:
-            finetune(pruned.model, job.train.x, job.train.y, epochs=method.fine_tuning.epochs, seed=job.seed,
-                     device=job.device, on_epoch=job.on_epoch, **_training(method.fine_tuning))
+            finetune(
+                pruned.model,
+                job.train.x,
+                job.train.y,
+                epochs=method.fine_tuning.epochs,
+                seed=job.seed,
+                device=job.device,
+                on_epoch=job.on_epoch,
+                **_training(method.fine_tuning),
+            )
         dense_count = sum(p.numel() for p in dense_model.parameters())
         removed = 1 - sum(p.numel() for p in pruned.model.parameters()) / dense_count
-        layer_report = {"overall": removed, "all_parameters": removed,
-                        "per_layer": {name: {"removed_channels": len(indices)}
-                                      for name, indices in pruned.removed_channels.items()}}
+        layer_report = {
+            "overall": removed,
+            "all_parameters": removed,
+            "per_layer": {
+                name: {"removed_channels": len(indices)} for name, indices in pruned.removed_channels.items()
+            },
+        }
         return PrunedModel(pruned.model, None, recipe, layer_report)
 
 
@@ -112,8 +151,9 @@ METHODS: dict[str, UnstructuredMethod | ChannelMethod] = {
 }
 
 
-def prune_model(dense_model: torch.nn.Module, method: MethodSpec, ratio: float, job: PruningJob, *,
-                copy_model: bool = True) -> PrunedModel:
+def prune_model(
+    dense_model: torch.nn.Module, method: MethodSpec, ratio: float, job: PruningJob, *, copy_model: bool = True
+) -> PrunedModel:
     """A pruned copy of `dense_model`; with `copy_model=False` an unstructured method prunes `dense_model`
     itself (channel pruning always builds a new model)."""
     return METHODS[method.method].prune(dense_model, method, ratio, job, copy_model=copy_model)

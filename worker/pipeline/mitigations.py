@@ -25,35 +25,59 @@ def constrained_grouping(baseline: Baseline, mitigation: MitigationSpec) -> Grou
     return next(g for g in groupings if g.attribute == mitigation.attribute)
 
 
-def mitigation_phase(baseline: Baseline, model, masks: Masks | None, mitigation: MitigationSpec, when: str,
-                     on_epoch: EpochCallback) -> MitigationPhase:
+def mitigation_phase(
+    baseline: Baseline, model, masks: Masks | None, mitigation: MitigationSpec, when: str, on_epoch: EpochCallback
+) -> MitigationPhase:
     """Train `model` in place under `mitigation`; what it did, with multipliers named by group."""
     grouping = constrained_grouping(baseline, mitigation)
     n_groups = len(grouping.names)
-    group_baseline = GroupBaseline.from_outcomes(baseline.train.dense, grouping.codes, n_groups) \
-        if mitigation.name == "ceag" else None
+    group_baseline = (
+        GroupBaseline.from_outcomes(baseline.train.dense, grouping.codes, n_groups)
+        if mitigation.name == "ceag"
+        else None
+    )
     result = mitigate(
-        model, baseline.train.x, baseline.train.y, grouping.codes, n_groups, name=mitigation.name,
-        epochs=mitigation.epochs, lr=mitigation.lr, batch_size=mitigation.batch_size, optimizer=mitigation.optimizer,
-        momentum=mitigation.momentum, weight_decay=mitigation.weight_decay, dual_lr=mitigation.step_size,
-        tolerance=mitigation.tolerance, buffer_size=mitigation.buffer_size, baseline=group_baseline, masks=masks,
-        seed=baseline.inputs.spec.seed, device=baseline.device, on_epoch=on_epoch,
+        model,
+        baseline.train.x,
+        baseline.train.y,
+        grouping.codes,
+        n_groups,
+        name=mitigation.name,
+        epochs=mitigation.epochs,
+        lr=mitigation.lr,
+        batch_size=mitigation.batch_size,
+        optimizer=mitigation.optimizer,
+        momentum=mitigation.momentum,
+        weight_decay=mitigation.weight_decay,
+        dual_lr=mitigation.step_size,
+        tolerance=mitigation.tolerance,
+        buffer_size=mitigation.buffer_size,
+        baseline=group_baseline,
+        masks=masks,
+        seed=baseline.inputs.spec.seed,
+        device=baseline.device,
+        on_epoch=on_epoch,
     )
 
     def named(values) -> dict[str, float] | None:
         return None if values is None else dict(zip(grouping.names, map(float, values), strict=True))
 
     return MitigationPhase(
-        when=when, attribute=grouping.attribute, training_losses=result.losses, multipliers=named(result.multipliers),
+        when=when,
+        attribute=grouping.attribute,
+        training_losses=result.losses,
+        multipliers=named(result.multipliers),
         multiplier_history=[named(values) for values in result.multiplier_history],
-        dual_steps=None if result.dual_steps is None else dict(zip(grouping.names, map(int, result.dual_steps),
-                                                                   strict=True)),
+        dual_steps=None
+        if result.dual_steps is None
+        else dict(zip(grouping.names, map(int, result.dual_steps), strict=True)),
         seconds=result.seconds,
     )
 
 
-def mitigated_model(baseline: Baseline, plan: RunPlan, unmitigated: PrunedModel, job: PruningJob
-                    ) -> tuple[PrunedModel, MitigationDetails]:
+def mitigated_model(
+    baseline: Baseline, plan: RunPlan, unmitigated: PrunedModel, job: PruningJob
+) -> tuple[PrunedModel, MitigationDetails]:
     """The pruned model trained under `plan.mitigation`. 'after' starts from the unmitigated run's saved weights
     and masks; 'before' trains a copy of the dense model under the constraints and prunes that; 'both' does
     both."""
@@ -73,12 +97,14 @@ def mitigated_model(baseline: Baseline, plan: RunPlan, unmitigated: PrunedModel,
         phases.append(mitigation_phase(baseline, run.model, run.masks, mitigation, "after", job.on_epoch))
     layer_report = sparsity(run.model, run.masks) if run.masks is not None else run.layer_report
     options = mitigation.model_dump(mode="json")
-    details = MitigationDetails(**{
-        **options,
-        "dual_lr": mitigation.step_size if mitigation.name != "finetune" else None,
-        "attribute": phases[-1].attribute,
-        "multipliers": phases[-1].multipliers,
-        "phases": phases,
-        "seconds": sum(phase.seconds for phase in phases),
-    })
+    details = MitigationDetails(
+        **{
+            **options,
+            "dual_lr": mitigation.step_size if mitigation.name != "finetune" else None,
+            "attribute": phases[-1].attribute,
+            "multipliers": phases[-1].multipliers,
+            "phases": phases,
+            "seconds": sum(phase.seconds for phase in phases),
+        }
+    )
     return PrunedModel(run.model, run.masks, {**run.recipe, "mitigation": options}, layer_report), details

@@ -76,15 +76,25 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
     with_curvature, curvature_note = curvature_decision(spec.diagnostics, parameter_count)
     outcomes = evaluate(model, evaluation.x, evaluation.y, batch_size=spec.batch_size, device=device)
     evaluation = replace(evaluation, dense=outcomes)
-    diagnostics = diagnose_model(model, evaluation, spec.diagnostics, seed=spec.seed, device=device,
-                                 with_curvature=with_curvature)
-    return Baseline(inputs, device, model, evaluation, train, diagnostics,
-                    model_cost(model, list(evaluation.x.shape[1:])), with_curvature,
-                    {"curvature": curvature_note} if curvature_note else {})
+    diagnostics = diagnose_model(
+        model, evaluation, spec.diagnostics, seed=spec.seed, device=device, with_curvature=with_curvature
+    )
+    return Baseline(
+        inputs,
+        device,
+        model,
+        evaluation,
+        train,
+        diagnostics,
+        model_cost(model, list(evaluation.x.shape[1:])),
+        with_curvature,
+        {"curvature": curvature_note} if curvature_note else {},
+    )
 
 
-def run_step(baseline: Baseline, plan: RunPlan, job: PruningJob,
-             unmitigated: PrunedModel | None) -> tuple[RunOutput, PrunedModel]:
+def run_step(
+    baseline: Baseline, plan: RunPlan, job: PruningJob, unmitigated: PrunedModel | None
+) -> tuple[RunOutput, PrunedModel]:
     """One planned run: prune (or, for a mitigated plan, train the unmitigated run's model under the
     mitigation), then measure. Returns what the mitigated runs of the same method and ratio start from."""
     started = time.perf_counter()
@@ -93,9 +103,18 @@ def run_step(baseline: Baseline, plan: RunPlan, job: PruningJob,
         details = None
     else:
         pruned, details = mitigated_model(baseline, plan, unmitigated, job)
-    candidate = Candidate(pruned.model, pruned.masks, plan.label, plan.method.method, plan.method.scope, plan.ratio,
-                          pruned.recipe, pruned.layer_report, plan.mitigation.name if plan.mitigation else "none",
-                          details)
+    candidate = Candidate(
+        pruned.model,
+        pruned.masks,
+        plan.label,
+        plan.method.method,
+        plan.method.scope,
+        plan.ratio,
+        pruned.recipe,
+        pruned.layer_report,
+        plan.mitigation.name if plan.mitigation else "none",
+        details,
+    )
     weights_path = baseline.inputs.weights_of(plan.position)
     output = RunOutput(measure(baseline, candidate, started, weights_path), weights_path)
     # The worker holds the dense model and one working copy at a time; mitigated runs reload the saved weights.
@@ -122,8 +141,9 @@ def audit_runs(inputs: AuditInputs, model: torch.nn.Module, device: torch.device
     on_progress(1 / total, "dense baseline evaluated")
     unmitigated = None
     for plan in plans:
-        message = f"{plan.method.label} at ratio {plan.ratio:g}" + (f", {plan.mitigation.label}"
-                                                                    if plan.mitigation else "")
+        message = f"{plan.method.label} at ratio {plan.ratio:g}" + (
+            f", {plan.mitigation.label}" if plan.mitigation else ""
+        )
 
         def on_epoch(epoch: int, _loss: float, step: int = plan.position, message: str = message) -> None:
             on_progress(step / total, f"{message}: epoch {epoch}")
@@ -138,5 +158,10 @@ def audit_runs(inputs: AuditInputs, model: torch.nn.Module, device: torch.device
 
 
 def environment(device: torch.device) -> dict:
-    return {"pruneaudit": version("pruneaudit"), "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "device": str(device)}
+    return {
+        "pruneaudit": version("pruneaudit"),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }

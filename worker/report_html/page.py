@@ -32,31 +32,63 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 TIMESTAMP = TypeAdapter(datetime | None)
 # Per attribute: (id suffix, title, caption, the Plots method that draws it), in page order.
 ATTRIBUTE_FIGURES = [
-    ("accuracy", "Accuracy of each group as sparsity grows",
-     "One line per group; the dense model at ratio 0; dashed: overall accuracy.", Plots.accuracy_curves),
-    ("excess-gap", "Excess accuracy gap ψ per group and ratio",
-     "ψa = group's accuracy drop − overall drop, in points; above the dashed ε line the policy fails.",
-     Plots.gap_bars),
-    ("excessive-loss", "Excessive loss R(a) per group and ratio",
-     "R(a) = pruned loss − dense loss of the group; red diamonds: the second-order prediction R̂(a).",
-     Plots.loss_bars),
-    ("gradient-vs-size", "Dense gradient norm vs group size",
-     "Tran et al.: smaller groups tend to have larger gradient norms, and larger norms more harm.",
-     Plots.gradient_vs_size),
-    ("curvature-vs-boundary", "Curvature vs distance to the decision boundary",
-     "Groups near the boundary (high p(1 − p)) tend to have a larger Hessian trace, and more harm.",
-     Plots.curvature_vs_boundary),
-    ("flips", "Prediction flips per group",
-     ("Share of the group's examples the pruned model gets wrong that the dense one got right (up), "
-      "and the reverse (down, hatched)."), Plots.flip_bars),
-    ("group-sizes", "Group sizes", "Orange: below the minimum group size (the policy ignores them).",
-     Plots.group_sizes),
+    (
+        "accuracy",
+        "Accuracy of each group as sparsity grows",
+        "One line per group; the dense model at ratio 0; dashed: overall accuracy.",
+        Plots.accuracy_curves,
+    ),
+    (
+        "excess-gap",
+        "Excess accuracy gap ψ per group and ratio",
+        "ψa = group's accuracy drop − overall drop, in points; above the dashed ε line the policy fails.",
+        Plots.gap_bars,
+    ),
+    (
+        "excessive-loss",
+        "Excessive loss R(a) per group and ratio",
+        "R(a) = pruned loss − dense loss of the group; red diamonds: the second-order prediction R̂(a).",
+        Plots.loss_bars,
+    ),
+    (
+        "gradient-vs-size",
+        "Dense gradient norm vs group size",
+        "Tran et al.: smaller groups tend to have larger gradient norms, and larger norms more harm.",
+        Plots.gradient_vs_size,
+    ),
+    (
+        "curvature-vs-boundary",
+        "Curvature vs distance to the decision boundary",
+        "Groups near the boundary (high p(1 − p)) tend to have a larger Hessian trace, and more harm.",
+        Plots.curvature_vs_boundary,
+    ),
+    (
+        "flips",
+        "Prediction flips per group",
+        (
+            "Share of the group's examples the pruned model gets wrong that the dense one got right (up), "
+            "and the reverse (down, hatched)."
+        ),
+        Plots.flip_bars,
+    ),
+    (
+        "group-sizes",
+        "Group sizes",
+        "Orange: below the minimum group size (the policy ignores them).",
+        Plots.group_sizes,
+    ),
 ]
 
 
 def _environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.filters.update(fraction=fraction, points=points, ratio=ratio, number=number, count=count)
     return env
 
@@ -69,15 +101,27 @@ def _attribute_section(index: ReportIndex, plots: Plots, name: str) -> dict:
     """One attribute's figures and tables."""
     dense_attribute = index.attribute(index.dense, name)
     dense_aggregates = dense_attribute.aggregates if dense_attribute else None
-    figures = [{"testid": f"plot-{key}", "title": title, "caption": caption, "svg": plots.render(build, name),
-                "id": f"{_slug(name)}-{key}"} for key, title, caption, build in ATTRIBUTE_FIGURES]
+    figures = [
+        {
+            "testid": f"plot-{key}",
+            "title": title,
+            "caption": caption,
+            "svg": plots.render(build, name),
+            "id": f"{_slug(name)}-{key}",
+        }
+        for key, title, caption, build in ATTRIBUTE_FIGURES
+    ]
     return {
-        "name": name, "slug": _slug(name), "figures": figures,
+        "name": name,
+        "slug": _slug(name),
+        "figures": figures,
         "small_groups": dense_aggregates.small_groups if dense_aggregates else [],
-        "min_group_size": count(index.policy.get("min_group_size",
-                                                 dense_aggregates.min_group_size if dense_aggregates else None)),
+        "min_group_size": count(
+            index.policy.get("min_group_size", dense_aggregates.min_group_size if dense_aggregates else None)
+        ),
         "n_missing": count(dense_attribute.n_missing if dense_attribute else None),
-        "groups": group_table(index, name), "diagnostics": diagnostics_table(index, name),
+        "groups": group_table(index, name),
+        "diagnostics": diagnostics_table(index, name),
         "aggregates": aggregates_table(index, name),
     }
 
@@ -88,9 +132,12 @@ def _mitigation_section(index: ReportIndex, plots: Plots) -> dict | None:
     if not index.mitigated_methods():
         return None
     attribute = next(r.mitigation_details.attribute for r in index.runs if r.mitigation_details)
-    return {"attribute": attribute, "rows": mitigation_table(index, attribute),
-            "sentences": mitigation_sentences(index, attribute),
-            "svg": plots.render(Plots.mitigation_curves, attribute)}
+    return {
+        "attribute": attribute,
+        "rows": mitigation_table(index, attribute),
+        "sentences": mitigation_sentences(index, attribute),
+        "svg": plots.render(Plots.mitigation_curves, attribute),
+    }
 
 
 def _notes(index: ReportIndex) -> list[str]:
@@ -126,8 +173,9 @@ def render_report_html(report: AuditReport) -> str:
         "parameter_count": count(model.parameter_count),
         "dataset": dataset,
         "rows": count(dataset.rows),
-        "environment": [(str(k), str(v)) for k, v in report.environment.items()
-                        if not isinstance(v, (dict, list)) and v is not None],
+        "environment": [
+            (str(k), str(v)) for k, v in report.environment.items() if not isinstance(v, (dict, list)) and v is not None
+        ],
         "verdict": verdict_table(index),
         "explanation": explanation(index),
         "attributes": [_attribute_section(index, plots, name) for name in index.attributes],

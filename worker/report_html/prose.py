@@ -34,26 +34,38 @@ def _rank_words(what: str, value: Any, rank: tuple[int, int] | None, fmt: Callab
     if position == 1:
         return f"its {what} ({fmt(value)}) is the largest of all {total} groups, which the paper ties to this harm"
     if position <= math.ceil(total / 4):
-        return (f"its {what} ({fmt(value)}) is the {_ordinal(position)} largest of {total} groups, in the top "
-                "quartile, which the paper ties to this harm")
-    return (f"its {what} ({fmt(value)}) is only the {_ordinal(position)} largest of {total} groups, so it does not "
-            "single this group out")
+        return (
+            f"its {what} ({fmt(value)}) is the {_ordinal(position)} largest of {total} groups, in the top "
+            "quartile, which the paper ties to this harm"
+        )
+    return (
+        f"its {what} ({fmt(value)}) is only the {_ordinal(position)} largest of {total} groups, so it does not "
+        "single this group out"
+    )
 
 
 SPEARMAN = {
     # field of MechanismDiagnostics: (expected sign, sentence when ρ has the expected sign, sentence otherwise)
     "size_vs_dense_gradient_norm": (
-        -1, "smaller groups have larger dense gradient norms, as Tran et al.'s Proposition 1 expects",
-        "group size and dense gradient norm do not fall together here, unlike Tran et al.'s Proposition 1"),
+        -1,
+        "smaller groups have larger dense gradient norms, as Tran et al.'s Proposition 1 expects",
+        "group size and dense gradient norm do not fall together here, unlike Tran et al.'s Proposition 1",
+    ),
     "dense_gradient_norm_vs_dense_hessian_trace": (
-        1, "groups with larger gradient norms also have more curvature, as in the paper's Figure 6",
-        "gradient norm and curvature do not rise together here, unlike the paper's Figure 6"),
+        1,
+        "groups with larger gradient norms also have more curvature, as in the paper's Figure 6",
+        "gradient norm and curvature do not rise together here, unlike the paper's Figure 6",
+    ),
     "dense_accuracy_vs_accuracy_drop": (
-        -1, "groups the dense model classified worse lose more accuracy",
-        "the groups that lose the most are not those the dense model classified worst"),
+        -1,
+        "groups the dense model classified worse lose more accuracy",
+        "the groups that lose the most are not those the dense model classified worst",
+    ),
     "predicted_vs_excessive_loss": (
-        1, "the second-order prediction R̂(a) ranks the groups' excessive loss R(a) in the right order",
-        "the second-order prediction R̂(a) does not rank the groups' excessive loss R(a) in the right order"),
+        1,
+        "the second-order prediction R̂(a) ranks the groups' excessive loss R(a) in the right order",
+        "the second-order prediction R̂(a) does not rank the groups' excessive loss R(a) in the right order",
+    ),
 }
 
 
@@ -128,8 +140,9 @@ def explanation(index: ReportIndex) -> list[str]:
     name = attribute.attribute
     sentences = [_harm_sentence(run, name, worst, len(rows))]
     if worst.small_group:
-        sentences.append(f"It has only {count(worst.n)} examples, below the minimum group size, so treat its "
-                         "numbers with caution.")
+        sentences.append(
+            f"It has only {count(worst.n)} examples, below the minimum group size, so treat its numbers with caution."
+        )
     groups = [g.group for g in attribute.groups]
     gradient = {g: index.dense_figure(name, g, lambda row: row.diagnostics.dense_gradient_norm) for g in groups}
     curvature = {g: index.dense_figure(name, g, lambda row: row.diagnostics.dense_hessian_trace) for g in groups}
@@ -157,15 +170,24 @@ def mitigation_sentences(index: ReportIndex, attribute: str) -> list[str]:
         for name, run in at_top.items():
             if name in ("none", reference):
                 continue
-            figures = [(split, index.max_gap(at_top[reference], attribute, split), index.max_gap(run, attribute, split))
-                       for split in ("train", "eval")]
+            figures = [
+                (split, index.max_gap(at_top[reference], attribute, split), index.max_gap(run, attribute, split))
+                for split in ("train", "eval")
+            ]
             if not all(finite(before) and finite(after) for _, before, after in figures):
                 continue
-            words = [f"on the {'train' if split == 'train' else 'evaluation'} split from {points(before)} to "
-                     f"{points(after)} points" for split, before, after in figures]
-            sentences.append(f"At {ratio(top)} sparsity ({method}), {name} moves the largest excess accuracy gap "
-                             f"against {'plain fine-tuning' if reference == 'finetune' else 'no mitigation'} "
-                             f"{words[0]} and {words[1]}.")
-    sentences.append("The evaluation split is what a deployed model meets: Balancing Act reports that every method "
-                     "it tried, its own included, often fails to carry gains on the train split over to unseen data.")
+            words = [
+                f"on the {'train' if split == 'train' else 'evaluation'} split from {points(before)} to "
+                f"{points(after)} points"
+                for split, before, after in figures
+            ]
+            sentences.append(
+                f"At {ratio(top)} sparsity ({method}), {name} moves the largest excess accuracy gap "
+                f"against {'plain fine-tuning' if reference == 'finetune' else 'no mitigation'} "
+                f"{words[0]} and {words[1]}."
+            )
+    sentences.append(
+        "The evaluation split is what a deployed model meets: Balancing Act reports that every method "
+        "it tried, its own included, often fails to carry gains on the train split over to unseen data."
+    )
     return sentences

@@ -71,12 +71,18 @@ def diagnostics_table(index: ReportIndex, name: str) -> list[dict]:
     rows = []
     for group in index.groups(name):
         row = index.dense_row(name, group)
-        rows.append({"group": group, "small": row.small_group, "cells": [
-            ("n", count(row.n)),
-            ("share", fraction(row.share)),
-            ("dense_accuracy", fraction(row.dense_accuracy)),
-            *((field, number(index.dense_figure(name, group, read))) for field, read in DENSE_FIGURES),
-        ]})
+        rows.append(
+            {
+                "group": group,
+                "small": row.small_group,
+                "cells": [
+                    ("n", count(row.n)),
+                    ("share", fraction(row.share)),
+                    ("dense_accuracy", fraction(row.dense_accuracy)),
+                    *((field, number(index.dense_figure(name, group, read))) for field, read in DENSE_FIGURES),
+                ],
+            }
+        )
     return rows
 
 
@@ -101,18 +107,30 @@ def aggregates_table(index: ReportIndex, name: str) -> list[dict]:
     rows = []
     for run in [index.dense, *index.ordered_runs()]:
         attribute = index.attribute(run, name)
-        rows.append({"run": run, "passed": verdict_passed(run), "cells": [
-            ("ratio", ratio(run.ratio)),
-            ("achieved_sparsity", fraction(run.achieved_sparsity)),
-            ("overall_accuracy", fraction(run.overall.accuracy)),
-            ("overall_accuracy_drop", points(run.overall.accuracy_drop)),
-            *_aggregate_cells(None if attribute is None else attribute.aggregates),
-        ]})
+        rows.append(
+            {
+                "run": run,
+                "passed": verdict_passed(run),
+                "cells": [
+                    ("ratio", ratio(run.ratio)),
+                    ("achieved_sparsity", fraction(run.achieved_sparsity)),
+                    ("overall_accuracy", fraction(run.overall.accuracy)),
+                    ("overall_accuracy_drop", points(run.overall.accuracy_drop)),
+                    *_aggregate_cells(None if attribute is None else attribute.aggregates),
+                ],
+            }
+        )
     return rows
 
 
-COMPRESSION_FIELDS = [("parameters", count), ("nonzero_parameters", count), ("macs", count), ("file_bytes", count),
-                      ("latency_s_batch_1", ms), ("latency_s_batch_64", ms)]
+COMPRESSION_FIELDS = [
+    ("parameters", count),
+    ("nonzero_parameters", count),
+    ("macs", count),
+    ("file_bytes", count),
+    ("latency_s_batch_1", ms),
+    ("latency_s_batch_64", ms),
+]
 
 
 def _cost(run: RunReport, side: str) -> dict:
@@ -122,32 +140,49 @@ def _cost(run: RunReport, side: str) -> dict:
 
 def compression_table(index: ReportIndex) -> tuple[list[tuple[str, str]], list[dict]]:
     """The columns (only the figures some run has) and one row per run: the pruned cost with dense / pruned."""
-    present = [(key, fmt) for key, fmt in COMPRESSION_FIELDS
-               if any(_cost(r, side).get(key) is not None for r in index.all_runs for side in ("dense", "pruned"))]
+    present = [
+        (key, fmt)
+        for key, fmt in COMPRESSION_FIELDS
+        if any(_cost(r, side).get(key) is not None for r in index.all_runs for side in ("dense", "pruned"))
+    ]
     rows = []
     dense_cost = _cost(index.dense, "dense")
     if dense_cost:
         rows.append({"run": index.dense, "cells": [(key, fmt(dense_cost.get(key)), MISSING) for key, fmt in present]})
     for run in index.ordered_runs():
         pruned, ratios = _cost(run, "pruned"), _cost(run, "ratios")
-        rows.append({"run": run, "cells": [(key, fmt(pruned.get(key)), times(ratios.get(key)))
-                                           for key, fmt in present]})
+        rows.append(
+            {"run": run, "cells": [(key, fmt(pruned.get(key)), times(ratios.get(key))) for key, fmt in present]}
+        )
     return [(key, key.replace("_", " ").replace("latency s", "latency")) for key, _ in present], rows
 
 
 def _policy_thresholds(policy: dict) -> list[tuple[str, str, str, str]]:
     """(policy key, words, value, unit) per threshold; a threshold the policy leaves out is 'not checked'."""
     thresholds = [
-        ("max_excess_accuracy_gap", "max excess accuracy gap ψ (ε)", points(policy.get("max_excess_accuracy_gap")),
-         " points"),
-        ("max_worst_group_drop", "max accuracy drop of any group", points(policy.get("max_worst_group_drop")),
-         " points"),
-        ("max_accuracy_fairness_violation", "max accuracy fairness violation",
-         points(policy.get("max_accuracy_fairness_violation")), " points"),
+        (
+            "max_excess_accuracy_gap",
+            "max excess accuracy gap ψ (ε)",
+            points(policy.get("max_excess_accuracy_gap")),
+            " points",
+        ),
+        (
+            "max_worst_group_drop",
+            "max accuracy drop of any group",
+            points(policy.get("max_worst_group_drop")),
+            " points",
+        ),
+        (
+            "max_accuracy_fairness_violation",
+            "max accuracy fairness violation",
+            points(policy.get("max_accuracy_fairness_violation")),
+            " points",
+        ),
         ("min_group_size", "minimum group size for a verdict", count(policy.get("min_group_size")), " examples"),
     ]
-    return [(key, words, value, unit if value != MISSING else " (not checked)")
-            for key, words, value, unit in thresholds]
+    return [
+        (key, words, value, unit if value != MISSING else " (not checked)") for key, words, value, unit in thresholds
+    ]
 
 
 def verdict_table(index: ReportIndex) -> dict:
@@ -158,15 +193,21 @@ def verdict_table(index: ReportIndex) -> dict:
     for method in index.labels or list(highest):
         runs = index.runs_by_label.get(method, [])
         first_failing = next((r for r in runs if verdict_passed(r) is False), None)
-        methods.append({
-            "label": method,
-            "highest": ratio(highest.get(method)),
-            "none_passes": method in highest and highest.get(method) is None,
-            "first_failing": ratio(first_failing.ratio) if first_failing else MISSING,
-            "reasons": first_failing.verdict.reasons if first_failing else [],
-        })
-    return {"passed": verdict.passed, "summary": verdict.summary, "methods": methods,
-            "thresholds": _policy_thresholds(index.policy)}
+        methods.append(
+            {
+                "label": method,
+                "highest": ratio(highest.get(method)),
+                "none_passes": method in highest and highest.get(method) is None,
+                "first_failing": ratio(first_failing.ratio) if first_failing else MISSING,
+                "reasons": first_failing.verdict.reasons if first_failing else [],
+            }
+        )
+    return {
+        "passed": verdict.passed,
+        "summary": verdict.summary,
+        "methods": methods,
+        "thresholds": _policy_thresholds(index.policy),
+    }
 
 
 def run_checks(index: ReportIndex) -> list[dict]:
@@ -174,10 +215,29 @@ def run_checks(index: ReportIndex) -> list[dict]:
     rows = []
     for run in index.ordered_runs():
         verdict = run.verdict
-        checks = [{"name": c.name, "attribute": c.attribute, "value": points(c.value),
-                   "threshold": points(c.threshold), "passed": c.passed} for c in verdict.checks] if verdict else []
-        rows.append({"run": run, "ratio": ratio(run.ratio), "passed": verdict_passed(run),
-                     "reasons": verdict.reasons if verdict else [], "checks": checks})
+        checks = (
+            [
+                {
+                    "name": c.name,
+                    "attribute": c.attribute,
+                    "value": points(c.value),
+                    "threshold": points(c.threshold),
+                    "passed": c.passed,
+                }
+                for c in verdict.checks
+            ]
+            if verdict
+            else []
+        )
+        rows.append(
+            {
+                "run": run,
+                "ratio": ratio(run.ratio),
+                "passed": verdict_passed(run),
+                "reasons": verdict.reasons if verdict else [],
+                "checks": checks,
+            }
+        )
     return rows
 
 
@@ -196,18 +256,26 @@ def mitigation_table(index: ReportIndex, attribute: str) -> list[dict]:
         for run in sorted(runs, key=lambda r: (r.ratio, order.index(mitigation_label(r)))):
             on_eval = index.split_aggregates(run, attribute, "eval")
             on_train = index.split_aggregates(run, attribute, "train")
-            rows.append({
-                "run": run, "base": method, "mitigation": mitigation_label(run), "ratio": ratio(run.ratio),
-                "cells": [
-                    ("accuracy", fraction(run.overall.accuracy)),
-                    ("train_accuracy", fraction(run.train.overall.accuracy if run.train else None)),
-                    ("max_excess_accuracy_gap", points(on_eval.max_excess_accuracy_gap if on_eval else None)),
-                    ("train_max_excess_accuracy_gap", points(on_train.max_excess_accuracy_gap if on_train else None)),
-                    ("max_accuracy_drop", points(on_eval.max_accuracy_drop if on_eval else None)),
-                    ("loss_fairness_violation", number(on_eval.loss_fairness_violation if on_eval else None)),
-                ],
-                "largest_multiplier": _largest_multiplier(run),
-                "seconds": number(run.mitigation_details.seconds if run.mitigation_details else None),
-                "passed": verdict_passed(run),
-            })
+            rows.append(
+                {
+                    "run": run,
+                    "base": method,
+                    "mitigation": mitigation_label(run),
+                    "ratio": ratio(run.ratio),
+                    "cells": [
+                        ("accuracy", fraction(run.overall.accuracy)),
+                        ("train_accuracy", fraction(run.train.overall.accuracy if run.train else None)),
+                        ("max_excess_accuracy_gap", points(on_eval.max_excess_accuracy_gap if on_eval else None)),
+                        (
+                            "train_max_excess_accuracy_gap",
+                            points(on_train.max_excess_accuracy_gap if on_train else None),
+                        ),
+                        ("max_accuracy_drop", points(on_eval.max_accuracy_drop if on_eval else None)),
+                        ("loss_fairness_violation", number(on_eval.loss_fairness_violation if on_eval else None)),
+                    ],
+                    "largest_multiplier": _largest_multiplier(run),
+                    "seconds": number(run.mitigation_details.seconds if run.mitigation_details else None),
+                    "passed": verdict_passed(run),
+                }
+            )
     return rows
