@@ -11,9 +11,9 @@ import signal
 import threading
 import time
 
-from sqlalchemy import update
+from sqlalchemy import Update, update
 
-from service.db import session_scope
+from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class AttemptHeartbeat:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _owned_row(self):
+    def _owned_row(self) -> Update:
         return update(Audit).where(
             Audit.id == self.audit_id, Audit.status == AuditStatus.running, Audit.attempts == self.attempt
         )
@@ -59,7 +59,7 @@ class AttemptHeartbeat:
     def _beat(self) -> bool:
         """False once the row is no longer this attempt's (ended, or re-queued after a stall)."""
         with session_scope() as session:
-            return session.execute(self._owned_row().values(heartbeat_at=utcnow())).rowcount == 1
+            return rows_matched(session, self._owned_row().values(heartbeat_at=utcnow())) == 1
 
     def _fail_over_memory_cap(self, used_mb: float) -> None:
         """Fail this attempt with the reason, then end the child: a thread cannot interrupt torch inside a C

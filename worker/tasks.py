@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import object_session
 
 from service.audits import assemble_report
-from service.db import session_scope
+from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, Dataset, Run, utcnow
 from service.queue import RUN_AUDIT_TASK
 from service.settings import get_settings
@@ -32,7 +32,8 @@ def claim(audit_id: str) -> int | None:
     audit ended). Every later write matches the attempt, so a worker that comes back after the sweeper
     re-queued its audit cannot write over the new attempt."""
     with session_scope() as session:
-        result = session.execute(
+        claimed = rows_matched(
+            session,
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
             .values(
@@ -43,9 +44,9 @@ def claim(audit_id: str) -> int | None:
                 progress=0.0,
                 progress_message="started",
                 error=None,
-            )
+            ),
         )
-        if result.rowcount != 1:
+        if claimed != 1:
             return None
         # Read inside the claiming transaction, which holds the row.
         return session.scalar(select(Audit.attempts).where(Audit.id == audit_id))
@@ -63,12 +64,13 @@ class AttemptSuperseded(Exception):
 def report_progress(audit_id: str, attempt: int, fraction: float, message: str) -> None:
     """Progress, heartbeat and the cancellation checkpoint (called between runs and epochs)."""
     with session_scope() as session:
-        written = session.execute(
+        written = rows_matched(
+            session,
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempt)
-            .values(progress=fraction, progress_message=message, heartbeat_at=utcnow())
+            .values(progress=fraction, progress_message=message, heartbeat_at=utcnow()),
         )
-        if written.rowcount != 1:
+        if written != 1:
             raise AttemptSuperseded(audit_id)
         if session.scalar(select(Audit.cancel_requested).where(Audit.id == audit_id)):
             raise AuditCancelled(audit_id)
@@ -85,7 +87,9 @@ def finish(audit_id: str, attempt: int, status: AuditStatus, *, error: str | Non
 
 def pipeline_inputs(audit: Audit, output_dir: Path) -> AuditInputs:
     train_id = audit.spec["train_dataset_id"]
-    train_dataset = object_session(audit).get(Dataset, train_id) if train_id else None
+    session = object_session(audit)
+    assert session is not None, "pipeline_inputs takes an audit loaded by an open session"
+    train_dataset = session.get(Dataset, train_id) if train_id else None
     return audit_inputs(audit, train_dataset, get_store(), output_dir, get_settings().device)
 
 
@@ -108,7 +112,8 @@ def render_html(audit: Audit, store) -> str | None:
 def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
     store = get_store()
     with session_scope() as session:
-        audit = session.get(Audit, audit_id)
+        # get_one: this attempt claimed the row and audits are never deleted, so it exists.
+        audit = session.get_one(Audit, audit_id)
         for position, run in enumerate(output.runs):
             result = run.result
             session.add(
@@ -131,7 +136,8 @@ def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
         audit.finished_at = finished_at  # the HTML shows the same finish time as the JSON
         audit.report_html_sha256 = render_html(audit, store)
         # Results and the final state land in one transaction: a report is never half-written.
-        finished = session.execute(
+        finished = rows_matched(
+            session,
             update(Audit)
             .where(Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempt)
             .values(
@@ -140,9 +146,9 @@ def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
                 progress_message="done",
                 finished_at=finished_at,
                 heartbeat_at=utcnow(),
-            )
+            ),
         )
-        if finished.rowcount != 1:
+        if finished != 1:
             session.rollback()
             log.info(
                 "audit %s left 'running' (or was re-queued) while attempt %d ran; its results are discarded",
@@ -171,7 +177,7 @@ def run_audit(audit_id: str) -> None:
             tempfile.TemporaryDirectory(dir=get_store().root / "tmp") as output_dir,
         ):
             with session_scope() as session:
-                inputs = pipeline_inputs(session.get(Audit, audit_id), Path(output_dir))
+                inputs = pipeline_inputs(session.get_one(Audit, audit_id), Path(output_dir))
             result = run_audit_pipeline(
                 inputs, lambda fraction, message: report_progress(audit_id, attempt, fraction, message)
             )

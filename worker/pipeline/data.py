@@ -32,6 +32,13 @@ class Split:
     groupings: list[Grouping]
     dense: Outcomes | None = None  # the dense model's outcomes, where a baseline on this split is needed
 
+    @property
+    def dense_outcomes(self) -> Outcomes:
+        """`dense`, on a split the dense baseline measured: the evaluation split always, the train split with
+        mitigations (`dense_baseline`)."""
+        assert self.dense is not None, "the dense baseline was not measured on this split"
+        return self.dense
+
 
 def _groupings(dataset: DatasetInput, group_by: list[str]) -> tuple[np.ndarray, np.ndarray, list[Grouping]]:
     files = open_dataset_files(dataset.directory, group_by)

@@ -48,6 +48,13 @@ class Baseline:
     notes: dict[str, str]
 
     @property
+    def train_split(self) -> Split:
+        """The train split, for mitigations and their train figures: spec validation requires train_dataset_id
+        whenever mitigations are set, so it is there (with its dense outcomes)."""
+        assert self.train is not None, "mitigations need the train split"
+        return self.train
+
+    @property
     def num_classes(self) -> int:
         return self.inputs.architecture["num_classes"]
 
@@ -77,7 +84,7 @@ def split_attributes(baseline: Baseline, split: Split, outcomes: Outcomes) -> li
     return [
         attribute_metrics(
             g.attribute,
-            split.dense,
+            split.dense_outcomes,
             outcomes,
             g.codes,
             g.names,
@@ -123,7 +130,7 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
     inputs, model = baseline.inputs, candidate.model
     notes = dict(baseline.notes)
     if is_dense:
-        outcomes, pruned, along = baseline.evaluation.dense, baseline.diagnostics, None
+        outcomes, pruned, along = baseline.evaluation.dense_outcomes, baseline.diagnostics, None
     else:
         outcomes = evaluate(
             model,
@@ -165,7 +172,7 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
         compression=compression,
         recipe=candidate.recipe,
         notes=notes,
-        overall=overall_metrics(baseline.evaluation.dense, outcomes),
+        overall=overall_metrics(baseline.evaluation.dense_outcomes, outcomes),
         attributes=attributes,
         mitigation=candidate.mitigation,
         mitigation_details=candidate.mitigation_details,
@@ -174,12 +181,12 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
 
 
 def train_figures(baseline: Baseline, model: torch.nn.Module) -> SplitResult:
-    train = baseline.train
+    train = baseline.train_split
     outcomes = (
-        train.dense
+        train.dense_outcomes
         if model is baseline.model
         else evaluate(model, train.x, train.y, batch_size=baseline.inputs.spec.batch_size, device=baseline.device)
     )
     return SplitResult(
-        overall=overall_metrics(train.dense, outcomes), attributes=split_attributes(baseline, train, outcomes)
+        overall=overall_metrics(train.dense_outcomes, outcomes), attributes=split_attributes(baseline, train, outcomes)
     )

@@ -39,6 +39,13 @@ class PruningJob:
     device: torch.device
     on_epoch: EpochCallback
 
+    @property
+    def train_split(self) -> Split:
+        """The train split, for a method that fine-tunes: audit validation requires train_dataset_id whenever
+        a method fine-tunes (or is gradual), so the split is there."""
+        assert self.train is not None, "a fine-tuning method needs the train split"
+        return self.train
+
 
 def _training(fine_tuning: FineTuningSpec) -> dict:
     return fine_tuning.model_dump(include={"lr", "batch_size", "optimizer", "momentum", "weight_decay"})
@@ -72,10 +79,12 @@ class UnstructuredMethod:
         model = copy.deepcopy(dense_model) if copy_model else dense_model
         fine_tuning = method.fine_tuning
         if method.schedule == "gradual":
+            # Spec validation: a gradual schedule always has fine_tuning (and so the train split).
+            assert fine_tuning is not None, "gradual pruning needs fine_tuning"
             masks = gradual_magnitude_prune(
                 model,
-                job.train.x,
-                job.train.y,
+                job.train_split.x,
+                job.train_split.y,
                 final_ratio=ratio,
                 pruning_steps=method.pruning_steps,
                 epochs_per_step=fine_tuning.epochs,
@@ -97,8 +106,8 @@ class UnstructuredMethod:
             if fine_tuning:
                 finetune(
                     model,
-                    job.train.x,
-                    job.train.y,
+                    job.train_split.x,
+                    job.train_split.y,
                     epochs=fine_tuning.epochs,
                     seed=job.seed,
                     masks=masks,
@@ -124,8 +133,8 @@ class ChannelMethod:
         if method.fine_tuning:
             finetune(
                 pruned.model,
-                job.train.x,
-                job.train.y,
+                job.train_split.x,
+                job.train_split.y,
                 epochs=method.fine_tuning.epochs,
                 seed=job.seed,
                 device=job.device,

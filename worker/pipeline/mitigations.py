@@ -4,6 +4,7 @@ split with its masks kept, before and/or after pruning (docs/METHODS.md §16).""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from results.runs import MitigationDetails, MitigationPhase
 from service.schemas.audits import MitigationSpec
@@ -16,10 +17,20 @@ from worker.pipeline.measure import Baseline
 from worker.pipeline.methods import EpochCallback, PrunedModel, PruningJob, prune_model
 
 
+@dataclass(frozen=True)
+class SavedRun:
+    """An unmitigated run once measured, without its model (its weights are on disk): what the mitigated runs
+    of the same method and ratio start from."""
+
+    masks: Masks | None
+    recipe: dict
+    layer_report: dict
+
+
 def constrained_grouping(baseline: Baseline, mitigation: MitigationSpec) -> Grouping:
     """The train-split grouping a mitigation constrains: its `attribute`, else the last reported one (the
     intersection when group_by has several attributes)."""
-    groupings = baseline.train.groupings
+    groupings = baseline.train_split.groupings
     if mitigation.attribute is None:
         return groupings[-1]
     return next(g for g in groupings if g.attribute == mitigation.attribute)
@@ -32,14 +43,14 @@ def mitigation_phase(
     grouping = constrained_grouping(baseline, mitigation)
     n_groups = len(grouping.names)
     group_baseline = (
-        GroupBaseline.from_outcomes(baseline.train.dense, grouping.codes, n_groups)
+        GroupBaseline.from_outcomes(baseline.train_split.dense_outcomes, grouping.codes, n_groups)
         if mitigation.name == "ceag"
         else None
     )
     result = mitigate(
         model,
-        baseline.train.x,
-        baseline.train.y,
+        baseline.train_split.x,
+        baseline.train_split.y,
         grouping.codes,
         n_groups,
         name=mitigation.name,
@@ -76,14 +87,16 @@ def mitigation_phase(
 
 
 def mitigated_model(
-    baseline: Baseline, plan: RunPlan, unmitigated: PrunedModel, job: PruningJob
+    baseline: Baseline, plan: RunPlan, unmitigated: SavedRun, job: PruningJob
 ) -> tuple[PrunedModel, MitigationDetails]:
     """The pruned model trained under `plan.mitigation`. 'after' starts from the unmitigated run's saved weights
     and masks; 'before' trains a copy of the dense model under the constraints and prunes that; 'both' does
     both."""
     mitigation = plan.mitigation
+    assert mitigation is not None, "mitigated_model takes a mitigated plan"
     phases = []
     if mitigation.placement == "after":
+        assert plan.starts_from is not None, "AuditInputs.plans sets starts_from on every mitigated plan"
         model = build_model(unmitigated.recipe["architecture"])
         load_weights(model, baseline.inputs.weights_of(plan.starts_from))
         model.to(baseline.device)

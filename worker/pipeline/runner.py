@@ -23,8 +23,8 @@ from worker.inputs import AuditInputs, RunPlan
 from worker.pipeline.data import load_evaluation, load_train
 from worker.pipeline.diagnose import curvature_decision, diagnose_model
 from worker.pipeline.measure import Baseline, Candidate, measure
-from worker.pipeline.methods import PrunedModel, PruningJob, prune_model
-from worker.pipeline.mitigations import mitigated_model
+from worker.pipeline.methods import PruningJob, prune_model
+from worker.pipeline.mitigations import SavedRun, mitigated_model
 
 SINGLE_THREAD_MAX_PARAMETERS = 1_000_000
 
@@ -71,6 +71,7 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
     evaluation = load_evaluation(inputs)
     train = load_train(inputs, evaluation)
     if spec.mitigations:
+        assert train is not None, "spec validation requires train_dataset_id with mitigations"
         train = replace(train, dense=evaluate(model, train.x, train.y, batch_size=spec.batch_size, device=device))
     parameter_count = sum(p.numel() for p in model.parameters())
     with_curvature, curvature_note = curvature_decision(spec.diagnostics, parameter_count)
@@ -93,8 +94,8 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
 
 
 def run_step(
-    baseline: Baseline, plan: RunPlan, job: PruningJob, unmitigated: PrunedModel | None
-) -> tuple[RunOutput, PrunedModel]:
+    baseline: Baseline, plan: RunPlan, job: PruningJob, unmitigated: SavedRun | None
+) -> tuple[RunOutput, SavedRun]:
     """One planned run: prune (or, for a mitigated plan, train the unmitigated run's model under the
     mitigation), then measure. Returns what the mitigated runs of the same method and ratio start from."""
     started = time.perf_counter()
@@ -102,6 +103,7 @@ def run_step(
         pruned = prune_model(baseline.model, plan.method, plan.ratio, job)
         details = None
     else:
+        assert unmitigated is not None, "AuditInputs.plans puts each unmitigated run before its mitigated ones"
         pruned, details = mitigated_model(baseline, plan, unmitigated, job)
     candidate = Candidate(
         pruned.model,
@@ -118,7 +120,7 @@ def run_step(
     weights_path = baseline.inputs.weights_of(plan.position)
     output = RunOutput(measure(baseline, candidate, started, weights_path), weights_path)
     # The worker holds the dense model and one working copy at a time; mitigated runs reload the saved weights.
-    return output, PrunedModel(None, pruned.masks, pruned.recipe, pruned.layer_report)
+    return output, SavedRun(pruned.masks, pruned.recipe, pruned.layer_report)
 
 
 def run_audit_pipeline(inputs: AuditInputs, on_progress: Progress) -> AuditOutput:
@@ -139,7 +141,7 @@ def audit_runs(inputs: AuditInputs, model: torch.nn.Module, device: torch.device
     dense = Candidate(model, {}, "dense", "dense", None, 0.0, {}, sparsity(model, {}))
     runs = [RunOutput(measure(baseline, dense, started, None), None)]
     on_progress(1 / total, "dense baseline evaluated")
-    unmitigated = None
+    unmitigated: SavedRun | None = None
     for plan in plans:
         message = f"{plan.method.label} at ratio {plan.ratio:g}" + (
             f", {plan.mitigation.label}" if plan.mitigation else ""
