@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from arch.layouts import expected_state_dict
 from arch.specs import architecture_adapter
+from results.groups import GroupDiagnostics, GroupResult
 from service import catalog
 from service.db import rows_matched
 from service.errors import Conflict, InvalidInput, NotFound
@@ -266,6 +267,11 @@ CSV_COLUMNS = (
 )
 
 
+# The CSV's per-group figures, each named once: by its field in results.groups.
+GROUP_COLUMNS = set(CSV_COLUMNS) & set(GroupResult.model_fields)
+DIAGNOSTIC_COLUMNS = set(CSV_COLUMNS) & set(GroupDiagnostics.model_fields)
+
+
 def report_csv(report: AuditReport) -> str:
     """One row per run × split × attribute × group (split 'train' for audits with mitigations), every number
     exactly as in the JSON report (repr of floats)."""
@@ -277,29 +283,8 @@ def report_csv(report: AuditReport) -> str:
         for split, attribute in ((split, a) for split, attributes in splits for a in attributes):
             for group in attribute.groups:
                 values = {
-                    **group.model_dump(
-                        include={
-                            "group",
-                            "n",
-                            "share",
-                            "small_group",
-                            "dense_accuracy",
-                            "accuracy",
-                            "accuracy_drop",
-                            "excess_accuracy_gap",
-                            "dense_loss",
-                            "loss",
-                            "excessive_loss",
-                        }
-                    ),
-                    **group.diagnostics.model_dump(
-                        include={
-                            "dense_gradient_norm",
-                            "gradient_norm",
-                            "dense_hessian_trace",
-                            "predicted_excessive_loss",
-                        }
-                    ),
+                    **group.model_dump(include=GROUP_COLUMNS),
+                    **group.diagnostics.model_dump(include=DIAGNOSTIC_COLUMNS),
                     "run_id": run.id,
                     "label": run.label,
                     "method": run.method,

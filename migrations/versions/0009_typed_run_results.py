@@ -55,6 +55,18 @@ FIGURE_COLUMNS = {  # run columns of revision 0008 → their JSON types
     "train_overall": sa.JSON(),
     "train_attributes": sa.JSON(),
 }
+# Run columns of 0008 that are fields of the same name in the result.
+SAME_NAMED = (
+    "achieved_sparsity",
+    "layer_sparsity",
+    "seconds",
+    "delta_norm",
+    "compression",
+    "recipe",
+    "notes",
+    "overall",
+    "mitigation_details",
+)
 NULLABLE = {"delta_norm", "mitigation_details", "train_overall", "train_attributes"}
 IDENTITY = ("label", "method", "scope", "ratio", "mitigation")
 
@@ -110,20 +122,7 @@ def _result(run, rows: list) -> dict:
         train = {"overall": run.train_overall, "attributes": _attributes(run.train_attributes, rows, "train", False)}
     return {
         **{name: getattr(run, name) for name in IDENTITY},
-        **{
-            name: getattr(run, name)
-            for name in (
-                "achieved_sparsity",
-                "layer_sparsity",
-                "seconds",
-                "delta_norm",
-                "compression",
-                "recipe",
-                "notes",
-                "overall",
-                "mitigation_details",
-            )
-        },
+        **{name: getattr(run, name) for name in SAME_NAMED},
         "attributes": _attributes(run.attributes, rows, "eval", True),
         "train": train,
     }
@@ -187,20 +186,7 @@ def downgrade() -> None:
             runs.update()
             .where(runs.c.id == run_id)
             .values(
-                **{
-                    name: result[name]
-                    for name in (
-                        "achieved_sparsity",
-                        "layer_sparsity",
-                        "seconds",
-                        "delta_norm",
-                        "compression",
-                        "recipe",
-                        "notes",
-                        "overall",
-                        "mitigation_details",
-                    )
-                },
+                **{name: result[name] for name in SAME_NAMED},
                 attributes=_summaries(result["attributes"], True),
                 train_overall=train["overall"] if train else None,
                 train_attributes=_summaries(train["attributes"], False) if train else None,

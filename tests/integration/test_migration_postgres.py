@@ -5,14 +5,13 @@ pre-redesign API served, and survives a downgrade and upgrade again."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 from alembic import command
 from sqlalchemy import MetaData, create_engine
 
 from service.migrate import alembic_config, upgrade_to_head
-from tests.conftest import POSTGRES_ADMIN_URL, require_service
+from tests.conftest import throwaway_postgres
 from tests.integration.test_report_golden import GOLDEN, close
 from tests.unit.test_migration_0009 import served_report
 
@@ -21,16 +20,8 @@ pytestmark = pytest.mark.services
 
 @pytest.fixture
 def fresh_postgres():
-    import psycopg
-
-    require_service("PostgreSQL", lambda: psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3).close())
-    name = f"pruneaudit_migration_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_postgres("pruneaudit_migration") as url:
+        yield url
 
 
 def copy_rows(source_url: str, target_url: str) -> None:
