@@ -15,12 +15,13 @@ from worker.report_html.format import mathtext_escaped
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.typing import RcKeyType
 
 
 # Matplotlib settings for every figure, applied in a context (the process's rcParams stay as they are).
 # svg.fonttype "none": text stays text (small, selectable, printed sharp) in the browser's sans-serif font.
 # svg.hashsalt: stable element ids, so the same report renders to the same bytes.
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "svg.fonttype": "none",
     "svg.hashsalt": "pruneaudit",
     "font.family": "sans-serif",

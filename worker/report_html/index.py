@@ -9,16 +9,11 @@ from typing import TYPE_CHECKING, Any
 from service.schemas.audits import MitigationSpec
 
 if TYPE_CHECKING:
-    from service.schemas.reports import (
-        AttributeAggregates,
-        AttributeReport,
-        AuditReport,
-        GroupRow,
-        RunReport,
-        SplitAttributeReport,
-    )
+    from results.attributes import AttributeAggregates, AttributeMetrics
+    from results.groups import GroupResult
+    from service.schemas.reports import AttributeReport, AuditReport, RunReport
 
-ReadRow = Callable[["GroupRow"], Any]
+ReadRow = Callable[["GroupResult"], Any]
 
 
 def verdict_passed(run: RunReport) -> bool | None:
@@ -32,7 +27,9 @@ def mitigation_label(run: RunReport) -> str:
     if run.mitigation == "none":
         return "none"
     details = run.mitigation_details
-    return MitigationSpec.model_construct(name=details.name, placement=details.placement).label
+    assert details is not None, "a mitigated run reports its mitigation_details"
+    # model_construct takes the report's strings as they are (they were a validated MitigationSpec's).
+    return MitigationSpec.model_construct(**details.model_dump(include={"name", "placement"})).label
 
 
 class ReportIndex:
@@ -76,7 +73,7 @@ class ReportIndex:
                 order.setdefault(row.group)
         return list(order)
 
-    def row(self, run: RunReport, name: str, group: str) -> GroupRow | None:
+    def row(self, run: RunReport, name: str, group: str) -> GroupResult | None:
         attribute = self.attribute(run, name)
         return next((g for g in attribute.groups if g.group == group), None) if attribute else None
 
@@ -85,7 +82,7 @@ class ReportIndex:
         row = self.row(run, name, group)
         return None if row is None else read(row)
 
-    def dense_row(self, name: str, group: str) -> GroupRow:
+    def dense_row(self, name: str, group: str) -> GroupResult:
         """The group's row in the dense run, else in the first run that has it (dense_* fields are the same)."""
         return next(row for run in self.all_runs if (row := self.row(run, name, group)) is not None)
 
@@ -112,7 +109,7 @@ class ReportIndex:
     def split_aggregates(self, run: RunReport, name: str, split: str) -> AttributeAggregates | None:
         """The attribute's aggregates on the 'eval' or the 'train' split."""
         train = run.train.attributes if run.train else []
-        attributes: Sequence[AttributeReport | SplitAttributeReport] = run.attributes if split == "eval" else train
+        attributes: Sequence[AttributeMetrics] = run.attributes if split == "eval" else train
         return next((a.aggregates for a in attributes if a.attribute == name), None)
 
     def max_gap(self, run: RunReport, name: str, split: str) -> float | None:

@@ -11,7 +11,9 @@ from worker.report_html.format import count, finite, fraction, number, points, r
 from worker.report_html.index import ReportIndex, mitigation_label, verdict_passed
 
 if TYPE_CHECKING:
-    from service.schemas.reports import AttributeReport, GroupRow, MechanismDiagnostics, RunReport
+    from results.attributes import MechanismDiagnostics
+    from results.groups import GroupResult
+    from service.schemas.reports import AttributeReport, RunReport
 
 
 def _rank(values: dict[str, Any], group: str) -> tuple[int, int] | None:
@@ -108,15 +110,18 @@ def focus_run(index: ReportIndex) -> tuple[RunReport, AttributeReport] | None:
     else:
         top = max((r.ratio for r in index.runs), default=None)
         candidates = [r for r in index.runs if r.ratio == top]
-    ranked = [(_largest_gap(r), r) for r in candidates]
-    ranked = [item for item in ranked if item[0][1] is not None]
+    ranked: list[tuple[float, RunReport, AttributeReport]] = []
+    for candidate in candidates:
+        gap, attribute = _largest_gap(candidate)
+        if attribute is not None:
+            ranked.append((gap, candidate, attribute))
     if not ranked:
         return None
-    (_, attribute), run = max(ranked, key=lambda item: item[0][0])
+    _, run, attribute = max(ranked, key=lambda item: item[0])
     return run, attribute
 
 
-def _harm_sentence(run: RunReport, name: str, worst: GroupRow, groups: int) -> str:
+def _harm_sentence(run: RunReport, name: str, worst: GroupResult, groups: int) -> str:
     drop = worst.accuracy_drop
     verb = "loses" if not finite(drop) or drop >= 0 else "gains"
     return (

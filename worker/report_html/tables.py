@@ -21,12 +21,14 @@ from worker.report_html.format import (
 from worker.report_html.index import ReportIndex, mitigation_label, verdict_passed
 
 if TYPE_CHECKING:
-    from service.schemas.reports import AttributeAggregates, GroupRow, RunReport
+    from results.attributes import AttributeAggregates
+    from results.groups import GroupResult
+    from service.schemas.reports import RunReport
 
 Cells = list[tuple[str, str]]
 
 
-def _group_cells(g: GroupRow) -> Cells:
+def _group_cells(g: GroupResult) -> Cells:
     ci = g.confidence_intervals
     return [
         ("n", count(g.n)),
@@ -57,7 +59,7 @@ def group_table(index: ReportIndex, name: str) -> list[dict]:
 
 
 # The dense model's figures of a group in the diagnostics table, each read from its row in the first run that has it.
-DENSE_FIGURES: list[tuple[str, Callable[[GroupRow], Any]]] = [
+DENSE_FIGURES: list[tuple[str, Callable[[GroupResult], Any]]] = [
     ("dense_gradient_norm", lambda row: row.diagnostics.dense_gradient_norm),
     ("dense_hessian_trace", lambda row: row.diagnostics.dense_hessian_trace),
     ("dense_hessian_top_eigenvalue", lambda row: row.diagnostics.dense_hessian_top_eigenvalue),
@@ -193,13 +195,14 @@ def verdict_table(index: ReportIndex) -> dict:
     for method in index.labels or list(highest):
         runs = index.runs_by_label.get(method, [])
         first_failing = next((r for r in runs if verdict_passed(r) is False), None)
+        failing_verdict = first_failing.verdict if first_failing else None
         methods.append(
             {
                 "label": method,
                 "highest": ratio(highest.get(method)),
                 "none_passes": method in highest and highest.get(method) is None,
                 "first_failing": ratio(first_failing.ratio) if first_failing else MISSING,
-                "reasons": first_failing.verdict.reasons if first_failing else [],
+                "reasons": failing_verdict.reasons if failing_verdict else [],
             }
         )
     return {
@@ -243,7 +246,7 @@ def run_checks(index: ReportIndex) -> list[dict]:
 
 def _largest_multiplier(run: RunReport) -> str:
     multipliers = (run.mitigation_details.multipliers if run.mitigation_details else None) or {}
-    largest = max(multipliers, key=multipliers.get) if multipliers else None
+    largest = max(multipliers, key=multipliers.__getitem__) if multipliers else None
     return f"{mathtext_escaped(largest)}: {number(multipliers[largest])}" if largest else MISSING
 
 
