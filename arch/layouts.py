@@ -1,5 +1,5 @@
-"""What the torch module of a spec holds, without torch: its state_dict names in order with their
-shapes and dtype kinds, its input shape and its parameter count, and which pruned widths fit it.
+"""What the torch module of a base spec holds, without torch: its layers and their state_dict names in order
+with shapes and dtype kinds, and which pruned widths fit them (`arch.registry` applies this to any spec).
 
 The named architectures' layouts are walked from `arch.tables`, the tables `worker.engine.zoo` builds
 the modules from; the names are torchvision's (tests/unit/test_architectures.py checks the modules).
@@ -7,25 +7,20 @@ the modules from; the names are torchvision's (tests/unit/test_architectures.py 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from arch.mismatch import MISMATCHES_LISTED
+from arch.specs import BaseSpec, CNNSpec, MLPSpec
 from arch.tables import TABLES, MobileNetV2Table, ResNetTable, VGGTable
-
-if TYPE_CHECKING:
-    from arch.specs import AnySpec, BaseSpec, CNNSpec, MLPSpec, PrunedSpec
 
 # "float" for parameters and float buffers, "int" for integer buffers such as num_batches_tracked.
 DtypeKind = Literal["float", "int"]
 StateDictLayout = dict[str, tuple[tuple[int, ...], DtypeKind]]
 # Module name → its widths, under the names `worker.engine.architectures.layer_widths` reads them with.
 LayerWidths = dict[str, dict[str, int]]
-
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @dataclass(frozen=True)
@@ -186,16 +181,16 @@ def base_layers(spec: BaseSpec) -> Layers:
     raise TypeError(f"no state-dict layout for architecture {spec.name!r}")
 
 
-def pruned_widths(spec: PrunedSpec) -> LayerWidths:
+def pruned_widths(base_spec: BaseSpec, layers: Mapping[str, Mapping[str, int]]) -> LayerWidths:
     """Every layer of the base with the widths `spec` gives it (the base's where it gives none),
     checked the way `worker.engine.architectures.shrink_layers` checks them, as far as that goes
     without torch: known layer names, the right fields, widths from 1 up to the base's, groups that
     fit, each BatchNorm as wide as the conv before it, the input and the classes unchanged. (Whether
     the channels flow from layer to layer is left to the worker, which runs the rebuilt model once.)
     Raises ValueError with the reason."""
-    base = base_layers(spec.base)
-    arch = spec.base.name
-    for name, given in spec.layers.items():
+    base = base_layers(base_spec)
+    arch = base_spec.name
+    for name, given in layers.items():
         layer = base.get(name)
         if layer is None:
             known = ", ".join(list(base)[:MISMATCHES_LISTED])
@@ -204,7 +199,7 @@ def pruned_widths(spec: PrunedSpec) -> LayerWidths:
                 f"(its layers are named like {known}, …)"
             )
         _check_layer_widths(name, layer, given, arch)
-    widths = {name: layer.widths | spec.layers.get(name, {}) for name, layer in base.items()}
+    widths = {name: layer.widths | dict(layers.get(name, {})) for name, layer in base.items()}
     _check_layers_fit_together(base, widths)
     return widths
 
@@ -260,29 +255,3 @@ def _check_layers_fit_together(base: Layers, widths: LayerWidths) -> None:
                 f"layers: {name}.num_features is {widths[name]['num_features']} but the convolution "
                 f"before it, {before}, has {widths[before]['out_channels']} output channels"
             )
-
-
-def expected_state_dict(spec: AnySpec) -> StateDictLayout:
-    """Names of the torch module's state_dict() in order (parameters and buffers), each mapped to
-    (shape, dtype kind). A pruned spec has its base's names with the pruned layers' shapes."""
-    if spec.name == "pruned":
-        return base_layers(spec.base).layout(pruned_widths(spec))
-    return base_layers(spec).layout()
-
-
-def input_shape(spec: AnySpec) -> list[int]:
-    """Shape of one input example, without the batch dimension (a pruned model takes its base's)."""
-    if spec.name == "pruned":
-        return input_shape(spec.base)
-    if spec.name == "mlp":
-        return [spec.in_features]
-    return [spec.in_channels, spec.image_size, spec.image_size]
-
-
-def parameter_count(spec: AnySpec) -> int:
-    """Trainable parameters (weights, biases, BatchNorm affine); buffers are not counted."""
-    return sum(
-        math.prod(shape)
-        for name, (shape, _) in expected_state_dict(spec).items()
-        if name.rsplit(".", 1)[-1] not in _BUFFERS
-    )

@@ -1,4 +1,5 @@
-"""The registry of architectures a model upload can name, as pydantic specs (JSON in, JSON out).
+"""The base architectures a model upload can name, as pydantic specs (JSON in, JSON out); the channel-pruned
+spec over them and the registry are in `arch.registry`.
 
 Pure Python + pydantic: the web process validates uploads with this module and never imports torch.
 A spec's docstring is its description in GET /v1/architectures, and its examples are in its schema.
@@ -6,22 +7,14 @@ A spec's docstring is its description in GET /v1/architectures, and its examples
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     StrictInt,
-    StringConstraints,
-    TypeAdapter,
-    ValidatorFunctionWrapHandler,
-    model_serializer,
-    model_validator,
 )
-
-from arch.layouts import pruned_widths
 
 # Strict ints: JSON `true` or "64" is a mistake in an architecture, not a width.
 NumClasses = Annotated[StrictInt, Field(ge=2, le=100_000)]
@@ -185,118 +178,3 @@ CifarResNetSpec = ResNet20Spec | ResNet56Spec
 # Every spec but the MLP has in_channels and image_size: it takes [in_channels, image_size, image_size].
 BaseSpec = MLPSpec | CNNSpec | ImageNetSpec | CifarResNetSpec
 BaseArchitectureSpec = Annotated[BaseSpec, Field(discriminator="name")]
-
-MAX_PRUNED_LAYERS = 1_024
-LayerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-LayerWidths = Annotated[
-    dict[Annotated[str, StringConstraints(max_length=32)], Annotated[StrictInt, Field(ge=1, le=1_000_000)]],
-    Field(max_length=3),
-]
-# What a pruned spec's dump repeats from its base (so readers of a stored spec find them where they
-# find them on the base); validation accepts them back only when they agree with the base.
-_FROM_BASE = ("num_classes", "in_features", "in_channels", "image_size")
-
-
-class PrunedSpec(BaseModel):
-    """A channel-pruned registry architecture, as written in a pruneaudit run recipe: `base` is the
-    architecture it was pruned from, and `layers` gives the pruned Conv ({in_channels, out_channels,
-    groups}), Linear ({in_features, out_features}) and BatchNorm ({num_features}) layers by module
-    name; each width at most the base's. Unlisted layers keep the base's widths. The classifier's
-    outputs and the first layer's inputs cannot be pruned."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "pruned",
-                    "version": 1,
-                    "base": {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [16, 32], "num_classes": 10},
-                    "layers": {
-                        "features.0": {"in_channels": 1, "out_channels": 8, "groups": 1},
-                        "features.1": {"num_features": 8},
-                        "features.4": {"in_channels": 8, "out_channels": 16, "groups": 1},
-                        "features.5": {"num_features": 16},
-                        "classifier": {"in_features": 16, "out_features": 10},
-                    },
-                }
-            ]
-        },
-    )
-
-    name: Literal["pruned"]
-    version: Literal[1]
-    base: BaseArchitectureSpec
-    layers: Annotated[dict[LayerName, LayerWidths], Field(max_length=MAX_PRUNED_LAYERS)]
-
-    @property
-    def num_classes(self) -> int:
-        return self.base.num_classes
-
-    # AttributeError where the base has no such field, so hasattr() and getattr(spec, key, default) work.
-    @property
-    def in_features(self) -> int:
-        if isinstance(self.base, MLPSpec):
-            return self.base.in_features
-        raise AttributeError(f"a pruned {self.base.name} has no in_features")
-
-    @property
-    def in_channels(self) -> int:
-        if not isinstance(self.base, MLPSpec):
-            return self.base.in_channels
-        raise AttributeError("a pruned mlp has no in_channels")
-
-    @property
-    def image_size(self) -> int:
-        if not isinstance(self.base, MLPSpec):
-            return self.base.image_size
-        raise AttributeError("a pruned mlp has no image_size")
-
-    def base_fields(self) -> dict[str, int]:
-        """num_classes and the input fields of the base (in_features, or in_channels and image_size)."""
-        return {key: getattr(self, key) for key in _FROM_BASE if hasattr(self, key)}
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _accept_base_fields(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> PrunedSpec:
-        """A dump (with the base's fields repeated) validates back to the same spec."""
-        repeated: dict[str, Any] = {}
-        if isinstance(data, dict):
-            repeated = {key: data[key] for key in _FROM_BASE if key in data}
-            data = {key: value for key, value in data.items() if key not in _FROM_BASE}
-        spec = handler(data)
-        fields = spec.base_fields()
-        for key, value in repeated.items():
-            if key not in fields:
-                raise ValueError(f"{key} is not a field of a pruned {spec.base.name} architecture")
-            if type(value) is not int or value != fields[key]:
-                raise ValueError(f"{key} is {value!r} but the base architecture has {fields[key]}")
-        return spec
-
-    @model_validator(mode="after")
-    def _check_layers(self) -> PrunedSpec:
-        pruned_widths(self)  # raises ValueError with the reason
-        return self
-
-    @model_serializer(mode="wrap")
-    def _dump_with_base_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {**handler(self), **self.base_fields()}
-
-
-AnySpec = BaseSpec | PrunedSpec
-
-ArchitectureSpec = Annotated[AnySpec, Field(discriminator="name")]
-architecture_adapter: TypeAdapter[AnySpec] = TypeAdapter(ArchitectureSpec)
-
-REGISTRY: dict[str, type[BaseModel]] = {
-    "mlp": MLPSpec,
-    "cnn": CNNSpec,
-    "resnet18": ResNet18Spec,
-    "resnet34": ResNet34Spec,
-    "resnet50": ResNet50Spec,
-    "vgg16_bn": VGG16BNSpec,
-    "mobilenet_v2": MobileNetV2Spec,
-    "resnet20": ResNet20Spec,
-    "resnet56": ResNet56Spec,
-    "pruned": PrunedSpec,
-}

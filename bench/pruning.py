@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arch.layouts import input_shape
+from arch.registry import input_shape
 from bench.common import emit
 from worker.engine.architectures import build_model
 from worker.engine.finetune import gradual_magnitude_prune

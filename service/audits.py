@@ -12,8 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from arch.layouts import expected_state_dict
-from arch.specs import architecture_adapter
+from arch.registry import architecture_adapter, expected_state_dict
 from results.groups import GroupDiagnostics, GroupResult
 from service import catalog
 from service.db import rows_matched

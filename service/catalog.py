@@ -9,8 +9,7 @@ from typing import BinaryIO
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from arch.layouts import expected_state_dict, input_shape, parameter_count
-from arch.specs import REGISTRY, architecture_adapter
+from arch.registry import REGISTRY, architecture_adapter, expected_state_dict, input_shape, parameter_count
 from service.errors import InvalidInput
 from service.ingest.csv import read_csv_dataset
 from service.ingest.dataset import save_dataset

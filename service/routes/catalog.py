@@ -5,8 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import ValidationError
 
-from arch.layouts import input_shape
-from arch.specs import REGISTRY
+from arch.registry import REGISTRY, input_shape
 from service import catalog
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut

@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from arch.layouts import expected_state_dict, input_shape, parameter_count
-from arch.specs import PrunedSpec, architecture_adapter
+from arch.registry import PrunedSpec, architecture_adapter, expected_state_dict, input_shape, parameter_count
 from worker.engine.architectures import build_model, load_weights
 from worker.engine.errors import EngineError
 from worker.engine.structured import (

@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from arch.layouts import input_shape
 from arch.mismatch import state_dict_mismatch
-from arch.specs import AnySpec, BaseSpec, CNNSpec, MLPSpec, PrunedSpec, architecture_adapter
+from arch.registry import AnySpec, PrunedSpec, architecture_adapter, input_shape
+from arch.specs import BaseSpec, CNNSpec, MLPSpec
 from worker.engine import zoo
 from worker.engine.errors import EngineError
 

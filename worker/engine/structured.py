@@ -32,8 +32,7 @@ import torch_pruning as tp
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from arch.layouts import input_shape
-from arch.specs import PrunedSpec, architecture_adapter
+from arch.registry import PrunedSpec, architecture_adapter, input_shape
 from worker.engine.architectures import build_model, layer_widths, model_spec, shrink_layers
 from worker.engine.errors import EngineError
 from worker.engine.pruning import Scope, check_layer_names, check_ratio, prunable_layers
