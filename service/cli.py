@@ -21,10 +21,17 @@ API_KEY_ENV = "PRUNEAUDIT_API_KEY"
 LOCAL_TENANT = "local"
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
+def prepare_stores() -> None:
+    """Migrate the database and declare the broker queue: run before the API and workers start."""
     from service.migrate import upgrade_to_head
+    from service.queue import declare_queue
 
     upgrade_to_head()
+    declare_queue()
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    prepare_stores()
     print(f"database at head: {get_settings().resolved_database_url()}")
     return 0
 
@@ -116,9 +123,7 @@ def run_demo(url: str, key: str | None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade_to_head
-
-    upgrade_to_head()
+    prepare_stores()
     url = f"http://{args.host}:{args.port}"
     cli = [sys.executable, "-m", "service.cli"]
     children = [
@@ -220,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruneaudit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    commands.add_parser("migrate", help="apply database migrations and declare the broker queue").set_defaults(
+        func=cmd_migrate
+    )
 
     api = commands.add_parser("api", help="run the HTTP API (migrates first)")
     api.add_argument("--host", default=settings.host)

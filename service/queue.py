@@ -46,6 +46,17 @@ def get_celery_client() -> Celery:
     return client
 
 
+def declare_queue() -> None:
+    """Create the SQLite broker's tables and queue row, once, before the API and workers start: kombu's SQLAlchemy
+    transport inserts them on first use, and two processes doing that at once fail (UNIQUE constraint on
+    kombu_queue.name), which left an audit's first message unsent. Other brokers declare queues safely."""
+    settings = get_settings()
+    if not settings.resolved_broker_url().startswith("sqla+"):
+        return
+    with get_celery_client().connection_for_write() as connection:
+        connection.default_channel.queue_declare(queue=settings.queue_name)
+
+
 def enqueue_audit(audit_id: str) -> None:
     """Send the task by name; call only after the audit row is committed."""
     get_celery_client().send_task(RUN_AUDIT_TASK, args=[audit_id], queue=get_settings().queue_name)
