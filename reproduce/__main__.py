@@ -67,7 +67,7 @@ def train_dense(task: Task, seed: int) -> tuple[dict, torch.nn.Module]:
     }
     torch.manual_seed(seed)
     model = build_model(architecture)
-    with intra_op_threads(sum(p.numel() for p in model.parameters()), torch.device("cpu")):
+    with intra_op_threads(model, [task.train.x.shape[1]], 64, torch.device("cpu")):
         finetune(
             model, task.train.x, task.train.y, epochs=DENSE_EPOCHS, lr=1e-3, optimizer="adam", batch_size=64, seed=seed
         )
@@ -87,7 +87,7 @@ def audit(task: Task, seed: int, workdir: Path) -> list[RunResult]:
         group_by=group_by,
         pruning={"ratios": RATIOS, "methods": [{"method": "magnitude", "scope": "global", "ignored_layers": []}]},
         mitigations=[{"name": name, **MITIGATION_OPTIONS} for name in MITIGATIONS if name != "none"],
-        diagnostics={"hutchinson_probes": 16, "power_iterations": 10, "max_examples_per_group": 256},
+        diagnostics={"hutchinson_probes": 16, "lanczos_steps": 10, "max_examples_per_group": 256},
         statistics={"bootstrap_resamples": 0},
         seed=seed,
     )

@@ -59,22 +59,41 @@ class ConfidenceIntervals(Result):
 
 class GroupDiagnostics(Result):
     """Why the group is hurt (Tran et al. 2022; docs/METHODS.md §10–§12). `dense_` = at θd, else at θs (unmasked
-    parameters only). Computed on the evaluation split only; null on the train split."""
+    parameters only; pruned-model figures only with diagnostics.pruned_models). Computed on the evaluation split
+    only; null on the train split. Every estimate comes with its error; RunResult.estimators says how."""
 
     dense_gradient_norm: float | None = Field(None, description="‖∇J_a(θd)‖ of the group's mean loss, exact")
     gradient_norm: float | None = None
     dense_hessian_trace: float | None = Field(None, description="Hutchinson estimate on a capped subsample")
-    dense_hessian_trace_se: float | None = None
-    dense_hessian_top_eigenvalue: float | None = Field(None, description="power iteration on HVPs")
+    dense_hessian_trace_se: float | None = Field(None, description="its standard error over the probes")
+    dense_hessian_trace_probes: int | None = Field(None, description="probes drawn before the adaptive stop")
+    dense_hessian_top_eigenvalue: float | None = Field(None, description="λ_max by Lanczos on the same subsample")
+    dense_hessian_top_eigenvalue_error: float | None = Field(
+        None, description="Lanczos residual bound: an eigenvalue of the subsample Hessian lies within it"
+    )
     dense_eigenvalue_converged: bool | None = None
+    dense_gauss_newton_trace: float | None = Field(
+        None, description="Tr of the Gauss–Newton part of H_a (sampled labels, per-example gradients)"
+    )
+    dense_gauss_newton_trace_se: float | None = None
     hessian_trace: float | None = None
     hessian_trace_se: float | None = None
+    hessian_trace_probes: int | None = None
     hessian_top_eigenvalue: float | None = None
+    hessian_top_eigenvalue_error: float | None = None
     eigenvalue_converged: bool | None = None
-    curvature_examples: int | None = Field(None, description="examples of the group used for curvature")
+    gauss_newton_trace: float | None = None
+    gauss_newton_trace_se: float | None = None
+    curvature_examples: int | None = Field(None, description="examples of the group used for the Hessian figures")
+    sampled_examples: int | None = Field(
+        None, description="examples of the group used for the Gauss–Newton trace and the directional terms"
+    )
     gradient_dot_delta: float | None = Field(None, description="g_a·δ, δ = θs − θd")
-    delta_hessian_delta: float | None = Field(None, description="δᵀH_aδ over all of the group's examples")
+    gradient_dot_delta_se: float | None = Field(None, description="0 when every example of the group was used")
+    delta_hessian_delta: float | None = Field(None, description="δᵀH_aδ")
+    delta_hessian_delta_se: float | None = None
     predicted_excessive_loss: float | None = Field(None, description="R̂(a) = g_a·δ + ½ δᵀH_aδ")
+    predicted_excessive_loss_se: float | None = None
     bound_gradient_term: float | None = Field(None, description="‖g_a‖·‖δ‖ (Theorem 1)")
     bound_curvature_term: float | None = Field(None, description="½ λ_max(H_a)·‖δ‖² (Theorem 1)")
 

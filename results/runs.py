@@ -79,6 +79,9 @@ class RunResult(Result):
     )
     recipe: dict = Field(description="How the run was made: method, ratio, dense layers, seed, architecture.")
     notes: dict[str, str] = Field(description="What was not computed for this run, and why.")
+    estimators: dict[str, str] = Field(
+        default_factory=dict, description="How each diagnostic figure of this run was computed, by figure family."
+    )
     overall: OverallMetrics
     # Sequence, not list: RunReport narrows the items to AttributeReport, and a list field could not be narrowed.
     attributes: Sequence[AttributeResult] = Field(

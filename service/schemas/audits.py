@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -168,19 +168,56 @@ class PruningSpec(BaseModel):
 
 
 class DiagnosticsSpec(BaseModel):
-    """Why a group is hurt (Tran et al. 2022): gradient norms, curvature, predicted excessive loss."""
+    """Why a group is hurt (Tran et al. 2022): gradient norms, curvature, predicted excessive loss. The dense
+    model's figures are computed once per audit and shared by every run; each run adds R̂ along its δ."""
 
     model_config = ConfigDict(extra="forbid")
 
-    gradient_norms: bool = Field(True, description="Exact per-group gradient norm of the mean loss, dense and pruned.")
+    gradient_norms: bool = Field(True, description="Exact per-group gradient norm of the mean loss.")
     curvature: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Hessian trace (Hutchinson) and top eigenvalue (power iteration) per group. 'auto' computes "
-        "them for models up to 5M parameters and says so in the report when it skips them.",
+        description="Per group: Hessian trace (Hutchinson, adaptive), top eigenvalue (Lanczos) and Gauss–Newton "
+        "trace. 'auto' computes them for models up to 5M parameters and says so in the report when it skips them.",
     )
-    hutchinson_probes: int = Field(32, ge=2, le=1000, description="Rademacher probes per group.")
-    power_iterations: int = Field(20, ge=1, le=500, description="Power-iteration steps for the top eigenvalue.")
-    max_examples_per_group: int = Field(512, ge=1, le=100_000, description="Seeded subsample cap for curvature.")
+    pruned_models: bool = Field(
+        False,
+        description="Also each pruned model's gradient norms and curvature (a pass over the data per run, and the "
+        "curvature again); off, those figures are null and the report says why.",
+    )
+    hutchinson_probes: int = Field(16, ge=2, le=1000, description="At most this many Rademacher probes per group.")
+    trace_target_rse: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Hutchinson stops once its standard error is at most this share of the trace "
+        "(after 6 probes; 0 = always draw hutchinson_probes).",
+    )
+    lanczos_steps: int = Field(
+        default=20,
+        ge=1,
+        le=500,
+        description="At most this many Lanczos steps (Hessian-vector products) for the top eigenvalue; it stops "
+        "earlier once its residual bound is within 1e-3 of the estimate.",
+    )
+    max_examples_per_group: int = Field(
+        64, ge=1, le=100_000, description="Seeded subsample cap per group for the Hessian trace and top eigenvalue."
+    )
+    sampled_examples_per_group: int = Field(
+        256,
+        ge=2,
+        le=1_000_000,
+        description="Seeded subsample cap per group for the per-example estimates: Gauss–Newton trace and R̂'s "
+        "g_a·δ and δᵀH_aδ (every example when the group is smaller, and then R̂ is exact).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, data: Any) -> Any:
+        # Audits stored before Lanczos replaced power iteration name the step cap `power_iterations`.
+        if isinstance(data, dict) and "power_iterations" in data and "lanczos_steps" not in data:
+            data = {**data, "lanczos_steps": data["power_iterations"]}
+            del data["power_iterations"]
+        return data
 
 
 class StatisticsSpec(BaseModel):

@@ -24,8 +24,8 @@ Conventions shared by every diagnostics function:
 
 Hessian-vector products use double backprop (reverse-over-reverse); measured on this CPU it beat
 `torch.func` forward-over-reverse (jvp of grad) 2.4× for 32 probes on a 0.4M-parameter MLP (the
-first-order graph is built once and reused by every probe) and forward-over-forward 1.5× (MLP)
-and 1.6× (BatchNorm CNN) for δᵀHδ.
+first-order graph is built once and reused by every probe). δᵀHδ uses forward-over-forward instead
+(worker/engine/directional.py): slower per example, but per example, so a subsample states its error.
 """
 
 from __future__ import annotations

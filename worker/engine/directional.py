@@ -1,6 +1,13 @@
-"""Directional derivatives of every group's mean loss J_a along δ = θs − θd (or any given directions): g_a·δ and
-δᵀH_aδ over all of a group's examples; δ itself and its norm; and Tran's second-order prediction of the excessive
-loss R_hat(a) = g_a·δ + ½ δᵀH_aδ with its two Theorem-1 bound terms. Definitions: docs/METHODS.md §12.
+"""Directional derivatives of every group's mean loss J_a along δ = θs − θd: g_a·δ and δᵀH_aδ as means of
+per-example derivatives over a capped, seeded subsample of each group (all of it when the group is small),
+with their standard errors; δ itself and its norm; and Tran's second-order prediction of the excessive loss
+R_hat(a) = g_a·δ + ½ δᵀH_aδ with its two Theorem-1 bound terms. Definitions: docs/METHODS.md §12.
+
+Per-example derivatives come from forward-over-forward mode (a jvp of a jvp along t ↦ θ + tδ), one pass for
+every group of every grouping at once, with no graph kept. Measured on this 2-core CPU (ResNet-20 CIFAR
+layout, 512 images): 5.7 forward passes, against 3.7 for the exact per-group sums by double backprop over
+cell-sorted batches; the per-example form pays for itself because a subsample of 256 per group (10 groups,
+2,560 of 10,000 images) costs a quarter of the full pass and states its own error.
 
 Conventions (params, masks, groupings, seeds, eval mode): worker/engine/_state.py.
 """
@@ -13,30 +20,36 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, jvp
 
 from worker.engine._state import (
     Device,
     State,
     Tensors,
     aligned_directions,
-    cells,
     check_batch_size,
     check_data,
     check_groupings,
     eval_mode,
     load_batch,
 )
+from worker.engine.curvature import curvature_subsample
 from worker.engine.errors import EngineError
 
 
 @dataclass(frozen=True)
 class GroupDirectional:
-    """One grouping's first and second directional derivatives of J_a along given directions δ."""
+    """One grouping's first and second directional derivatives of J_a along δ, indexed by group code."""
 
-    dot: np.ndarray  # float64 g_a·δ; shape (G,) for one direction, (G, D) for D
-    quadratic: np.ndarray  # float64 δᵀH_aδ, same shape
-    counts: np.ndarray  # int64 n_a; both arrays are 0 where counts == 0
+    dot: np.ndarray  # float64 mean of g_i·δ over the group's subsample (g_a·δ when it is the whole group)
+    dot_se: np.ndarray  # float64 its standard error: 0 when the whole group was used
+    quadratic: np.ndarray  # float64 mean of δᵀH_iδ over the subsample
+    quadratic_se: np.ndarray  # float64 its standard error: 0 when the whole group was used
+    predicted_se: np.ndarray  # float64 standard error of dot + ½ quadratic (their covariance included)
+    examples_used: np.ndarray  # int64 min(n_a, max_examples)
+    counts: np.ndarray  # int64 n_a; every figure is 0 where counts == 0
 
 
 def group_directional(
@@ -45,79 +58,92 @@ def group_directional(
     x: np.ndarray,
     y: np.ndarray,
     groupings: Sequence[np.ndarray],
-    direction: Tensors | Sequence[Tensors],
+    direction: Tensors,
     *,
     n_groups: Sequence[int] | None = None,
     masks: Tensors | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
     batch_size: int = 256,
     device: Device = "cpu",
 ) -> list[GroupDirectional]:
-    """g_a·δ and δᵀH_aδ over ALL examples of every group of every grouping, in one pass: batches
-    never mix cells; per batch one gradient of the summed loss (with its graph) and one
-    Hessian-vector product per direction; a cell's scalars are added to its groups, then divided by
-    n_a. `direction` = one dict (arrays of shape (G,)) or a sequence of D dicts (shape (G, D)); with
-    `masks`, δ ⊙ m."""
+    """g_a·δ and δᵀH_aδ for every group of every grouping, from per-example derivatives on each group's
+    `curvature_subsample` of seed (seed, k, a) (None = every example); an example in several groups'
+    subsamples is computed once. With `masks`, δ ⊙ m. Standard errors are those of a mean of a sample drawn
+    without replacement (finite-population corrected), so they are 0 when the whole group was used."""
     check_batch_size(batch_size)
     state = State(model, params, masks)
     codes, sizes = check_groupings(groupings, n_groups, len(x))
     check_data(x, y)
-    directions, single = aligned_directions(direction, state)
-    if not directions:
-        raise EngineError("group_directional needs at least one direction")
-    directions = [state.masked([v.to(device) for v in d]) for d in directions]
-    first = [np.zeros((size, len(directions))) for size in sizes]
-    second = [np.zeros((size, len(directions))) for size in sizes]
-    leaves = list(state.leaves.values())
-    with eval_mode(model):
-        for cell_codes, batches in cells(codes, batch_size):
-            cell_first, cell_second = np.zeros(len(directions)), np.zeros(len(directions))
-            for index in batches:
-                inputs, labels = load_batch(x, y, index, state.dtype, device)
-                loss = state.loss_sum(inputs, labels)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True)
-                for d, v in enumerate(directions):
-                    slope = sum((g * t).sum() for g, t in zip(grads, v, strict=True))
-                    assert isinstance(slope, torch.Tensor), "State has at least one leaf, so the sum is a tensor"
-                    hv = torch.autograd.grad(slope, leaves, retain_graph=d < len(directions) - 1)
-                    cell_first[d] += float(slope.detach())
-                    cell_second[d] += sum(
-                        float(torch.vdot(h.flatten().double(), t.flatten().double()))
-                        for h, t in zip(hv, v, strict=True)
-                    )
-            for k, code in enumerate(cell_codes):
-                if code >= 0:
-                    first[k][code] += cell_first
-                    second[k][code] += cell_second
-    results = []
-    for k, size in enumerate(sizes):
-        counts = np.bincount(codes[k][codes[k] >= 0], minlength=size).astype(np.int64)
-        divisor = np.maximum(counts, 1).astype(np.float64)[:, None]
-        dot, quadratic = first[k] / divisor, second[k] / divisor
-        if single:
-            dot, quadratic = dot[:, 0], quadratic[:, 0]
-        results.append(GroupDirectional(dot=dot, quadratic=quadratic, counts=counts))
-    return results
+    (aligned,), _ = aligned_directions(direction, state)
+    along = dict(zip(state.leaves, state.masked(aligned), strict=True))
+    chosen = [
+        _subsamples(c, size, max_examples, (seed, k)) for k, (c, size) in enumerate(zip(codes, sizes, strict=True))
+    ]
+    rows = np.unique(np.concatenate([r for per_group in chosen for r in per_group] or [np.zeros(0, np.int64)]))
+    first, second = np.zeros(len(x)), np.zeros(len(x))
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            index = rows[start : start + batch_size]
+            first[index], second[index] = _per_example_derivatives(
+                state, along, *load_batch(x, y, index, state.dtype, device)
+            )
+    return [_summaries(per_group, first, second, codes[k], sizes[k]) for k, per_group in enumerate(chosen)]
 
 
-def quadratic_form(
-    model: nn.Module,
-    params: Tensors | None,
-    x: np.ndarray,
-    y: np.ndarray,
-    direction: Tensors,
-    *,
-    masks: Tensors | None = None,
-    batch_size: int = 256,
-    device: Device = "cpu",
-) -> float:
-    """δᵀHδ for the mean loss over ALL of (x, y) (one group's examples): the sum of per-batch
-    Hessian-vector products of the summed loss, dotted with δ, divided by n."""
-    if len(x) == 0:
-        raise EngineError("cannot compute a quadratic form over zero examples")
-    (result,) = group_directional(
-        model, params, x, y, [np.zeros(len(x), np.int64)], direction, masks=masks, batch_size=batch_size, device=device
-    )
-    return float(result.quadratic[0])
+def _subsamples(codes: np.ndarray, size: int, max_examples: int | None, seed: tuple[int, int]) -> list[np.ndarray]:
+    result = []
+    for group in range(size):
+        members = np.flatnonzero(codes == group)
+        if max_examples is not None and len(members):
+            members = members[curvature_subsample(len(members), max_examples, (*seed, group))]
+        result.append(members)
+    return result
+
+
+def _per_example_derivatives(
+    state: State, along: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """d/dt and d²/dt² of every example's loss at θ + tδ, t = 0 (forward over forward mode)."""
+    leaves = {name: leaf.detach() for name, leaf in state.leaves.items()}
+    one = torch.ones((), dtype=state.dtype, device=inputs.device)
+
+    def losses(t: torch.Tensor) -> torch.Tensor:
+        point = {name: leaf + t * along[name] for name, leaf in leaves.items()}
+        logits = functional_call(state.model, {**state.constants, **point}, (inputs,))
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def slopes(t: torch.Tensor) -> torch.Tensor:
+        return jvp(losses, (t,), (one,))[1]
+
+    derivatives = jvp(slopes, (torch.zeros_like(one),), (one,))
+    first, second = derivatives[0], derivatives[1]
+    if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+        raise EngineError("the model produced NaN or infinite derivatives along δ; check the weights")
+    return first.double().cpu().numpy(), second.double().cpu().numpy()
+
+
+def _summaries(
+    per_group: list[np.ndarray], first: np.ndarray, second: np.ndarray, codes: np.ndarray, size: int
+) -> GroupDirectional:
+    counts = np.bincount(codes[codes >= 0], minlength=size).astype(np.int64)
+    figures = np.zeros((5, size))
+    used = np.zeros(size, dtype=np.int64)
+    for group, members in enumerate(per_group):
+        if len(members) == 0:
+            continue
+        a, b = first[members], second[members]
+        correction = math.sqrt(max(0.0, 1 - len(members) / counts[group]) / len(members)) if len(members) > 1 else 0.0
+        figures[:, group] = (
+            a.mean(),
+            a.std(ddof=1) * correction if len(members) > 1 else 0.0,
+            b.mean(),
+            b.std(ddof=1) * correction if len(members) > 1 else 0.0,
+            (a + 0.5 * b).std(ddof=1) * correction if len(members) > 1 else 0.0,
+        )
+        used[group] = len(members)
+    dot, dot_se, quadratic, quadratic_se, predicted_se = figures
+    return GroupDirectional(dot, dot_se, quadratic, quadratic_se, predicted_se, used, counts)
 
 
 def parameter_delta(dense_params: Tensors, pruned_params: Tensors) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Why groups are hurt (Tran et al. 2022; docs/METHODS.md §9–§13): per-group gradient norms and curvature of a model,
 the directional terms along δ = θs − θd, and the figures and mechanism checks a run reports, all computed by
-worker.engine's gradients, curvature and directional modules."""
+worker.engine's gradients, curvature, gauss_newton and directional modules. The dense model's figures are
+computed once per audit; a run adds only its directional terms (and, on request, its own model's figures)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from results.attributes import AttributeMetrics, MechanismDiagnostics, RankCorrelation
 from results.groups import GroupDiagnostics, GroupResult
 from service.schemas.audits import DiagnosticsSpec
-from worker.engine.curvature import GroupCurvature, group_curvature
+from worker.engine.curvature import MIN_PROBES, GroupCurvature, group_curvature
 from worker.engine.directional import (
     GroupDirectional,
     bound_terms,
@@ -21,21 +22,27 @@ from worker.engine.directional import (
     parameter_delta,
     predicted_excessive_loss,
 )
+from worker.engine.gauss_newton import GroupGaussNewton, group_gauss_newton_trace
 from worker.engine.gradients import group_gradients
 from worker.engine.pruning import Masks
 from worker.engine.statistics import spearman
 from worker.pipeline.data import Split
 
-# Curvature costs HVPs over every group for every model; "auto" skips it above this size and says so.
+# Curvature costs HVPs over every group; "auto" skips it above this size and says so.
 AUTO_CURVATURE_MAX_PARAMETERS = 5_000_000
+LANCZOS_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
 class ModelDiagnostics:
-    """Per grouping, per group code: one model's gradient norms and (optionally) curvature."""
+    """Per grouping, per group code: one model's gradient norms, Hessian curvature and Gauss–Newton trace."""
 
     gradient_norms: list[np.ndarray] | None
     curvature: list[GroupCurvature] | None
+    gauss_newton: list[GroupGaussNewton] | None
+
+
+NOT_COMPUTED = ModelDiagnostics(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,33 @@ def curvature_decision(options: DiagnosticsSpec, parameter_count: int) -> tuple[
     return True, None
 
 
+def estimators(options: DiagnosticsSpec, with_curvature: bool) -> dict[str, str]:
+    """How each figure family was computed, in words, for the report."""
+    described = {}
+    if options.gradient_norms:
+        described["gradient_norms"] = "exact: the gradient of each group's summed loss over all its examples, / n_a"
+    if with_curvature:
+        cap = options.max_examples_per_group
+        described["hessian_trace"] = (
+            f"Hutchinson, Rademacher probes on at most {cap} examples per group; stops once the standard error is "
+            f"≤ {options.trace_target_rse:g} of the estimate (after {MIN_PROBES} probes), at most "
+            f"{options.hutchinson_probes} probes"
+        )
+        described["hessian_top_eigenvalue"] = (
+            f"Lanczos with full reorthogonalisation on the same subsample, at most {options.lanczos_steps} steps, "
+            f"until the residual bound is ≤ {LANCZOS_TOLERANCE:g}·|λ|"
+        )
+        described["gauss_newton_trace"] = (
+            f"‖∇ℓ(x, ŷ)‖² with ŷ drawn from the model's prediction, per example, on at most "
+            f"{options.sampled_examples_per_group} examples per group; error = their standard error"
+        )
+    described["directional"] = (
+        f"g_a·δ and δᵀH_aδ at θd from per-example forward-mode derivatives on at most "
+        f"{options.sampled_examples_per_group} examples per group (exact when the group is smaller)"
+    )
+    return described
+
+
 def diagnose_model(
     model: torch.nn.Module,
     split: Split,
@@ -68,42 +102,56 @@ def diagnose_model(
     masks: Masks | None = None,
 ) -> ModelDiagnostics:
     groupings = split.groupings
+    codes, sizes = [g.codes for g in groupings], [len(g.names) for g in groupings]
     norms = None
     if options.gradient_norms:
-        gradients = group_gradients(
+        gradients = group_gradients(model, None, split.x, split.y, codes, n_groups=sizes, masks=masks, device=device)
+        norms = [g.norms for g in gradients]
+    if not with_curvature:
+        return ModelDiagnostics(norms, None, None)
+    curvature = [
+        group_curvature(
             model,
             None,
             split.x,
             split.y,
-            [g.codes for g in groupings],
-            n_groups=[len(g.names) for g in groupings],
+            g.codes,
+            len(g.names),
             masks=masks,
+            probes=options.hutchinson_probes,
+            target_rse=options.trace_target_rse,
+            lanczos_steps=options.lanczos_steps,
+            tolerance=LANCZOS_TOLERANCE,
+            max_examples=options.max_examples_per_group,
+            seed=seed,
             device=device,
         )
-        norms = [g.norms for g in gradients]
-    curvature = None
-    if with_curvature:
-        curvature = [
-            group_curvature(
-                model,
-                None,
-                split.x,
-                split.y,
-                g.codes,
-                len(g.names),
-                masks=masks,
-                probes=options.hutchinson_probes,
-                power_iterations=options.power_iterations,
-                max_examples=options.max_examples_per_group,
-                seed=seed,
-                device=device,
-            )
-            for g in groupings
-        ]
-    return ModelDiagnostics(norms, curvature)
+        for g in groupings
+    ]
+    gauss_newton = group_gauss_newton_trace(
+        model,
+        None,
+        split.x,
+        split.y,
+        codes,
+        n_groups=sizes,
+        masks=masks,
+        max_examples=options.sampled_examples_per_group,
+        seed=seed,
+        device=device,
+    )
+    return ModelDiagnostics(norms, curvature, gauss_newton)
 
 
-def direction(dense_model: torch.nn.Module, model: torch.nn.Module, split: Split, device: torch.device) -> Direction:
+def direction(
+    dense_model: torch.nn.Module,
+    model: torch.nn.Module,
+    split: Split,
+    options: DiagnosticsSpec,
+    *,
+    seed: int,
+    device: torch.device,
+) -> Direction:
     """R̂(a) = g_a·δ + ½ δᵀH_aδ needs both terms at the dense parameters (Tran Eq. 4): one pass for all groups."""
     delta = parameter_delta(dict(dense_model.named_parameters()), dict(model.named_parameters()))
     terms = group_directional(
@@ -114,50 +162,72 @@ def direction(dense_model: torch.nn.Module, model: torch.nn.Module, split: Split
         [g.codes for g in split.groupings],
         delta,
         n_groups=[len(g.names) for g in split.groupings],
+        max_examples=options.sampled_examples_per_group,
+        seed=seed,
         device=device,
     )
     return Direction(terms, delta_norm(delta))
 
 
 def _model_figures(prefix: str, model: ModelDiagnostics, k: int, code: int) -> dict:
-    norms, curvature = model.gradient_norms, model.curvature
+    norms, curvature, gauss_newton = model.gradient_norms, model.curvature, model.gauss_newton
+    hessian = curvature[k] if curvature else None
+    sampled = gauss_newton[k] if gauss_newton else None
     return {
         f"{prefix}gradient_norm": float(norms[k][code]) if norms else None,
-        f"{prefix}hessian_trace": float(curvature[k].trace[code]) if curvature else None,
-        f"{prefix}hessian_trace_se": float(curvature[k].trace_se[code]) if curvature else None,
-        f"{prefix}hessian_top_eigenvalue": float(curvature[k].top_eigenvalue[code]) if curvature else None,
-        f"{prefix}eigenvalue_converged": bool(curvature[k].eigenvalue_converged[code]) if curvature else None,
+        f"{prefix}hessian_trace": float(hessian.trace[code]) if hessian else None,
+        f"{prefix}hessian_trace_se": float(hessian.trace_se[code]) if hessian else None,
+        f"{prefix}hessian_trace_probes": int(hessian.trace_probes[code]) if hessian else None,
+        f"{prefix}hessian_top_eigenvalue": float(hessian.top_eigenvalue[code]) if hessian else None,
+        f"{prefix}hessian_top_eigenvalue_error": float(hessian.top_eigenvalue_error[code]) if hessian else None,
+        f"{prefix}eigenvalue_converged": bool(hessian.eigenvalue_converged[code]) if hessian else None,
+        f"{prefix}gauss_newton_trace": float(sampled.trace[code]) if sampled else None,
+        f"{prefix}gauss_newton_trace_se": float(sampled.trace_se[code]) if sampled else None,
     }
+
+
+def _directional_figures(along: Direction | None, dense: ModelDiagnostics, k: int, n_groups: int) -> list[dict]:
+    """R̂ with its error and the two Theorem-1 bound terms of every group code of grouping `k`."""
+    if along is None:
+        return [{} for _ in range(n_groups)]
+    terms = along.terms[k]
+    predicted = predicted_excessive_loss(terms.dot, terms.quadratic)
+    norms = dense.gradient_norms[k] if dense.gradient_norms else None
+    tops = dense.curvature[k].top_eigenvalue if dense.curvature else None
+    absent = np.zeros(n_groups)
+    gradient_term, curvature_term = bound_terms(
+        norms if norms is not None else absent, tops if tops is not None else absent, along.norm
+    )
+    return [
+        {
+            "sampled_examples": int(terms.examples_used[code]),
+            "gradient_dot_delta": float(terms.dot[code]),
+            "gradient_dot_delta_se": float(terms.dot_se[code]),
+            "delta_hessian_delta": float(terms.quadratic[code]),
+            "delta_hessian_delta_se": float(terms.quadratic_se[code]),
+            "predicted_excessive_loss": float(predicted[code]),
+            "predicted_excessive_loss_se": float(terms.predicted_se[code]),
+            "bound_gradient_term": float(gradient_term[code]) if norms is not None else None,
+            "bound_curvature_term": float(curvature_term[code]) if tops is not None else None,
+        }
+        for code in range(n_groups)
+    ]
 
 
 def grouping_diagnostics(
     k: int, n_groups: int, dense: ModelDiagnostics, pruned: ModelDiagnostics, along: Direction | None
 ) -> list[GroupDiagnostics]:
     """The diagnostics of every group code of grouping `k`."""
-    predicted = bound_gradient = bound_curvature = None
-    if along is not None:
-        terms = along.terms[k]
-        predicted = predicted_excessive_loss(terms.dot, terms.quadratic)
-        norms = dense.gradient_norms[k] if dense.gradient_norms else None
-        tops = dense.curvature[k].top_eigenvalue if dense.curvature else None
-        absent = np.zeros(n_groups)
-        gradient_term, curvature_term = bound_terms(
-            norms if norms is not None else absent, tops if tops is not None else absent, along.norm
-        )
-        bound_gradient = gradient_term if norms is not None else None
-        bound_curvature = curvature_term if tops is not None else None
+    directional = _directional_figures(along, dense, k, n_groups)
     figures = []
     for code in range(n_groups):
+        sampled = dense.gauss_newton[k].examples_used[code] if dense.gauss_newton else None
         figures.append(
             GroupDiagnostics(
                 **_model_figures("dense_", dense, k, code),
                 **_model_figures("", pruned, k, code),
                 curvature_examples=int(dense.curvature[k].examples_used[code]) if dense.curvature else None,
-                gradient_dot_delta=float(along.terms[k].dot[code]) if along else None,
-                delta_hessian_delta=float(along.terms[k].quadratic[code]) if along else None,
-                predicted_excessive_loss=float(predicted[code]) if predicted is not None else None,
-                bound_gradient_term=float(bound_gradient[code]) if bound_gradient is not None else None,
-                bound_curvature_term=float(bound_curvature[code]) if bound_curvature is not None else None,
+                **{"sampled_examples": int(sampled) if sampled is not None else None, **directional[code]},
             )
         )
     return figures

@@ -20,15 +20,21 @@ from worker.engine.structured import compare_models, model_cost
 from worker.inputs import AuditInputs
 from worker.pipeline.data import Split
 from worker.pipeline.diagnose import (
+    NOT_COMPUTED,
     Direction,
     ModelDiagnostics,
     diagnose_model,
     direction,
+    estimators,
     grouping_diagnostics,
     mechanism,
     with_diagnostics,
 )
 
+PRUNED_NOTE = (
+    "the pruned model's own gradient norms and curvature were not computed (diagnostics.pruned_models = false); "
+    "the dense model's figures and R̂ along δ explain the run"
+)
 CHANNEL_NOTE = "channel pruning removes parameters, so δ = θs − θd and R̂ are not defined for this run"
 
 
@@ -139,22 +145,7 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
             batch_size=inputs.spec.batch_size,
             device=baseline.device,
         )
-        pruned = diagnose_model(
-            model,
-            baseline.evaluation,
-            inputs.spec.diagnostics,
-            seed=inputs.spec.seed,
-            device=baseline.device,
-            with_curvature=baseline.with_curvature,
-            masks=candidate.masks,
-        )
-        along = (
-            direction(baseline.model, model, baseline.evaluation, baseline.device)
-            if candidate.masks is not None
-            else None
-        )
-        if candidate.masks is None:
-            notes["predicted_excessive_loss"] = CHANNEL_NOTE
+        pruned, along = run_diagnostics(baseline, candidate, notes)
     attributes = evaluation_attributes(baseline, outcomes, pruned, along)
     if weights_path is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
@@ -172,12 +163,38 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
         compression=compression,
         recipe=candidate.recipe,
         notes=notes,
+        estimators=estimators(inputs.spec.diagnostics, baseline.with_curvature),
         overall=overall_metrics(baseline.evaluation.dense_outcomes, outcomes),
         attributes=attributes,
         mitigation=candidate.mitigation,
         mitigation_details=candidate.mitigation_details,
         train=train,
     )
+
+
+def run_diagnostics(
+    baseline: Baseline, candidate: Candidate, notes: dict[str, str]
+) -> tuple[ModelDiagnostics, Direction | None]:
+    """The pruned model's own figures (only with diagnostics.pruned_models) and R̂'s terms along its δ (only
+    where δ is defined); says in `notes` what was left out."""
+    options, seed, device = baseline.inputs.spec.diagnostics, baseline.inputs.spec.seed, baseline.device
+    pruned = NOT_COMPUTED
+    if options.pruned_models:
+        pruned = diagnose_model(
+            candidate.model,
+            baseline.evaluation,
+            options,
+            seed=seed,
+            device=device,
+            with_curvature=baseline.with_curvature,
+            masks=candidate.masks,
+        )
+    else:
+        notes["pruned_model_diagnostics"] = PRUNED_NOTE
+    if candidate.masks is None:
+        notes["predicted_excessive_loss"] = CHANNEL_NOTE
+        return pruned, None
+    return pruned, direction(baseline.model, candidate.model, baseline.evaluation, options, seed=seed, device=device)
 
 
 def train_figures(baseline: Baseline, model: torch.nn.Module) -> SplitResult:
