@@ -1,7 +1,8 @@
 """The report does not drift: two audits of fixed inputs (the demo audit, and one that exercises every section:
 channel pruning, fine-tuning, mitigations with the train split, two attributes and their intersection) are run
 through the real stack and their JSON, CSV and HTML compared with stored copies (tests/golden/; last rewritten
-for the diagnostics of issue #12: Lanczos, adaptive Hutchinson, Gauss–Newton trace, subsampled R̂ with errors). Only what differs between two runs of the same code is masked: ids, share tokens, timestamps,
+for the diagnostics of issue #12: Lanczos, adaptive Hutchinson, Gauss–Newton trace, subsampled R̂ with errors).
+Only what differs between two runs of the same code is masked: ids, share tokens, timestamps,
 wall times, CPU latencies and package versions. Numbers compare within float32 noise across CPUs (relative 1e-5,
 absolute 1e-7: another machine's BLAS kernels move the last bits of the float32 forward pass, measured ~1e-7
 relative in losses); the HTML compares its text exactly and its printed numbers to their printed precision.
