@@ -60,7 +60,6 @@ def upgrade() -> None:
         batch_op.create_unique_constraint("uq_runs_audit_position", ["audit_id", "position"])
 
 
-
 def downgrade() -> None:
     # Revision 0009 stores runs only for succeeded audits, all at once; the older code redoes an unfinished audit
     # from the start, so the runs of audits that have not succeeded are removed.

@@ -94,7 +94,9 @@ def write_tree(path: Path, tree: Any) -> None:
     structure = json.dumps(encoder.encode(tree)).encode()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     with partial.open("wb") as handle:
-        np.savez(handle, **encoder.arrays, **{STRUCTURE_ENTRY: np.frombuffer(structure, dtype=np.uint8)})
+        # Typed Any: numpy's stubs read **arrays as its allow_pickle flag (np.savez never pickles numeric arrays).
+        entries: dict[str, Any] = {**encoder.arrays, STRUCTURE_ENTRY: np.frombuffer(structure, dtype=np.uint8)}
+        np.savez(handle, **entries)
     os.replace(partial, path)
 
 
