@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -52,7 +53,9 @@ def _why_not_owned(session: Session, audit_id: str) -> Exception:
     return AuditCancelled(audit_id) if cancel_requested else AttemptSuperseded(audit_id)
 
 
-def queue_runs(lease: AuditLease, plans: list[RunPlan], dense: RunResult, worker: str) -> list[str]:
+def queue_runs(
+    lease: AuditLease, plans: list[RunPlan], dense: RunResult, worker: str, started_at: datetime
+) -> list[str]:
     """The fan-out, in one transaction of the attempt that owns the audit: the dense run (position 0) stored, one
     queued run per plan, and the audit marked as having its runs queued (from then on the sweeper watches each
     run's heartbeat, not the audit's). Returns the runs that can start now (the others wait for the run they
@@ -84,6 +87,7 @@ def queue_runs(lease: AuditLease, plans: list[RunPlan], dense: RunResult, worker
                 status=RunStatus.succeeded,
                 attempts=1,
                 worker=worker,
+                started_at=started_at,
                 finished_at=utcnow(),
                 result=dense.model_dump(mode="json"),
             )

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
 from service.db import session_scope
-from service.models import Audit, Dataset, Run, RunStatus
+from service.models import Audit, Dataset, Run, RunStatus, utcnow
 from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_run
 from service.settings import get_settings
 from service.storage import get_store
@@ -102,8 +102,9 @@ def run_audit(self: Task, audit_id: str) -> None:
         with session_scope() as session:
             inputs = pipeline_inputs(session.get_one(Audit, audit_id), work_dir)
         lease.checkpoint(0.0, "measuring the dense baseline")
+        started_at = utcnow()
         dense = measure_baseline(inputs, work_dir)
-        ready = queue_runs(lease, inputs.plans(), dense, worker_name(self))
+        ready = queue_runs(lease, inputs.plans(), dense, worker_name(self), started_at)
     for run_id in ready:
         send_run(run_id)
 

@@ -49,8 +49,8 @@ FULL_SPEC = {
     "policy": {"max_excess_accuracy_gap": 0.05, "max_worst_group_drop": 0.2, "min_group_size": 20},
     "seed": 3,
 }
-# Keys whose values change from one run of the same code to the next.
-VOLATILE_KEYS = {"created_at", "finished_at", "seconds", "environment", "latency_ms", "latency_speedup"}
+# Keys whose values change from one run of the same code to the next (`worker`: which worker computed a run).
+VOLATILE_KEYS = {"created_at", "finished_at", "seconds", "environment", "latency_ms", "latency_speedup", "worker"}
 VOLATILE_KEY_PATTERN = re.compile(r"latency")
 
 
