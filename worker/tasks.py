@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -29,6 +30,11 @@ from worker.celery_app import app
 from worker.engine.errors import EngineError
 from worker.inputs import AuditInputs, RunPlan, audit_inputs
 from worker.leases import AttemptSuperseded, AuditCancelled, AuditLease, RunLease, claim_audit, claim_run
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.pipeline.mitigations import SavedRun
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,9 @@ def run_audit(self: Task, audit_id: str) -> None:
         send_run(run_id)
 
 
-def starts_from(session: Session, lease: RunLease, plan: RunPlan, work_dir: Path) -> Callable | None:
+def starts_from(
+    session: Session, lease: RunLease, plan: RunPlan, work_dir: Path
+) -> Callable[[torch.device], SavedRun] | None:
     """For a mitigation placed 'after' pruning: a loader of its unmitigated run's saved model, masks and recipe."""
     if plan.starts_from is None:
         return None
@@ -123,6 +131,7 @@ def starts_from(session: Session, lease: RunLease, plan: RunPlan, work_dir: Path
     assert weights_sha256 is not None, "an unmitigated run stores its weights when it succeeds"
     weights_path = get_store().blob_path(weights_sha256)
     position = plan.starts_from
+    # Loaded on the run's device, which the runner picks.
     return lambda device: load_unmitigated(work_dir, position, attempt, weights_path, device)
 
 

@@ -332,7 +332,7 @@ def test_run_whose_worker_keeps_vanishing_fails_its_audit_at_the_attempt_cap(cra
         audit = wait_for_audit(client, audit_id, timeout_s=60)
     assert audit["status"] == "failed", audit
     assert audit["attempts"] == 1
-    assert audit["error"].startswith("run magnitude-global: the worker running this run vanished 2 times")
+    assert audit["error"].startswith("run magnitude-global-finetuned: the worker running this run vanished 2 times")
     assert "giving up after 2 attempts" in audit["error"]
     assert runs_of(crash_database, audit_id) == [(0, "succeeded", 1), (1, "failed", 2)]
 
