@@ -2,7 +2,7 @@
 channel pruning, fine-tuning, mitigations with the train split, two attributes and their intersection) are run
 through the real stack and their JSON, CSV and HTML compared with copies stored before the results redesign
 (tests/golden/). Only what differs between two runs of the same code is masked: ids, share tokens, timestamps,
-wall times, CPU latencies and package versions.
+wall times, CPU latencies, package versions and which worker computed each run.
 
 `PRUNEAUDIT_WRITE_GOLDEN=1 pytest tests/integration/test_report_golden.py` rewrites the stored copies (do that
 only for a deliberate change of the report, and say so in the commit)."""
