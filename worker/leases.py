@@ -82,7 +82,6 @@ def claim_audit(audit_id: str) -> AuditLease | None:
                 attempts=Audit.attempts + 1,
                 started_at=utcnow(),
                 heartbeat_at=utcnow(),
-                runs_queued_at=None,
                 progress=0.0,
                 progress_message="started",
                 error=None,
