@@ -19,6 +19,7 @@ from service.db import rows_matched
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
 from service.policy import audit_verdict, metric_items, run_verdict
+from service.runs import settle_cancellation
 from service.schemas.audits import AuditSpec, PolicySpec
 from service.schemas.reports import REPORT_VERSION, AuditReport, DatasetRef, ModelRef, RunReport
 from service.tenancy import owned
@@ -140,8 +141,9 @@ def get_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
 
 
 def cancel_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
-    """A queued audit ends `cancelled` at once; a running one is flagged and its worker stops at the next
-    checkpoint (between runs and epochs). Ended audits cannot be cancelled (409)."""
+    """A queued audit ends `cancelled` at once; a running one is flagged: its queued runs are stopped at once
+    (never computed), its running ones at their next checkpoint (between epochs), and it ends `cancelled` when none
+    runs any more (at once when none does). Ended audits cannot be cancelled (409)."""
     audit = get_audit(session, tenant_id, audit_id)
     stopped = rows_matched(
         session,
@@ -159,6 +161,10 @@ def cancel_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
         if flagged == 0:
             session.refresh(audit)
             raise Conflict(f"audit {audit_id} has already ended ({audit.status.value}); there is nothing to cancel")
+        # The flag's UPDATE holds the audit's lock (service/runs.py); before its runs are queued, the worker
+        # measuring the dense baseline sees the flag at its next checkpoint instead.
+        if session.scalar(select(Audit.runs_queued_at).where(Audit.id == audit_id)) is not None:
+            settle_cancellation(session, audit_id)
     session.refresh(audit)
     return audit
 
@@ -175,10 +181,17 @@ def list_audits(
 
 
 def _run_report(run: Run, weights_url) -> RunReport:
-    """The stored result with the run's id and weights link; `verdict` is left null here, assemble_report applies
-    the policy."""
+    """The stored result with the run's id, weights link and worker; `verdict` is left null here, assemble_report
+    applies the policy."""
+    assert run.result is not None, "a report is assembled once every run has succeeded, with its result"
     return RunReport.model_validate(
-        {**run.result, "id": run.id, "verdict": None, "weights_url": weights_url(run) if run.weights_sha256 else None}
+        {
+            **run.result,
+            "id": run.id,
+            "worker": run.worker,
+            "verdict": None,
+            "weights_url": weights_url(run) if run.weights_sha256 else None,
+        }
     )
 
 

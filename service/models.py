@@ -1,6 +1,6 @@
 """ORM models. The audit row is the source of truth for an audit's state; results live in `runs`, one per
-method × ratio × mitigation plus the dense baseline, each holding its typed result (results.runs.RunResult)
-as JSON."""
+method × ratio × mitigation plus the dense baseline, each with its own state (runs are computed by separate
+tasks, on any worker) and, once succeeded, its typed result (results.runs.RunResult) as JSON."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ class AuditStatus(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class RunStatus(str, enum.Enum):
+    """queued → running → succeeded | failed | cancelled; a run whose worker vanished goes back to queued."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"  # never computed, or stopped: the audit was cancelled or failed first
 
 
 class Tenant(Base):
@@ -110,6 +120,9 @@ class Audit(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the dense baseline was stored and the runs queued. Until then the audit's own heartbeat shows its worker
+    # is alive (a stale one re-queues the whole audit); from then on each run has its heartbeat and is redone alone.
+    runs_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Idempotency-Key of the POST that created the audit, and a digest of its body (IETF draft semantics).
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_digest: Mapped[str | None] = mapped_column(String(64))
@@ -128,17 +141,33 @@ class Audit(Base):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("audit_id", "position", name="uq_runs_audit_position"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
     position: Mapped[int] = mapped_column(Integer)
+    status: Mapped[RunStatus] = mapped_column(
+        Enum(RunStatus, native_enum=False, length=16), default=RunStatus.queued, index=True
+    )
+    # Every state change of a run matches its attempt, as audits do: a worker that comes back after its run was
+    # re-queued writes nothing.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The position of the run whose saved weights and masks this one starts from (a mitigation placed 'after'
+    # pruning); it is enqueued once that run has succeeded.
+    starts_from: Mapped[int | None] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(255))  # hostname and pid of the worker that computed it
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
     label: Mapped[str] = mapped_column(String(64), default="dense")
     method: Mapped[str] = mapped_column(String(32))
     scope: Mapped[str | None] = mapped_column(String(16))
     ratio: Mapped[float] = mapped_column(Float)
     mitigation: Mapped[str] = mapped_column(String(32), default="none", server_default="none")
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
-    # results.runs.RunResult as JSON: what the worker computed is what the report serves.
-    result: Mapped[dict] = mapped_column(JSON)
+    # results.runs.RunResult as JSON, once succeeded: what the worker computed is what the report serves.
+    result: Mapped[dict | None] = mapped_column(JSON)
 
     audit: Mapped[Audit] = relationship(back_populates="runs")

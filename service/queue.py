@@ -9,15 +9,16 @@ from celery import Celery
 
 from service.settings import Settings, get_settings
 
-RUN_AUDIT_TASK = "pruneaudit.run_audit"
+RUN_AUDIT_TASK = "pruneaudit.run_audit"  # claims the audit, stores the dense baseline, queues the runs
+COMPUTE_RUN_TASK = "pruneaudit.compute_run"  # one run of an audit, on any worker
 
 
 def celery_config(settings: Settings) -> dict:
     transport_options: dict = {}
     broker_url = settings.resolved_broker_url()
     if broker_url.startswith(("redis://", "rediss://")):
-        # An unacked message is redelivered after the visibility timeout: it must outlast the longest audit.
-        transport_options["visibility_timeout"] = settings.audit_time_limit_s + 600
+        # An unacked message is redelivered after the visibility timeout: it must outlast the longest task.
+        transport_options["visibility_timeout"] = max(settings.audit_time_limit_s, settings.run_time_limit_s) + 600
         if settings.broker_key_prefix:
             transport_options["global_keyprefix"] = settings.broker_key_prefix
     elif broker_url.startswith("sqla+"):
@@ -35,6 +36,13 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.audit_time_limit_s,
         "task_soft_time_limit": max(settings.audit_time_limit_s - 60, 1),
+        # Each run has its own limit: the soft one lets the run fail with the reason, the hard one ends the child.
+        "task_annotations": {
+            COMPUTE_RUN_TASK: {
+                "time_limit": settings.run_time_limit_s,
+                "soft_time_limit": max(settings.run_time_limit_s - 60, 1),
+            }
+        },
         "worker_hijack_root_logger": False,
     }
 
@@ -60,3 +68,8 @@ def declare_queue() -> None:
 def enqueue_audit(audit_id: str) -> None:
     """Send the task by name; call only after the audit row is committed."""
     get_celery_client().send_task(RUN_AUDIT_TASK, args=[audit_id], queue=get_settings().queue_name)
+
+
+def enqueue_run(run_id: str) -> None:
+    """Send one run's task by name; call only after the run row is committed."""
+    get_celery_client().send_task(COMPUTE_RUN_TASK, args=[run_id], queue=get_settings().queue_name)

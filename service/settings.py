@@ -20,7 +20,12 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(None, description="Content-addressed blob store; default var_dir/blobs.")
     queue_name: str = "pruneaudit"
     max_upload_bytes: int = 512 * 1024 * 1024
-    audit_time_limit_s: int = 3600
+    audit_time_limit_s: int = Field(
+        3600, ge=1, description="Time limit of an audit's first task: loading it and measuring the dense baseline."
+    )
+    run_time_limit_s: int = Field(
+        3600, ge=1, description="Time limit of each run (one method × ratio × mitigation), a task of its own."
+    )
     max_runs: int = Field(50, description="Most runs (ratios × methods) one audit may ask for.")
     max_parameters: int = Field(200_000_000, description="Largest model (trainable parameters) accepted for upload.")
     device: str = Field("auto", description="Torch device for workers: auto (CUDA when present), cpu, cuda.")
@@ -29,12 +34,16 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(
         300.0, gt=0, description="A running audit with no heartbeat for this long lost its worker: re-queued."
     )
-    max_attempts: int = Field(3, ge=1, description="Attempts before an audit whose worker keeps vanishing fails.")
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts before an audit (its baseline, or one run) whose worker keeps vanishing fails."
+    )
     sweep_interval_s: float = Field(30.0, gt=0, description="How often `pruneaudit sweeper` looks for audits.")
     requeue_queued_after_s: float = Field(
         60.0, gt=0, description="A queued audit this old with no message in the broker (lost) is enqueued again."
     )
-    worker_max_tasks_per_child: int = Field(20, ge=1, description="A worker child is replaced after this many audits.")
+    worker_max_tasks_per_child: int = Field(
+        20, ge=1, description="A worker child is replaced after this many tasks (baselines and runs)."
+    )
     worker_max_memory_mb: int = Field(
         16384,
         ge=0,

@@ -91,6 +91,22 @@ class BlobStore:
     def remove_dataset_dir(self, dataset_id: str) -> None:
         shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)
 
+    @property
+    def work_root(self) -> Path:
+        return self.root / "work"
+
+    def work_dir(self, audit_id: str, attempt: int) -> Path:
+        """What the runs of one audit attempt share across workers and hosts: the stored dense baseline and the
+        unmitigated runs' masks. Per attempt, so a stalled earlier attempt never writes over a later one's."""
+        return self.work_root / audit_id / f"attempt-{attempt}"
+
+    def work_audit_ids(self) -> list[str]:
+        return sorted(path.name for path in self.work_root.iterdir()) if self.work_root.is_dir() else []
+
+    def remove_work(self, audit_id: str) -> None:
+        """Every attempt's work files of an audit that has ended."""
+        shutil.rmtree(self.work_root / audit_id, ignore_errors=True)
+
 
 @lru_cache
 def get_store() -> BlobStore:

@@ -1,5 +1,5 @@
-"""A thread that keeps a running audit's heartbeat fresh while the pipeline works (a single evaluation of a
-large model can outlast the sweeper's stale threshold between progress checkpoints) and enforces the
+"""A thread that keeps a running audit's or run's heartbeat fresh while the pipeline works (a single evaluation of
+a large model can outlast the sweeper's stale threshold between progress checkpoints) and enforces the
 worker child's memory cap, which Celery's --max-memory-per-child only checks after a task has ended."""
 
 from __future__ import annotations
@@ -10,11 +10,7 @@ import resource
 import signal
 import threading
 import time
-
-from sqlalchemy import Update, update
-
-from service.db import rows_matched, session_scope
-from service.models import Audit, AuditStatus, utcnow
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 MEMORY_CHECK_INTERVAL_S = 1.0
@@ -29,19 +25,29 @@ def resident_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Lease(Protocol):
+    """An attempt's claim of its row (worker/leases.py: an audit's or a run's)."""
+
+    @property
+    def subject(self) -> str: ...  # "the audit", "the run": for the memory cap's message
+
+    def beat(self) -> bool: ...  # heartbeat; False once the row is no longer this attempt's
+
+    def fail(self, error: str) -> bool: ...  # this attempt fails, with the reason
+
+
 class AttemptHeartbeat:
-    """Used as `with AttemptHeartbeat(audit_id, attempt, ...) as heartbeat:` around the pipeline.
+    """Used as `with AttemptHeartbeat(lease, ...):` around the pipeline.
 
-    Every write matches (status running, this attempt): once the sweeper has handed the audit to a new
-    attempt, this one can no longer touch the row, and the task learns so at its next checkpoint."""
+    Every write matches (status running, this attempt): once the sweeper has handed the row to a new
+    attempt, this one can no longer touch it, and the task learns so at its next checkpoint."""
 
-    def __init__(self, audit_id: str, attempt: int, *, interval_s: float, max_memory_mb: int) -> None:
-        self.audit_id = audit_id
-        self.attempt = attempt
+    def __init__(self, lease: Lease, *, interval_s: float, max_memory_mb: int) -> None:
+        self.lease = lease
         self.interval_s = interval_s
         self.max_memory_mb = max_memory_mb
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{audit_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def __enter__(self) -> AttemptHeartbeat:
         self._thread.start()
@@ -51,33 +57,18 @@ class AttemptHeartbeat:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _owned_row(self) -> Update:
-        return update(Audit).where(
-            Audit.id == self.audit_id, Audit.status == AuditStatus.running, Audit.attempts == self.attempt
-        )
-
-    def _beat(self) -> bool:
-        """False once the row is no longer this attempt's (ended, or re-queued after a stall)."""
-        with session_scope() as session:
-            return rows_matched(session, self._owned_row().values(heartbeat_at=utcnow())) == 1
-
     def _fail_over_memory_cap(self, used_mb: float) -> None:
         """Fail this attempt with the reason, then end the child: a thread cannot interrupt torch inside a C
         call, and killing the child frees the memory at once. Celery replaces the child; the redelivered
-        message finds the audit no longer queued and does nothing."""
+        message finds the row no longer queued and does nothing."""
         error = (
-            f"the audit used {used_mb:.0f} MiB of memory, above the worker's cap of {self.max_memory_mb} MiB "
-            "(PRUNEAUDIT_WORKER_MAX_MEMORY_MB); use a smaller model, dataset or batch_size, or raise the cap"
+            f"{self.lease.subject} used {used_mb:.0f} MiB of memory, above the worker's cap of {self.max_memory_mb} "
+            "MiB (PRUNEAUDIT_WORKER_MAX_MEMORY_MB); use a smaller model, dataset or batch_size, or raise the cap"
         )
         try:
-            with session_scope() as session:
-                session.execute(
-                    self._owned_row().values(
-                        status=AuditStatus.failed, error=error, finished_at=utcnow(), heartbeat_at=utcnow()
-                    )
-                )
+            self.lease.fail(error)
         finally:
-            log.error("audit %s: %s; ending this worker child", self.audit_id, error)
+            log.error("%s: %s; ending this worker child", self.lease, error)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _run(self) -> None:
@@ -88,6 +79,6 @@ class AttemptHeartbeat:
             if owned and time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.interval_s
                 try:
-                    owned = self._beat()
+                    owned = self.lease.beat()
                 except Exception:  # the database may be briefly away; the next beat tries again
-                    log.warning("audit %s: heartbeat not written", self.audit_id, exc_info=True)
+                    log.warning("%s: heartbeat not written", self.lease, exc_info=True)

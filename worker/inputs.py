@@ -21,7 +21,8 @@ class DatasetInput:
 @dataclass(frozen=True)
 class RunPlan:
     """One run of the sweep: a method at a ratio, unmitigated or under one mitigation. A mitigated run placed
-    'after' pruning starts from the weights of the unmitigated run `starts_from`."""
+    'after' pruning starts from the weights and masks of the unmitigated run `starts_from` (so it runs after that
+    one); 'before' and 'both' prune a mitigated copy of the dense model and need no other run."""
 
     position: int  # 1, 2, … in report order (0 is the dense baseline)
     method: MethodSpec
@@ -32,6 +33,12 @@ class RunPlan:
     @property
     def label(self) -> str:
         return self.method.label if self.mitigation is None else f"{self.method.label}+{self.mitigation.label}"
+
+    @property
+    def description(self) -> str:
+        """For progress messages and errors: 'magnitude-global at ratio 0.5, ceag'."""
+        mitigation = f", {self.mitigation.label}" if self.mitigation else ""
+        return f"{self.method.label} at ratio {self.ratio:g}{mitigation}"
 
 
 @dataclass(frozen=True)
@@ -52,13 +59,23 @@ class AuditInputs:
                 unmitigated = RunPlan(len(plans) + 1, method, ratio)
                 plans.append(unmitigated)
                 plans.extend(
-                    RunPlan(len(plans) + 1, method, ratio, mitigation, starts_from=unmitigated.position)
+                    RunPlan(
+                        len(plans) + 1,
+                        method,
+                        ratio,
+                        mitigation,
+                        starts_from=unmitigated.position if mitigation.placement == "after" else None,
+                    )
                     for mitigation in self.spec.mitigations
                 )
         return plans
 
     def weights_of(self, position: int) -> Path:
         return self.output_dir / f"run-{position}.safetensors"
+
+    def plan_at(self, position: int) -> RunPlan:
+        """The plan of run `position` (1, 2, …): plans follow from the spec alone, so every worker finds the same."""
+        return self.plans()[position - 1]
 
 
 def _dataset_input(store: BlobStore, dataset: Dataset, attributes: list[str]) -> DatasetInput:

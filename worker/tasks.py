@@ -1,88 +1,42 @@
-"""The one task: claim the audit row, run the pipeline, store results. The database row is the source of
-truth; every state change is a conditional UPDATE, so a duplicate delivery is a no-op."""
+"""The two tasks. `run_audit` claims the audit, measures and stores the dense baseline, and queues one run per
+plan; `compute_run` claims one run (on any worker, on any host sharing the database, broker and blob store),
+computes it from the stored baseline and stores it; the last run to succeed writes the report
+(worker/assembly.py). The database rows are the source of truth; every state change is a conditional UPDATE
+matching the attempt, so a duplicate delivery is a no-op."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, update
-from sqlalchemy.orm import object_session
+from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
 
-from service.audits import assemble_report
-from service.db import rows_matched, session_scope
-from service.models import Audit, AuditStatus, Dataset, Run, utcnow
-from service.queue import RUN_AUDIT_TASK
+from service.db import session_scope
+from service.models import Audit, Dataset, Run, RunStatus, utcnow
+from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_run
 from service.settings import get_settings
 from service.storage import get_store
+from worker.assembly import queue_runs, store_run
 from worker.celery_app import app
-from worker.inputs import AuditInputs, audit_inputs
+from worker.engine.errors import EngineError
+from worker.inputs import AuditInputs, RunPlan, audit_inputs
+from worker.leases import AttemptSuperseded, AuditCancelled, AuditLease, RunLease, claim_audit, claim_run
 
 if TYPE_CHECKING:
-    from worker.pipeline.runner import AuditOutput
+    import torch
+
+    from worker.pipeline.mitigations import SavedRun
 
 log = logging.getLogger(__name__)
-
-
-def claim(audit_id: str) -> int | None:
-    """queued → running; returns this attempt's number, or None when another delivery got there first (or the
-    audit ended). Every later write matches the attempt, so a worker that comes back after the sweeper
-    re-queued its audit cannot write over the new attempt."""
-    with session_scope() as session:
-        claimed = rows_matched(
-            session,
-            update(Audit)
-            .where(Audit.id == audit_id, Audit.status == AuditStatus.queued)
-            .values(
-                status=AuditStatus.running,
-                attempts=Audit.attempts + 1,
-                started_at=utcnow(),
-                heartbeat_at=utcnow(),
-                progress=0.0,
-                progress_message="started",
-                error=None,
-            ),
-        )
-        if claimed != 1:
-            return None
-        # Read inside the claiming transaction, which holds the row.
-        return session.scalar(select(Audit.attempts).where(Audit.id == audit_id))
-
-
-class AuditCancelled(Exception):
-    """Raised at a checkpoint when the audit was asked to stop."""
-
-
-class AttemptSuperseded(Exception):
-    """Raised at a checkpoint when this attempt no longer owns the audit (re-queued by the sweeper after its
-    heartbeat went stale, or ended): its work is abandoned, never written."""
-
-
-def report_progress(audit_id: str, attempt: int, fraction: float, message: str) -> None:
-    """Progress, heartbeat and the cancellation checkpoint (called between runs and epochs)."""
-    with session_scope() as session:
-        written = rows_matched(
-            session,
-            update(Audit)
-            .where(Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempt)
-            .values(progress=fraction, progress_message=message, heartbeat_at=utcnow()),
-        )
-        if written != 1:
-            raise AttemptSuperseded(audit_id)
-        if session.scalar(select(Audit.cancel_requested).where(Audit.id == audit_id)):
-            raise AuditCancelled(audit_id)
-
-
-def finish(audit_id: str, attempt: int, status: AuditStatus, *, error: str | None = None) -> None:
-    with session_scope() as session:
-        session.execute(
-            update(Audit)
-            .where(Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempt)
-            .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow())
-        )
 
 
 def pipeline_inputs(audit: Audit, output_dir: Path) -> AuditInputs:
@@ -93,119 +47,126 @@ def pipeline_inputs(audit: Audit, output_dir: Path) -> AuditInputs:
     return audit_inputs(audit, train_dataset, get_store(), output_dir, get_settings().device)
 
 
-def render_html(audit: Audit, store) -> str | None:
-    """The HTML report, rendered once from the same report the API serves; the JSON stays complete if this fails."""
-    from worker.report_html import render_report_html
+def worker_name(task: Task) -> str:
+    """Which worker computed a run: the Celery node name (celery@host) and the pool child's pid."""
+    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
+
+def send_run(run_id: str) -> None:
     try:
-        html = render_report_html(assemble_report(audit))
+        enqueue_run(run_id)
     except Exception:
-        log.exception("audit %s: the HTML report could not be rendered", audit.id)
-        return None
-    with tempfile.NamedTemporaryFile(
-        "w", suffix=".html", dir=store.root / "tmp", delete=False, encoding="utf-8"
-    ) as handle:
-        handle.write(html)
-    return store.add_file(Path(handle.name))
+        # It stays queued; the sweeper finds it without a broker message and sends it again.
+        log.exception("run %s: could not enqueue; the sweeper will send it again", run_id)
 
 
-def store_results(audit_id: str, attempt: int, output: AuditOutput) -> None:
-    store = get_store()
-    with session_scope() as session:
-        # get_one: this attempt claimed the row and audits are never deleted, so it exists.
-        audit = session.get_one(Audit, audit_id)
-        for position, run in enumerate(output.runs):
-            result = run.result
-            session.add(
-                Run(
-                    audit_id=audit_id,
-                    position=position,
-                    label=result.label,
-                    method=result.method,
-                    scope=result.scope,
-                    ratio=result.ratio,
-                    mitigation=result.mitigation,
-                    weights_sha256=store.add_file(run.weights_path) if run.weights_path is not None else None,
-                    result=result.model_dump(mode="json"),
-                )
-            )
-        audit.environment = output.environment
-        session.flush()
-        session.expire(audit, ["runs"])
-        finished_at = utcnow()
-        audit.finished_at = finished_at  # the HTML shows the same finish time as the JSON
-        audit.report_html_sha256 = render_html(audit, store)
-        # Results and the final state land in one transaction: a report is never half-written.
-        finished = rows_matched(
-            session,
-            update(Audit)
-            .where(Audit.id == audit_id, Audit.status == AuditStatus.running, Audit.attempts == attempt)
-            .values(
-                status=AuditStatus.succeeded,
-                progress=1.0,
-                progress_message="done",
-                finished_at=finished_at,
-                heartbeat_at=utcnow(),
-            ),
-        )
-        if finished != 1:
-            session.rollback()
-            log.info(
-                "audit %s left 'running' (or was re-queued) while attempt %d ran; its results are discarded",
-                audit_id,
-                attempt,
-            )
+@contextmanager
+def task_outcome(lease: AuditLease | RunLease, time_limit_s: int) -> Iterator[None]:
+    """How a task's work ends: every failure is written to its row with a reason (and, for a run, to its audit);
+    the audit's work files are removed when that ended the audit."""
+    ended = False
+    try:
+        yield
+    except AttemptSuperseded:
+        log.warning("%s no longer owns its row (re-queued or ended); its work is dropped", lease)
+    except AuditCancelled:
+        ended = lease.stop()
+    except EngineError as exc:
+        ended = lease.fail(str(exc))
+    except SoftTimeLimitExceeded:
+        ended = lease.fail(f"{lease.subject} exceeded the time limit of {time_limit_s} s")
+    except MemoryError:
+        ended = lease.fail("the worker ran out of memory; use a smaller model, dataset or batch_size")
+    except Exception as exc:
+        log.exception("%s failed", lease)
+        ended = lease.fail(f"internal error: {type(exc).__name__}: {exc}")
+    if ended:
+        get_store().remove_work(lease.audit_id)
 
 
-@app.task(name=RUN_AUDIT_TASK)
-def run_audit(audit_id: str) -> None:
-    attempt = claim(audit_id)
-    if attempt is None:
-        log.info("audit %s is not queued (already claimed or gone); nothing to do", audit_id)
-        return
+def heartbeat(lease: AuditLease | RunLease):
     # torch is imported in the child that runs the task, not in the worker's parent process.
-    from worker.engine.errors import EngineError
     from worker.heartbeat import AttemptHeartbeat
-    from worker.pipeline.runner import run_audit_pipeline
 
     settings = get_settings()
-    try:
-        with (
-            AttemptHeartbeat(
-                audit_id, attempt, interval_s=settings.heartbeat_interval_s, max_memory_mb=settings.worker_max_memory_mb
-            ),
-            tempfile.TemporaryDirectory(dir=get_store().root / "tmp") as output_dir,
-        ):
-            with session_scope() as session:
-                inputs = pipeline_inputs(session.get_one(Audit, audit_id), Path(output_dir))
-            result = run_audit_pipeline(
-                inputs, lambda fraction, message: report_progress(audit_id, attempt, fraction, message)
-            )
-            # A last ownership check: an attempt the sweeper replaced while it computed stores nothing.
-            report_progress(audit_id, attempt, 1.0, "storing results")
-            store_results(audit_id, attempt, result)
-    except AttemptSuperseded:
-        log.warning(
-            "audit %s: attempt %d no longer owns the audit (re-queued or ended); its work is dropped", audit_id, attempt
+    return AttemptHeartbeat(
+        lease, interval_s=settings.heartbeat_interval_s, max_memory_mb=settings.worker_max_memory_mb
+    )
+
+
+@app.task(name=RUN_AUDIT_TASK, bind=True)
+def run_audit(self: Task, audit_id: str) -> None:
+    lease = claim_audit(audit_id)
+    if lease is None:
+        log.info("audit %s is not queued (already claimed or gone); nothing to do", audit_id)
+        return
+    from worker.pipeline.runner import measure_baseline
+
+    work_dir = get_store().work_dir(audit_id, lease.attempt)
+    ready: list[str] = []
+    with task_outcome(lease, get_settings().audit_time_limit_s), heartbeat(lease):
+        with session_scope() as session:
+            inputs = pipeline_inputs(session.get_one(Audit, audit_id), work_dir)
+        lease.checkpoint(0.0, "measuring the dense baseline")
+        started_at = utcnow()
+        dense = measure_baseline(inputs, work_dir)
+        ready = queue_runs(lease, inputs.plans(), dense, worker_name(self), started_at)
+    for run_id in ready:
+        send_run(run_id)
+
+
+def starts_from(
+    session: Session, lease: RunLease, plan: RunPlan, work_dir: Path
+) -> Callable[[torch.device], SavedRun] | None:
+    """For a mitigation placed 'after' pruning: a loader of its unmitigated run's saved model, masks and recipe."""
+    if plan.starts_from is None:
+        return None
+    from worker.pipeline.work_files import load_unmitigated
+
+    attempt, weights_sha256 = session.execute(
+        select(Run.attempts, Run.weights_sha256).where(
+            Run.audit_id == lease.audit_id, Run.position == plan.starts_from, Run.status == RunStatus.succeeded
         )
-    except AuditCancelled:
-        finish(audit_id, attempt, AuditStatus.cancelled)
-    except EngineError as exc:
-        finish(audit_id, attempt, AuditStatus.failed, error=str(exc))
-    except SoftTimeLimitExceeded:
-        finish(
-            audit_id,
-            attempt,
-            AuditStatus.failed,
-            error=f"the audit exceeded the time limit of {settings.audit_time_limit_s} s",
+    ).one()
+    assert weights_sha256 is not None, "an unmitigated run stores its weights when it succeeds"
+    weights_path = get_store().blob_path(weights_sha256)
+    position = plan.starts_from
+    # Loaded on the run's device, which the runner picks.
+    return lambda device: load_unmitigated(work_dir, position, attempt, weights_path, device)
+
+
+@app.task(name=COMPUTE_RUN_TASK, bind=True)
+def compute_run(self: Task, run_id: str) -> None:
+    lease = claim_run(run_id, worker_name(self))
+    if lease is None:
+        log.info("run %s cannot start (already claimed, its audit stopped, or waiting); nothing to do", run_id)
+        return
+    from worker.pipeline import runner
+    from worker.pipeline.work_files import save_unmitigated
+
+    store = get_store()
+    work_dir = store.work_dir(lease.audit_id, lease.audit_attempt)
+    stored = None
+    with (
+        task_outcome(lease, get_settings().run_time_limit_s),
+        heartbeat(lease),
+        tempfile.TemporaryDirectory(dir=store.root / "tmp") as output_dir,
+    ):
+        with session_scope() as session:
+            inputs = pipeline_inputs(session.get_one(Audit, lease.audit_id), Path(output_dir))
+            plan = inputs.plan_at(lease.position)
+            unmitigated = starts_from(session, lease, plan, work_dir)
+        assert plan.label == lease.label, "plans follow from the spec alone"
+        output, kept, environment = runner.compute_run(
+            inputs, work_dir, plan, unmitigated, lambda epoch, _loss: lease.checkpoint(f"epoch {epoch}")
         )
-    except MemoryError:
-        finish(
-            audit_id,
-            attempt,
-            AuditStatus.failed,
-            error="the worker ran out of memory; use a smaller model, dataset or batch_size",
-        )
-    except Exception as exc:
-        log.exception("audit %s failed", audit_id)
-        finish(audit_id, attempt, AuditStatus.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+        if any(other.starts_from == plan.position for other in inputs.plans()):
+            save_unmitigated(kept, work_dir, plan.position, lease.attempt)
+        assert output.weights_path is not None, "every planned run writes its weights"
+        stored = store_run(lease, output.result, output.weights_path, environment)
+    if stored is None:
+        return
+    for dependent in stored.dependents:
+        send_run(dependent)
+    if stored.assembled:
+        store.remove_work(lease.audit_id)

@@ -188,4 +188,7 @@ def download_run_weights(
 @releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""
-    return audits.get_run(session, tenant, audit_id, run_id).result["recipe"]
+    run = audits.get_run(session, tenant, audit_id, run_id)
+    if run.result is None:
+        raise NotFound(f"run {run_id} has no result yet (it is {run.status.value})")
+    return run.result["recipe"]

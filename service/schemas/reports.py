@@ -58,6 +58,10 @@ class AuditVerdict(BaseModel):
 
 class RunReport(RunResult):
     id: str
+    worker: str | None = Field(
+        description="The worker that computed the run (host and process id); null for runs stored before runs were "
+        "fanned out across workers."
+    )
     weights_url: str | None = Field(description="The pruned weights (safetensors); upload with recipe.architecture.")
     verdict: RunVerdict | None = Field(description="The policy's verdict; null for the dense baseline.")
     attributes: list[AttributeReport] = Field(

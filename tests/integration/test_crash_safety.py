@@ -1,7 +1,8 @@
-"""Crash safety (issue #7) on real processes, real Redis and real PostgreSQL: a worker killed with -9 mid-audit,
-one that keeps vanishing, a worker child over its memory cap, Redis restarted with audits queued, and
-PostgreSQL cut off under the API. Recovery settings are shortened through the environment so this runs in
-seconds; the sweeper runs as `pruneaudit sweeper`, exactly as deployed."""
+"""Crash safety (issue #7) on real processes, real Redis and real PostgreSQL: a worker killed with -9 while it
+measures an audit's dense baseline, and while it computes one of its runs (only that run is redone), one that
+keeps vanishing, a worker child over its memory cap, Redis restarted with audits queued, and PostgreSQL cut off
+under the API. Recovery settings are shortened through the environment so this runs in seconds; the sweeper runs
+as `pruneaudit sweeper`, exactly as deployed."""
 
 from __future__ import annotations
 
@@ -165,7 +166,18 @@ def uploads(crash_stack, digits_case) -> Uploads:
         )
 
 
-def submit(client: httpx.Client, uploads: Uploads, *, epochs: int | None = None) -> str:
+# Curvature with many probes makes the dense baseline take seconds: long enough to kill its worker during it.
+SLOW_BASELINE = {"hutchinson_probes": 200, "power_iterations": 100, "max_examples_per_group": 1000}
+
+
+def submit(
+    client: httpx.Client,
+    uploads: Uploads,
+    *,
+    epochs: int | None = None,
+    ratios: tuple[float, ...] = (0.5,),
+    diagnostics: dict | None = None,
+) -> str:
     method = {"method": "magnitude", "scope": "global"}
     if epochs:
         method["fine_tuning"] = {"epochs": epochs, "lr": 0.001}
@@ -176,8 +188,8 @@ def submit(client: httpx.Client, uploads: Uploads, *, epochs: int | None = None)
             "dataset_id": uploads.dataset_id,
             "train_dataset_id": uploads.train_dataset_id,
             "group_by": ["digit"],
-            "pruning": {"ratios": [0.5], "methods": [method]},
-            "diagnostics": {"curvature": "off"},
+            "pruning": {"ratios": list(ratios), "methods": [method]},
+            "diagnostics": diagnostics or {"curvature": "off"},
             "statistics": {"bootstrap_resamples": 0},
         },
     )
@@ -225,59 +237,104 @@ def wait_until(condition, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def fine_tuning(client: httpx.Client, audit_id: str, attempt: int) -> bool:
-    audit = client.get(f"/v1/audits/{audit_id}").json()
-    return (
-        audit["status"] == "running" and audit["attempts"] == attempt and "epoch" in (audit["progress_message"] or "")
+def runs_of(database: str, audit_id: str) -> list[tuple]:
+    """(position, status, attempts) of each stored run row, in report order."""
+    return database_rows(
+        database, "SELECT position, status, attempts FROM runs WHERE audit_id = %s ORDER BY position", audit_id
     )
 
 
-def stored_run_count(database: str, audit_id: str) -> int:
-    return database_rows(database, "SELECT count(*) FROM runs WHERE audit_id = %s", audit_id)[0][0]
+def fine_tuning_run(client: httpx.Client, database: str, audit_id: str, attempt: int) -> int | None:
+    """The position of the run that is fine-tuning in its `attempt`, if one is."""
+    audit = client.get(f"/v1/audits/{audit_id}").json()
+    if audit["status"] != "running" or "epoch" not in (audit["progress_message"] or ""):
+        return None
+    running = [position for position, status, attempts in runs_of(database, audit_id) if status == "running"]
+    attempts = {position: attempts for position, _status, attempts in runs_of(database, audit_id)}
+    return running[0] if len(running) == 1 and attempts[running[0]] == attempt else None
+
+
+def measuring_baseline(client: httpx.Client, audit_id: str, attempt: int) -> bool:
+    audit = client.get(f"/v1/audits/{audit_id}").json()
+    return (
+        audit["status"] == "running"
+        and audit["attempts"] == attempt
+        and audit["progress_message"] == "measuring the dense baseline"
+    )
 
 
 @pytest.mark.services
-def test_worker_killed_mid_audit_is_recovered_by_a_new_worker(crash_stack, crash_database, uploads):
-    """kill -9 of the worker and its child while an audit fine-tunes: the row is left `running` with a
-    stale heartbeat; the sweeper re-queues it and the next worker completes it, with one set of runs."""
+def test_worker_killed_while_measuring_the_baseline_is_recovered_by_a_new_worker(crash_stack, crash_database, uploads):
+    """kill -9 of the worker and its child while it measures the dense baseline: the audit is left `running` with a
+    stale heartbeat; the sweeper re-queues the whole audit and the next worker completes it, with one set of runs."""
     with crash_stack.client() as client:
-        audit_id = submit(client, uploads, epochs=SLOW_EPOCHS)
-        first = start_worker(crash_stack, "worker-killed")
+        audit_id = submit(client, uploads, diagnostics=SLOW_BASELINE)
+        first = start_worker(crash_stack, "worker-killed-in-baseline")
         try:
-            wait_until(lambda: fine_tuning(client, audit_id, 1), 120, "the first attempt to fine-tune")
+            wait_until(lambda: measuring_baseline(client, audit_id, 1), 120, "the first attempt to measure")
         finally:
             kill_hard(first)
         assert client.get(f"/v1/audits/{audit_id}").json()["status"] == "running"  # orphaned, for now
-        second = start_worker(crash_stack, "worker-after-kill")
+        second = start_worker(crash_stack, "worker-after-baseline-kill")
         try:
             audit = wait_for_audit(client, audit_id, timeout_s=180)
         finally:
             stop_gently(second)
-    assert audit["status"] == "succeeded", (audit, crash_stack.log("worker-after-kill"))
+    assert audit["status"] == "succeeded", (audit, crash_stack.log("worker-after-baseline-kill"))
     assert audit["attempts"] == 2 and audit["error"] is None
-    assert stored_run_count(crash_database, audit_id) == 2  # dense + one pruned run, stored once
+    assert runs_of(crash_database, audit_id) == [(0, "succeeded", 1), (1, "succeeded", 1)]  # stored once
     assert f"audit {audit_id}" in crash_stack.log("sweeper")
 
 
 @pytest.mark.services
-def test_audit_whose_worker_keeps_vanishing_fails_at_the_attempt_cap(crash_stack, crash_database, uploads):
+def test_worker_killed_mid_run_redoes_only_that_run(crash_stack, crash_database, uploads):
+    """kill -9 of the worker and its child while one run fine-tunes: that run is left `running` with a stale
+    heartbeat; the sweeper re-queues it alone and the next worker computes it and the runs still queued, each once.
+    The audit keeps its first attempt."""
+    with crash_stack.client() as client:
+        audit_id = submit(client, uploads, epochs=SLOW_EPOCHS, ratios=(0.3, 0.5, 0.7))
+        first = start_worker(crash_stack, "worker-killed-mid-run")
+        try:
+            killed = wait_until(lambda: fine_tuning_run(client, crash_database, audit_id, 1), 120, "a run to fine-tune")
+        finally:
+            kill_hard(first)
+        assert client.get(f"/v1/audits/{audit_id}").json()["status"] == "running"  # orphaned, for now
+        second = start_worker(crash_stack, "worker-after-run-kill")
+        try:
+            audit = wait_for_audit(client, audit_id, timeout_s=180)
+        finally:
+            stop_gently(second)
+    assert audit["status"] == "succeeded", (audit, crash_stack.log("worker-after-run-kill"))
+    assert audit["attempts"] == 1 and audit["error"] is None
+    runs = runs_of(crash_database, audit_id)
+    assert [position for position, _status, _attempts in runs] == [0, 1, 2, 3]  # stored once
+    assert {status for _position, status, _attempts in runs} == {"succeeded"}
+    assert {position: attempts for position, _status, attempts in runs} == {
+        position: 2 if position == killed else 1 for position in range(4)
+    }
+    assert "sent no heartbeat" in crash_stack.log("sweeper")
+
+
+@pytest.mark.services
+def test_run_whose_worker_keeps_vanishing_fails_its_audit_at_the_attempt_cap(crash_stack, crash_database, uploads):
     with crash_stack.client() as client:
         audit_id = submit(client, uploads, epochs=10 * SLOW_EPOCHS)
         for attempt in (1, 2):  # PRUNEAUDIT_MAX_ATTEMPTS=2
             worker = start_worker(crash_stack, f"worker-vanishing-{attempt}")
             try:
                 wait_until(
-                    lambda attempt=attempt: fine_tuning(client, audit_id, attempt),
+                    lambda attempt=attempt: fine_tuning_run(client, crash_database, audit_id, attempt),
                     120,
-                    f"attempt {attempt} to fine-tune",
+                    f"attempt {attempt} of the run to fine-tune",
                 )
             finally:
                 kill_hard(worker)
         audit = wait_for_audit(client, audit_id, timeout_s=60)
     assert audit["status"] == "failed", audit
-    assert audit["attempts"] == 2
-    assert "vanished 2 times" in audit["error"] and "giving up after 2 attempts" in audit["error"]
-    assert stored_run_count(crash_database, audit_id) == 0
+    assert audit["attempts"] == 1
+    assert audit["error"].startswith("run magnitude-global-finetuned: the worker running this run vanished 2 times")
+    assert "giving up after 2 attempts" in audit["error"]
+    assert runs_of(crash_database, audit_id) == [(0, "succeeded", 1), (1, "failed", 2)]
 
 
 @pytest.mark.services
@@ -304,9 +361,11 @@ def test_worker_child_over_the_memory_cap_fails_only_its_audit(crash_stack, uplo
 
 def waiting_messages(server: RedisServer, queue: str, audit_ids: list[str]) -> dict[str, int]:
     """How many messages wait in the queue for each audit (earlier tests may leave others there)."""
-    from service.recovery import audit_ids_in
+    from service.queue import RUN_AUDIT_TASK
+    from service.recovery import ids_in
 
-    carried = Counter(audit_id for raw in server.client().lrange(queue, 0, -1) for audit_id in audit_ids_in([raw]))
+    raw_messages = server.client().lrange(queue, 0, -1)
+    carried = Counter(audit_id for raw in raw_messages for audit_id in ids_in([raw], RUN_AUDIT_TASK))
     return {audit_id: carried[audit_id] for audit_id in audit_ids}
 
 
@@ -342,7 +401,7 @@ def test_redis_restart_loses_queued_messages_and_every_audit_still_runs_once(
     for audit in audits:
         assert audit["status"] == "succeeded", (audit, crash_stack.log("worker-after-redis-restart"))
         assert audit["attempts"] == 1
-        assert stored_run_count(crash_database, audit["id"]) == 2
+        assert runs_of(crash_database, audit["id"]) == [(0, "succeeded", 1), (1, "succeeded", 1)]
     sweeper_log = crash_stack.log("sweeper")
     assert all(f"audit {a}: queued with no broker message" in sweeper_log for a in audit_ids)
 
@@ -456,6 +515,15 @@ def test_postgres_unavailable_gives_503_and_the_api_recovers(tmp_path, outage_da
         proxy.close()
 
 
+def live_ids(settings, task: str) -> set[str]:
+    """The ids that messages of `task` in the broker carry, as the sweeper reads them."""
+    from service.recovery import ids_in, live_messages
+
+    messages = live_messages(settings)
+    assert messages is not None, "Redis and the SQLite broker can be inspected"
+    return ids_in(messages, task)
+
+
 def consume_without_ack(app, queue: str, audit_id: str):
     """What a worker does on delivery (late acks): take the message, ack only when the task ends."""
     connection = app.connection_for_read()
@@ -469,23 +537,25 @@ def consume_without_ack(app, queue: str, audit_id: str):
 def test_sweeper_sees_waiting_and_unacked_messages_in_redis_under_a_key_prefix(redis_broker):
     from celery import Celery
 
-    from service.queue import RUN_AUDIT_TASK, celery_config
-    from service.recovery import live_audit_ids
+    from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, celery_config
     from service.settings import Settings
 
     url, prefix = redis_broker
     settings = Settings(broker_url=url, broker_key_prefix=prefix, queue_name=f"inspect-{uuid.uuid4().hex[:8]}")
     app = Celery("inspect")
     app.conf.update(celery_config(settings))
-    audit_id = uuid.uuid4().hex
-    assert audit_id not in live_audit_ids(settings)
+    audit_id, run_id = uuid.uuid4().hex, uuid.uuid4().hex
+    assert audit_id not in live_ids(settings, RUN_AUDIT_TASK)
     app.send_task(RUN_AUDIT_TASK, args=[audit_id], queue=settings.queue_name)
-    assert audit_id in live_audit_ids(settings)  # waiting in the queue's list
+    assert audit_id in live_ids(settings, RUN_AUDIT_TASK)  # waiting in the queue's list
     connection, simple, message = consume_without_ack(app, settings.queue_name, audit_id)
     try:
-        assert audit_id in live_audit_ids(settings)  # delivered, not acked: a worker holds it
+        assert audit_id in live_ids(settings, RUN_AUDIT_TASK)  # delivered, not acked: a worker holds it
         message.ack()
-        assert audit_id not in live_audit_ids(settings)
+        assert audit_id not in live_ids(settings, RUN_AUDIT_TASK)
+        # Run messages are told apart from audit messages by their task name.
+        app.send_task(COMPUTE_RUN_TASK, args=[run_id], queue=settings.queue_name)
+        assert run_id in live_ids(settings, COMPUTE_RUN_TASK) and run_id not in live_ids(settings, RUN_AUDIT_TASK)
     finally:
         simple.close()
         connection.release()
@@ -495,23 +565,22 @@ def test_sweeper_sees_waiting_messages_in_the_embedded_sqlite_broker(tmp_path):
     from celery import Celery
 
     from service.queue import RUN_AUDIT_TASK, celery_config
-    from service.recovery import live_audit_ids
     from service.settings import Settings
 
     settings = Settings(
         var_dir=tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}", queue_name="inspect"
     )
-    assert live_audit_ids(settings) == set()  # no broker tables yet
+    assert live_ids(settings, RUN_AUDIT_TASK) == set()  # no broker tables yet
     app = Celery("inspect")
     app.conf.update(celery_config(settings))
     audit_id = uuid.uuid4().hex
     app.send_task(RUN_AUDIT_TASK, args=[audit_id], queue=settings.queue_name)
-    assert live_audit_ids(settings) == {audit_id}
+    assert live_ids(settings, RUN_AUDIT_TASK) == {audit_id}
     connection, simple, message = consume_without_ack(app, settings.queue_name, audit_id)
     try:
         # kombu's SQL transport hides a delivered message; a worker that dies with it loses it, and then
-        # the audit is `running` with a stale heartbeat, which the sweeper handles from the database.
-        assert live_audit_ids(settings) == set()
+        # the audit (or run) is `running` with a stale heartbeat, which the sweeper handles from the database.
+        assert live_ids(settings, RUN_AUDIT_TASK) == set()
     finally:
         simple.close()
         connection.release()

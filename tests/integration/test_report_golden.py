@@ -2,10 +2,11 @@
 channel pruning, fine-tuning, mitigations with the train split, two attributes and their intersection) are run
 through the real stack and their JSON, CSV and HTML compared with stored copies (tests/golden/; last rewritten
 for the diagnostics of issue #12: Lanczos, adaptive Hutchinson, Gauss–Newton trace, subsampled R̂ with errors).
-Only what differs between two runs of the same code is masked: ids, share tokens, timestamps,
-wall times, CPU latencies and package versions. Numbers compare within float32 noise across CPUs (relative 1e-5,
-absolute 1e-7: another machine's BLAS kernels move the last bits of the float32 forward pass, measured ~1e-7
-relative in losses); the HTML compares its text exactly and its printed numbers to their printed precision.
+Only what differs between two runs of the same code is masked: ids, share tokens, timestamps, wall times, CPU
+latencies, package versions and which worker computed each run. Numbers compare within float32 noise across CPUs
+(relative 1e-5, absolute 1e-7: another machine's BLAS kernels move the last bits of the float32 forward pass,
+measured ~1e-7 relative in losses); the HTML compares its text exactly and its printed numbers to their printed
+precision.
 
 `PRUNEAUDIT_WRITE_GOLDEN=1 pytest tests/integration/test_report_golden.py` rewrites the stored copies (do that
 only for a deliberate change of the report, and say so in the commit)."""
@@ -53,8 +54,8 @@ FULL_SPEC = {
     "policy": {"max_excess_accuracy_gap": 0.05, "max_worst_group_drop": 0.2, "min_group_size": 20},
     "seed": 3,
 }
-# Keys whose values change from one run of the same code to the next.
-VOLATILE_KEYS = {"created_at", "finished_at", "seconds", "environment", "latency_ms", "latency_speedup"}
+# Keys whose values change from one run of the same code to the next (`worker`: which worker computed a run).
+VOLATILE_KEYS = {"created_at", "finished_at", "seconds", "environment", "latency_ms", "latency_speedup", "worker"}
 VOLATILE_KEY_PATTERN = re.compile(r"latency")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 from results.runs import MitigationDetails, MitigationPhase
 from service.schemas.audits import MitigationSpec
@@ -20,11 +21,12 @@ from worker.pipeline.methods import EpochCallback, PrunedModel, PruningJob, prun
 @dataclass(frozen=True)
 class SavedRun:
     """An unmitigated run once measured, without its model (its weights are on disk): what the mitigated runs
-    of the same method and ratio start from."""
+    placed 'after' pruning at the same method and ratio start from."""
 
     masks: Masks | None
     recipe: dict
     layer_report: dict
+    weights_path: Path
 
 
 def constrained_grouping(baseline: Baseline, mitigation: MitigationSpec) -> Grouping:
@@ -87,18 +89,18 @@ def mitigation_phase(
 
 
 def mitigated_model(
-    baseline: Baseline, plan: RunPlan, unmitigated: SavedRun, job: PruningJob
+    baseline: Baseline, plan: RunPlan, unmitigated: SavedRun | None, job: PruningJob
 ) -> tuple[PrunedModel, MitigationDetails]:
     """The pruned model trained under `plan.mitigation`. 'after' starts from the unmitigated run's saved weights
     and masks; 'before' trains a copy of the dense model under the constraints and prunes that; 'both' does
-    both."""
+    both (its 'after' phase keeps its own masks), so only 'after' needs the unmitigated run."""
     mitigation = plan.mitigation
     assert mitigation is not None, "mitigated_model takes a mitigated plan"
     phases = []
     if mitigation.placement == "after":
-        assert plan.starts_from is not None, "AuditInputs.plans sets starts_from on every mitigated plan"
+        assert unmitigated is not None, "a mitigation placed 'after' starts from its unmitigated run (starts_from)"
         model = build_model(unmitigated.recipe["architecture"])
-        load_weights(model, baseline.inputs.weights_of(plan.starts_from))
+        load_weights(model, unmitigated.weights_path)
         model.to(baseline.device)
         run = PrunedModel(model, unmitigated.masks, unmitigated.recipe, unmitigated.layer_report)
     else:

@@ -1,5 +1,9 @@
-"""The run loop: the dense baseline once, then every planned run measured like the baseline. Each run is an
-explicit step (a `RunPlan` in, a `RunResult` and its weights file out) over the shared `Baseline`."""
+"""The pipeline's steps: the dense baseline once, then every planned run measured like the baseline. Each run is
+an explicit step (a `RunPlan` in, a `RunResult` and its weights file out) over the shared `Baseline`.
+
+Two ways to drive them: `measure_baseline` + `compute_run` (the worker's tasks: the baseline stored in the work
+directory, each run a task of its own on any worker), and `run_audit_pipeline` (everything in one process, for
+`make reproduce`)."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from worker.pipeline.diagnose import curvature_decision, diagnose_model
 from worker.pipeline.measure import Baseline, Candidate, measure
 from worker.pipeline.methods import PruningJob, prune_model
 from worker.pipeline.mitigations import SavedRun, mitigated_model
+from worker.pipeline.work_files import load_baseline, save_baseline
 
 SINGLE_THREAD_MAX_BATCH_MACS = 1_000_000_000
 
@@ -99,17 +104,23 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
     )
 
 
+def dense_result(baseline: Baseline, started: float) -> RunResult:
+    """The dense baseline's own run (position 0), measured like every other run."""
+    dense = Candidate(baseline.model, {}, "dense", "dense", None, 0.0, {}, sparsity(baseline.model, {}))
+    return measure(baseline, dense, started, None)
+
+
 def run_step(
     baseline: Baseline, plan: RunPlan, job: PruningJob, unmitigated: SavedRun | None
 ) -> tuple[RunOutput, SavedRun]:
-    """One planned run: prune (or, for a mitigated plan, train the unmitigated run's model under the
-    mitigation), then measure. Returns what the mitigated runs of the same method and ratio start from."""
+    """One planned run: prune (or, for a mitigated plan, train under the mitigation; placed 'after', from the
+    unmitigated run's saved model), then measure. Returns what the mitigated runs of the same method and ratio
+    start from."""
     started = time.perf_counter()
     if plan.mitigation is None:
         pruned = prune_model(baseline.model, plan.method, plan.ratio, job)
         details = None
     else:
-        assert unmitigated is not None, "AuditInputs.plans puts each unmitigated run before its mitigated ones"
         pruned, details = mitigated_model(baseline, plan, unmitigated, job)
     candidate = Candidate(
         pruned.model,
@@ -126,18 +137,59 @@ def run_step(
     weights_path = baseline.inputs.weights_of(plan.position)
     output = RunOutput(measure(baseline, candidate, started, weights_path), weights_path)
     # The worker holds the dense model and one working copy at a time; mitigated runs reload the saved weights.
-    return output, SavedRun(pruned.masks, pruned.recipe, pruned.layer_report)
+    return output, SavedRun(pruned.masks, pruned.recipe, pruned.layer_report, weights_path)
 
 
-def run_audit_pipeline(inputs: AuditInputs, on_progress: Progress) -> AuditOutput:
+def dense_model(inputs: AuditInputs) -> tuple[torch.nn.Module, torch.device]:
+    """The uploaded model on the worker's device, with the audit's seed set (every task starts from it)."""
     torch.manual_seed(inputs.spec.seed)
     device = select_device(inputs.device)
     model = build_model(inputs.architecture)
     load_weights(model, inputs.weights_path)
-    model.to(device)
-    with intra_op_threads(
-        model, input_shape(architecture_adapter.validate_python(inputs.architecture)), inputs.spec.batch_size, device
-    ):
+    return model.to(device), device
+
+
+def work_threads(inputs: AuditInputs, model: torch.nn.Module, device: torch.device):
+    """`intra_op_threads` for this audit's model and batch size."""
+    shape = input_shape(architecture_adapter.validate_python(inputs.architecture))
+    return intra_op_threads(model, shape, inputs.spec.batch_size, device)
+
+
+def measure_baseline(inputs: AuditInputs, work_dir: Path) -> RunResult:
+    """The audit task's step: the dense baseline measured and stored in `work_dir` for the runs; returns its own
+    run's result."""
+    started = time.perf_counter()
+    model, device = dense_model(inputs)
+    with work_threads(inputs, model, device):
+        baseline = dense_baseline(inputs, model, device)
+        result = dense_result(baseline, started)
+    save_baseline(baseline, work_dir)
+    return result
+
+
+def compute_run(
+    inputs: AuditInputs,
+    work_dir: Path,
+    plan: RunPlan,
+    unmitigated: Callable[[torch.device], SavedRun] | None,
+    on_epoch: Callable[[int, float], None],
+) -> tuple[RunOutput, SavedRun, dict]:
+    """A run task's step: the stored baseline around the rebuilt dense model (the worker's first copy), then the
+    run (its second); `unmitigated` loads what a mitigation placed 'after' pruning starts from. Returns the run,
+    what its own dependents start from, and the environment it ran in."""
+    model, device = dense_model(inputs)
+    with work_threads(inputs, model, device):
+        baseline = load_baseline(inputs, work_dir, model, device)
+        job = PruningJob(inputs.architecture, inputs.spec.seed, baseline.train, device, on_epoch)
+        output, kept = run_step(baseline, plan, job, unmitigated(device) if unmitigated else None)
+    return output, kept, environment(device)
+
+
+def run_audit_pipeline(inputs: AuditInputs, on_progress: Progress) -> AuditOutput:
+    """Every step in this process, in plan order (the service fans the runs out instead; the results are the
+    same: each run depends on the baseline and its seed alone, and 'after' mitigations on their unmitigated run)."""
+    model, device = dense_model(inputs)
+    with work_threads(inputs, model, device):
         return audit_runs(inputs, model, device, on_progress)
 
 
@@ -146,14 +198,11 @@ def audit_runs(inputs: AuditInputs, model: torch.nn.Module, device: torch.device
     baseline = dense_baseline(inputs, model, device)
     plans = inputs.plans()
     total = len(plans) + 1
-    dense = Candidate(model, {}, "dense", "dense", None, 0.0, {}, sparsity(model, {}))
-    runs = [RunOutput(measure(baseline, dense, started, None), None)]
+    runs = [RunOutput(dense_result(baseline, started), None)]
     on_progress(1 / total, "dense baseline evaluated")
     unmitigated: SavedRun | None = None
     for plan in plans:
-        message = f"{plan.method.label} at ratio {plan.ratio:g}" + (
-            f", {plan.mitigation.label}" if plan.mitigation else ""
-        )
+        message = plan.description
 
         def on_epoch(epoch: int, _loss: float, step: int = plan.position, message: str = message) -> None:
             on_progress(step / total, f"{message}: epoch {epoch}")

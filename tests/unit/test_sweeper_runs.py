@@ -1,0 +1,174 @@
+"""The sweeper's run rules on a real SQLite database and SQLite broker (no worker): a stale run is re-queued
+alone and sent again, a stale run at the attempt cap fails with its audit (queued runs stopped), a queued run
+with no broker message is sent again only once its prerequisite has succeeded, and the work directories of
+ended audits are removed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from service import db, queue, storage
+from service.models import Audit, AuditStatus, Dataset, Model, Run, RunStatus, Tenant, utcnow
+from service.settings import get_settings
+
+CACHES = (get_settings, db.get_engine, db.get_sessionmaker, storage.get_store, queue.get_celery_client)
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEAUDIT_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("PRUNEAUDIT_HEARTBEAT_INTERVAL_S", "1")
+    monkeypatch.setenv("PRUNEAUDIT_HEARTBEAT_TIMEOUT_S", "5")
+    monkeypatch.setenv("PRUNEAUDIT_REQUEUE_QUEUED_AFTER_S", "5")
+    monkeypatch.setenv("PRUNEAUDIT_MAX_ATTEMPTS", "2")
+    for cache in CACHES:
+        cache.cache_clear()
+    from service.migrate import upgrade_to_head
+
+    upgrade_to_head()
+    queue.declare_queue()
+    yield get_settings()
+    db.get_engine().dispose()
+    for cache in CACHES:
+        cache.cache_clear()
+
+
+def make_audit(session, runs: list[dict]) -> str:
+    tenant = Tenant(name=f"t-{utcnow().timestamp()}")
+    session.add(tenant)
+    session.flush()
+    model = Model(
+        tenant_id=tenant.id,
+        sha256="0" * 64,
+        size_bytes=1,
+        architecture={},
+        architecture_name="mlp",
+        parameter_count=1,
+        input_shape=[1],
+        num_classes=2,
+    )
+    dataset = Dataset(
+        tenant_id=tenant.id,
+        sha256="0" * 64,
+        format="npz",
+        size_bytes=1,
+        rows=1,
+        feature_shape=[1],
+        classes=[],
+        groups={},
+    )
+    session.add_all([model, dataset])
+    session.flush()
+    long_ago = utcnow() - timedelta(minutes=10)
+    audit = Audit(
+        tenant_id=tenant.id,
+        model_id=model.id,
+        dataset_id=dataset.id,
+        spec={},
+        status=AuditStatus.running,
+        attempts=1,
+        runs_queued_at=long_ago,
+        heartbeat_at=long_ago,
+    )
+    session.add(audit)
+    session.flush()
+    for position, run in enumerate(runs):
+        session.add(
+            Run(
+                audit_id=audit.id,
+                position=position,
+                method="magnitude",
+                ratio=0.5,
+                label=f"run-{position}",
+                **{"updated_at": long_ago, **run},
+            )
+        )
+    return audit.id
+
+
+def statuses(audit_id: str) -> tuple[AuditStatus, list[tuple[RunStatus, int]]]:
+    with db.session_scope() as session:
+        audit = session.get_one(Audit, audit_id)
+        return audit.status, [(run.status, run.attempts) for run in audit.runs]
+
+
+def sent_run_ids(settings) -> set[str]:
+    from service.recovery import ids_in, live_messages
+
+    return ids_in(live_messages(settings) or [], queue.COMPUTE_RUN_TASK)
+
+
+def test_stale_runs_are_requeued_alone_or_fail_their_audit_at_the_cap(embedded):
+    from service.recovery import sweep
+
+    long_ago = utcnow() - timedelta(minutes=10)
+    with db.session_scope() as session:
+        requeued = make_audit(
+            session,
+            [
+                dict(status=RunStatus.succeeded, attempts=1, result={}),
+                dict(status=RunStatus.running, attempts=1, heartbeat_at=long_ago),
+                dict(status=RunStatus.running, attempts=1, heartbeat_at=utcnow()),  # alive
+            ],
+        )
+        failed = make_audit(
+            session,
+            [
+                dict(status=RunStatus.succeeded, attempts=1, result={}),
+                dict(status=RunStatus.running, attempts=2, heartbeat_at=long_ago),
+                dict(status=RunStatus.queued, attempts=0, updated_at=utcnow()),
+            ],
+        )
+    outcome = sweep(embedded)
+    assert statuses(requeued) == (
+        AuditStatus.running,
+        [(RunStatus.succeeded, 1), (RunStatus.queued, 1), (RunStatus.running, 1)],
+    )
+    assert statuses(failed) == (
+        AuditStatus.failed,
+        [(RunStatus.succeeded, 1), (RunStatus.failed, 2), (RunStatus.cancelled, 0)],
+    )
+    with db.session_scope() as session:
+        error = session.scalar(select(Audit.error).where(Audit.id == failed))
+        requeued_run = session.scalar(select(Run.id).where(Run.audit_id == requeued, Run.position == 1))
+    assert error.startswith("run run-1: the worker running this run vanished 2 times")
+    assert outcome.runs_requeued == [requeued_run] and len(outcome.runs_failed) == 1
+    assert requeued_run in sent_run_ids(embedded)
+    assert not outcome.requeued  # the audits themselves are not re-queued: their runs were queued
+    assert sweep(embedded).runs_requeued == []  # a second sweeper finds nothing to do
+
+
+def test_queued_runs_without_a_message_are_sent_once_they_can_start(embedded):
+    from service.recovery import sweep
+
+    with db.session_scope() as session:
+        audit_id = make_audit(
+            session,
+            [
+                dict(status=RunStatus.succeeded, attempts=1, result={}),
+                dict(status=RunStatus.queued, attempts=0),
+                dict(status=RunStatus.queued, attempts=0, starts_from=1),  # waits for run 1
+            ],
+        )
+        runs = dict(session.execute(select(Run.position, Run.id).where(Run.audit_id == audit_id)).all())
+    outcome = sweep(embedded)
+    assert outcome.runs_resent == [runs[1]]
+    assert sent_run_ids(embedded) == {runs[1]}
+    assert sweep(embedded).runs_resent == []  # its message is there now (and updated_at was bumped)
+
+
+def test_work_directories_of_ended_audits_are_removed(embedded):
+    from service.recovery import sweep
+
+    with db.session_scope() as session:
+        running = make_audit(session, [dict(status=RunStatus.succeeded, attempts=1, result={})])
+        ended = make_audit(session, [dict(status=RunStatus.succeeded, attempts=1, result={})])
+        session.get_one(Audit, ended).status = AuditStatus.succeeded
+    store = storage.get_store()
+    for audit_id in (running, ended):
+        store.work_dir(audit_id, 1).mkdir(parents=True)
+    assert sweep(embedded).work_removed == [ended]
+    assert store.work_audit_ids() == [running]
