@@ -86,6 +86,7 @@ def test_a_tree_of_nested_dataclasses_round_trips_exactly(tmp_path):
 
 def test_the_real_baseline_types_round_trip(tmp_path):
     from worker.engine.curvature import GroupCurvature
+    from worker.engine.gauss_newton import GroupGaussNewton
     from worker.engine.outcomes import Outcomes
     from worker.pipeline.diagnose import ModelDiagnostics
 
@@ -93,12 +94,22 @@ def test_the_real_baseline_types_round_trip(tmp_path):
         pred=np.array([0, 1]), correct=np.array([True, False]), loss=np.array([0.1, 2.0]), num_classes=2
     )
     curvature = GroupCurvature(
-        *(np.array([1.0, 2.0]), np.array([0.1, np.nan]), np.array([3.0, 4.0])),
-        np.array([True, False]),
-        np.array([2, 0]),
-        np.array([2, 0]),
+        trace=np.array([1.0, 2.0]),
+        trace_se=np.array([0.1, 0.0]),
+        trace_probes=np.array([6, 16]),
+        top_eigenvalue=np.array([3.0, 4.0]),
+        top_eigenvalue_error=np.array([1e-3, np.inf]),
+        eigenvalue_converged=np.array([True, False]),
+        examples_used=np.array([2, 0]),
+        counts=np.array([2, 0]),
     )
-    tree = {"dense": outcomes, "diagnostics": ModelDiagnostics([np.array([1.0, 2.0])], [curvature])}
+    gauss_newton = GroupGaussNewton(
+        trace=np.array([5.0, 0.0]), trace_se=np.array([0.5, 0.0]), examples_used=np.array([2, 0])
+    )
+    tree = {
+        "dense": outcomes,
+        "diagnostics": ModelDiagnostics([np.array([1.0, 2.0])], [curvature], [gauss_newton]),
+    }
     write_tree(tmp_path / "b.npz", tree)
     assert_same(tree, read_tree(tmp_path / "b.npz"))
 

@@ -193,6 +193,7 @@ def run_report(method: str, ratio: float, accuracies: dict, overall: float) -> d
     run_id = "dense" if dense else f"{method}-{ratio}"
     return {
         "id": f"run-{run_id}",
+        "worker": "celery@host:4242",
         "label": method,
         "method": method.split("-")[0],
         "scope": None if dense else scope,
