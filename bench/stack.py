@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -75,6 +76,8 @@ class BenchStack:
     var_dir: Path | None = None
 
     def __enter__(self) -> BenchStack:
+        if "PRUNEAUDIT_DEVICE" in os.environ:  # bench/gpu.sh: the stack's processes start without PRUNEAUDIT_*
+            self.settings = {"PRUNEAUDIT_DEVICE": os.environ["PRUNEAUDIT_DEVICE"], **self.settings}
         self.var_dir = Path(tempfile.mkdtemp(prefix="pruneaudit-bench-"))
         self.stack = start_stack(self.var_dir / "var", with_worker=False, settings=self.settings)
         try:
