@@ -31,6 +31,40 @@ def reference_seconds(manifest: dict, env: dict, workdir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def worker_threads(architecture: dict, env: dict) -> int:
+    """Torch threads a worker with `env` runs an audit of `architecture` with, by the worker's own rule
+    (a child process: `python -m bench.reference --threads ARCHITECTURE_JSON`)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.reference", "--threads", json.dumps(architecture)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def under_worker_rule(dense, device):
+    """The worker's thread rule for an audit of `dense`, called as run_audit_pipeline calls it: the one place
+    the benchmarks name it (intra_op_threads' arguments change with the rule)."""
+    from worker.pipeline.runner import intra_op_threads
+
+    return intra_op_threads(sum(p.numel() for p in dense.parameters()), device)
+
+
+def _print_threads(architecture: dict) -> None:
+    import torch
+
+    from service.settings import get_settings
+    from worker.engine.architectures import build_model
+    from worker.pipeline.runner import select_device
+
+    device = select_device(get_settings().device)
+    with under_worker_rule(build_model(architecture), device):
+        print(torch.get_num_threads())
+
+
 def _forward_all(models: list, x, batch_size: int, device) -> dict[str, float]:
     import torch
 
@@ -52,7 +86,7 @@ def main(manifest_path: str) -> None:
 
     from service.settings import get_settings
     from worker.engine.architectures import build_model, load_weights
-    from worker.pipeline.runner import intra_op_threads, select_device
+    from worker.pipeline.runner import select_device
 
     manifest = json.loads(Path(manifest_path).read_text())
     device = select_device(get_settings().device)
@@ -62,9 +96,8 @@ def main(manifest_path: str) -> None:
         model = build_model(entry["architecture"])
         load_weights(model, Path(entry["weights"]))
         models.append((entry["label"], model.to(device).eval()))
-    dense_parameters = sum(p.numel() for p in models[0][1].parameters())
     repeats = []
-    with intra_op_threads(dense_parameters, device):
+    with under_worker_rule(models[0][1], device):
         threads = torch.get_num_threads()
         _forward_all(models[:1], x[: manifest["batch_size"]], manifest["batch_size"], device)  # warm-up batch
         for _ in range(manifest.get("repeats", 1)):
@@ -87,4 +120,7 @@ def main(manifest_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--threads":
+        _print_threads(json.loads(sys.argv[2]))
+    else:
+        main(sys.argv[1])

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,7 +29,7 @@ from bench.audit_resnet20 import ARCHITECTURE, cifar_like
 from bench.audit_tabular import table
 from bench.audits import SWEEP, seeded_model
 from bench.common import emit, smoke
-from bench.reference import REPO
+from bench.reference import worker_threads
 from bench.stack import BenchStack, run_audit, upload_model, upload_npz
 
 ROWS, SMOKE_ROWS = 512, 64
@@ -40,18 +38,6 @@ TARGET = 1.7
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SPEC = {"group_by": ["class"], "pruning": SWEEP, "diagnostics": {"curvature": "off"}, "seed": 0}
 WARMUP_ARCHITECTURE = {"name": "mlp", "in_features": 8, "hidden": [8], "num_classes": 2}
-THREADS_PROBE = (
-    "import torch; from worker.pipeline.runner import intra_op_threads\n"
-    "with intra_op_threads(272474, torch.device('cpu')): print(torch.get_num_threads())"
-)
-
-
-def worker_threads(env: dict) -> int:
-    """Torch threads a worker with `env` runs a ResNet-20 audit with, by the worker's own rule."""
-    done = subprocess.run(
-        [sys.executable, "-c", THREADS_PROBE], env=env, cwd=REPO, capture_output=True, text=True, check=True
-    )
-    return int(done.stdout.strip())
 
 
 def prepare(stack: BenchStack, workdir: Path) -> dict:
@@ -85,7 +71,7 @@ def main() -> None:
                         followed = run_audit(client, {**ids[n], **SPEC}, timeout_s=1800)
                     walls[n].append(followed.wall_s)
                     statuses.append(followed.audit["status"])
-            threads = worker_threads(stack[1].env)
+            threads = worker_threads(ARCHITECTURE, stack[1].env)
             peaks = {f"{n}_workers": stack[n].peaks_mb() for n in (1, 2)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
