@@ -92,6 +92,9 @@ def audit_against_reference(
         "rows": len(arrays["y"]),
         "x_shape": list(arrays["x"].shape),
         "groups": {a: int(len(np.unique(arrays[f"group_{a}"]))) for a in group_by},
+        "groups_reported": {a["attribute"]: len(a["groups"]) for a in report["dense"]["attributes"]}
+        if succeeded
+        else None,
         "spec": spec,
         "audit_s": round(followed.wall_s, 2),
         "audit_min": round(followed.wall_s / 60, 2),

@@ -3,7 +3,7 @@
 #   bench/gpu.sh [--smoke]                 (PYTHON=/path/to/python bench/gpu.sh to choose the interpreter)
 # Installs nothing. The interpreter needs a CUDA build of torch (the project's GPU machines have one on
 # disk, torch 2.14.1 + torchvision 0.29.1; elsewhere see README, "GPU workers") and pruneaudit installed
-# into it (`python -m pip install -e .` from the repository root keeps the CUDA torch that is there).
+# into it (`python -m pip install -e '.[test]'` from the repository root keeps the CUDA torch that is there).
 # Prints torch's CUDA device info as one JSON line, then the audit_resnet20 line (worker and reference on
 # PRUNEAUDIT_DEVICE=cuda).
 set -euo pipefail
