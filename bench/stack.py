@@ -79,14 +79,14 @@ class BenchStack:
         if "PRUNEAUDIT_DEVICE" in os.environ:  # bench/gpu.sh: the stack's processes start without PRUNEAUDIT_*
             self.settings = {"PRUNEAUDIT_DEVICE": os.environ["PRUNEAUDIT_DEVICE"], **self.settings}
         self.var_dir = Path(tempfile.mkdtemp(prefix="pruneaudit-bench-"))
-        self.stack = start_stack(self.var_dir / "var", with_worker=False, settings=self.settings)
         try:
+            self.stack = start_stack(self.var_dir / "var", with_worker=False, settings=self.settings)
             self.stack.env.update(self.worker_env)  # the api already runs: only workers see these
             for number in range(1, self.workers + 1):
                 start_process(self.stack, f"worker{number}", ["worker", "--concurrency", "1"])
             self.sampler = RssSampler(self.stack.processes)
         except BaseException:
-            self.stack.stop()
+            self.__exit__()
             raise
         return self
 
