@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -30,9 +31,9 @@ class RssSampler:
     """Peak resident memory of each named process and its children (a Celery worker's prefork child
     included), summed per sample; sampled every `interval_s` in a daemon thread."""
 
-    def __init__(self, processes: Mapping[str, object], interval_s: float = 0.25) -> None:
-        self._pids = {name: process.pid for name, process in processes.items()}
-        self._peaks = dict.fromkeys(self._pids, 0.0)
+    def __init__(self, processes: Mapping[str, subprocess.Popen], interval_s: float = 0.25) -> None:
+        self._processes = processes  # read on every sample: a restarted worker is followed under its name
+        self._peaks = dict.fromkeys(processes, 0.0)
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -52,8 +53,8 @@ class RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for name, pid in self._pids.items():
-                self._peaks[name] = max(self._peaks[name], self._tree_mb(pid))
+            for name, process in list(self._processes.items()):
+                self._peaks[name] = max(self._peaks.get(name, 0.0), self._tree_mb(process.pid))
             self._stop.wait(self._interval_s)
 
     def peaks_mb(self) -> dict[str, float]:
@@ -82,8 +83,7 @@ class BenchStack:
         try:
             self.stack = start_stack(self.var_dir / "var", with_worker=False, settings=self.settings)
             self.stack.env.update(self.worker_env)  # the api already runs: only workers see these
-            for number in range(1, self.workers + 1):
-                start_process(self.stack, f"worker{number}", ["worker", "--concurrency", "1"])
+            self._start_workers()
             self.sampler = RssSampler(self.stack.processes)
         except BaseException:
             self.__exit__()
@@ -104,6 +104,24 @@ class BenchStack:
                     child.kill()
         if self.var_dir is not None:
             shutil.rmtree(self.var_dir, ignore_errors=True)
+
+    def _start_workers(self) -> None:
+        assert self.stack is not None
+        for number in range(1, self.workers + 1):
+            start_process(self.stack, f"worker{number}", ["worker", "--concurrency", "1"])
+
+    def restart_workers(self) -> None:
+        """Kill every worker (its prefork child too) and start them again, e.g. after an audit timed out, so the
+        work it would go on with until its next checkpoint shares the machine with nothing measured next."""
+        assert self.stack is not None
+        for name, process in self.stack.processes.items():
+            if name.startswith("worker"):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for child in psutil.Process(process.pid).children(recursive=True):
+                        child.kill()
+                process.kill()
+                process.wait()
+        self._start_workers()
 
     @property
     def env(self) -> dict:
