@@ -45,8 +45,10 @@ lint: $(STAMP)
 test: lint $(CHROMIUM) $(DOCKER_COMPOSE)
 	$(BIN)/python -m pytest -q
 
+# Every figure, each in its own process; NAME=<figure> runs one alone (python -m bench --list names them);
+# SMOKE=1: tiny sizes, a check that the figures run (numbers meaningless).
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(if $(SMOKE),--smoke) $(NAME)
 
 REPRODUCE_STAMP := $(VENV)/.reproduce-stamp
 

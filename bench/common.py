@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import time
@@ -50,3 +51,12 @@ def emit(bench: str, value: float, unit: str, target: str, ok: bool, details: di
         ),
         flush=True,
     )
+
+
+SMOKE_ENV = "BENCH_SMOKE"
+
+
+def smoke() -> bool:
+    """Smoke size (`python -m bench --smoke`, `make bench SMOKE=1`): tiny sizes to check that a figure runs;
+    its numbers mean nothing."""
+    return os.environ.get(SMOKE_ENV) == "1"
