@@ -29,6 +29,7 @@ FIGURES = {
     "audit_tabular": "bench.audit_tabular",
     "service_overhead": "bench.service_overhead",
     "scale_out": "bench.scale_out",
+    "curvature_accuracy": "bench.curvature_accuracy",
 }
 
 

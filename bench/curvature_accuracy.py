@@ -69,7 +69,17 @@ def _checks(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> 
     rows = []
     for seed in range(SEEDS):
         curvature = group_curvature(
-            model, None, x, y, y, 10, probes=16, target_rse=0.1, lanczos_steps=20, max_examples=HESSIAN_EXAMPLES, seed=seed
+            model,
+            None,
+            x,
+            y,
+            y,
+            10,
+            probes=16,
+            target_rse=0.1,
+            lanczos_steps=20,
+            max_examples=HESSIAN_EXAMPLES,
+            seed=seed,
         )
         (gauss_newton,) = group_gauss_newton_trace(
             model, None, x, y, [y], n_groups=[10], max_examples=SAMPLED_EXAMPLES, seed=seed

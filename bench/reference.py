@@ -45,23 +45,28 @@ def worker_threads(architecture: dict, env: dict) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def under_worker_rule(dense, device):
-    """The worker's thread rule for an audit of `dense`, called as run_audit_pipeline calls it: the one place
-    the benchmarks name it (intra_op_threads' arguments change with the rule)."""
+def under_worker_rule(dense, architecture: dict, batch_size: int, device):
+    """The worker's thread rule for an audit of `dense` (multiply-accumulates per batch), called as the worker
+    calls it: the one place the benchmarks name it."""
+    from arch.registry import architecture_adapter, input_shape
     from worker.pipeline.runner import intra_op_threads
 
-    return intra_op_threads(sum(p.numel() for p in dense.parameters()), device)
+    shape = input_shape(architecture_adapter.validate_python(architecture))
+    return intra_op_threads(dense, shape, batch_size, device)
 
 
 def _print_threads(architecture: dict) -> None:
     import torch
 
+    from service.schemas.audits import AuditSpec
     from service.settings import get_settings
     from worker.engine.architectures import build_model
     from worker.pipeline.runner import select_device
 
     device = select_device(get_settings().device)
-    with under_worker_rule(build_model(architecture), device):
+    with under_worker_rule(
+        build_model(architecture), architecture, AuditSpec.model_fields["batch_size"].default, device
+    ):
         print(torch.get_num_threads())
 
 
@@ -97,7 +102,8 @@ def main(manifest_path: str) -> None:
         load_weights(model, Path(entry["weights"]))
         models.append((entry["label"], model.to(device).eval()))
     repeats = []
-    with under_worker_rule(models[0][1], device):
+    dense_architecture = manifest["models"][0]["architecture"]
+    with under_worker_rule(models[0][1], dense_architecture, manifest["batch_size"], device):
         threads = torch.get_num_threads()
         _forward_all(models[:1], x[: manifest["batch_size"]], manifest["batch_size"], device)  # warm-up batch
         for _ in range(manifest.get("repeats", 1)):

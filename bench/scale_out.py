@@ -6,7 +6,7 @@ imported torch), the two are interleaved per repeat, which one goes first altern
 sizes the audit that went first was ~5 s slower both times), and the value is the median per-repeat speedup.
 
 One thread: the worker has no thread setting of its own; torch starts with OMP_NUM_THREADS threads and
-`intra_op_threads` (worker/pipeline/runner.py) only ever lowers that (to 1 for models under 1M parameters),
+`intra_op_threads` (worker/pipeline/runner.py) only ever lowers that (to 1 for models with little work per batch),
 so OMP_NUM_THREADS=1 (and MKL_NUM_THREADS=1) in the workers' environment gives one thread; `details.
 worker_threads` is read in a child with that environment under the worker's own rule.
 
