@@ -16,7 +16,8 @@ curvature on every group of every ResNet-20 model would take this figure past th
 the figure is about spreading runs over workers), otherwise the default spec; 2 repeats. Smoke size
 (BENCH_SMOKE=1): 64 examples, 1 repeat.
 
-Until one audit's runs fan out as separate Celery tasks, an audit runs on one worker and this shows ~1.0."""
+The dense baseline is one task and the six runs spread over the workers, so the speedup is bounded by that
+serial part and each task's start (the SQLite broker is polled once a second)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,6 @@ def main() -> None:
         "worker_env": ONE_THREAD,
         "worker_threads": threads,
         "audit_statuses": statuses,
-        "note": "≈1.0 until an audit's runs fan out as separate Celery tasks",
         "smoke": smoke(),
         "peak_rss_mb_by_stack": peaks,
     }

@@ -51,6 +51,12 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
                     "ratios": ratios,
                     "methods": [{"method": "magnitude", "scope": scope, "ignored_layers": []}],
                 },
+                # Every group whole (≤ 183 examples): R̂'s terms are exact, and so comparable with autograd.
+                "diagnostics": {
+                    "pruned_models": True,
+                    "max_examples_per_group": 256,
+                    "sampled_examples_per_group": 256,
+                },
                 "seed": 3,
             },
         )
@@ -87,8 +93,8 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
             assert group["excess_accuracy_gap"] == pytest.approx(dense_accuracy - accuracy - overall_drop, abs=1e-12)
             assert group["excessive_loss"] == pytest.approx(loss - dense_loss, rel=1e-3, abs=1e-5)
             excessive.append(loss - dense_loss)
-        # Diagnostics on by default: exact gradient norms (dense and pruned, unmasked entries only) and
-        # g_a·δ against autograd on each whole group; curvature present with its subsample size.
+        # Exact gradient norms (dense, and pruned on request: unmasked entries only) and g_a·δ against autograd
+        # on each whole group; curvature and the Gauss–Newton trace present with their subsample sizes.
         kept = {k: (v != 0).astype(np.float64) for k, v in pruned_state.items() if k in weights}
         pruned_gradients = group_gradients(pruned_state, digits_case.x, digits_case.y, digits_case.y, kept)
         delta = np.concatenate([(pruned_state[k] - digits_case.state[k]).reshape(-1) for k in digits_case.state])
@@ -102,6 +108,8 @@ def run_and_check_audit(stack, digits_case, scope: str, ratios: list[float]) -> 
             )
             assert diagnostics["gradient_dot_delta"] == pytest.approx(dense_gradient @ delta, rel=1e-3, abs=1e-6)
             assert diagnostics["hessian_trace"] is not None and diagnostics["curvature_examples"] == group["n"]
+            assert diagnostics["dense_gauss_newton_trace"] > 0 and diagnostics["sampled_examples"] == group["n"]
+            assert diagnostics["gradient_dot_delta_se"] == diagnostics["delta_hessian_delta_se"] == 0.0
             assert diagnostics["predicted_excessive_loss"] == pytest.approx(
                 diagnostics["gradient_dot_delta"] + 0.5 * diagnostics["delta_hessian_delta"]
             )
