@@ -78,6 +78,34 @@ def curvature_subsample(n: int, max_examples: int, seed: int | Sequence[int]) ->
     return np.sort(np.random.default_rng(_streams(seed)[0]).choice(n, size=max_examples, replace=False))
 
 
+@dataclass(frozen=True)
+class GroupSamples:
+    """The examples the per-example estimates (Gauss–Newton trace, directional terms) use."""
+
+    members: list[list[np.ndarray]]  # per grouping k, per group code a: sorted example indices
+    rows: np.ndarray  # their union, sorted: an example in several groups' subsamples is computed once
+
+
+def group_subsamples(
+    codes: Sequence[np.ndarray], sizes: Sequence[int], max_examples: int | None, seed: int
+) -> GroupSamples:
+    """Per grouping k and group a, the `curvature_subsample` of seed (seed, k, a) of the group's examples (all
+    of them when `max_examples` is None); empty for groups without examples."""
+    members = []
+    for k, (grouping, size) in enumerate(zip(codes, sizes, strict=True)):
+        order = np.argsort(grouping, kind="stable")  # dataset order within each group
+        bounds = np.searchsorted(grouping[order], np.arange(size + 1))
+        per_group = []
+        for group in range(size):
+            rows = order[bounds[group] : bounds[group + 1]]
+            if max_examples is not None and len(rows):
+                rows = rows[curvature_subsample(len(rows), max_examples, (seed, k, group))]
+            per_group.append(rows)
+        members.append(per_group)
+    everything = [rows for per_group in members for rows in per_group]
+    return GroupSamples(members, np.unique(np.concatenate(everything)) if everything else np.zeros(0, np.int64))
+
+
 def hutchinson_trace(
     model: nn.Module,
     params: Tensors | None,

@@ -35,7 +35,7 @@ from worker.engine._state import (
     eval_mode,
     load_batch,
 )
-from worker.engine.curvature import curvature_subsample
+from worker.engine.curvature import group_subsamples
 from worker.engine.errors import EngineError
 
 
@@ -77,28 +77,15 @@ def group_directional(
     check_data(x, y)
     (aligned,), _ = aligned_directions(direction, state)
     along = dict(zip(state.leaves, state.masked(aligned), strict=True))
-    chosen = [
-        _subsamples(c, size, max_examples, (seed, k)) for k, (c, size) in enumerate(zip(codes, sizes, strict=True))
-    ]
-    rows = np.unique(np.concatenate([r for per_group in chosen for r in per_group] or [np.zeros(0, np.int64)]))
+    samples = group_subsamples(codes, sizes, max_examples, seed)
     first, second = np.zeros(len(x)), np.zeros(len(x))
     with eval_mode(model), torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            index = rows[start : start + batch_size]
+        for start in range(0, len(samples.rows), batch_size):
+            index = samples.rows[start : start + batch_size]
             first[index], second[index] = _per_example_derivatives(
                 state, along, *load_batch(x, y, index, state.dtype, device)
             )
-    return [_summaries(per_group, first, second, codes[k], sizes[k]) for k, per_group in enumerate(chosen)]
-
-
-def _subsamples(codes: np.ndarray, size: int, max_examples: int | None, seed: tuple[int, int]) -> list[np.ndarray]:
-    result = []
-    for group in range(size):
-        members = np.flatnonzero(codes == group)
-        if max_examples is not None and len(members):
-            members = members[curvature_subsample(len(members), max_examples, (*seed, group))]
-        result.append(members)
-    return result
+    return [_summaries(per_group, first, second, codes[k], sizes[k]) for k, per_group in enumerate(samples.members)]
 
 
 def _per_example_derivatives(
@@ -132,16 +119,13 @@ def _summaries(
     for group, members in enumerate(per_group):
         if len(members) == 0:
             continue
+        n = len(members)
         a, b = first[members], second[members]
-        correction = math.sqrt(max(0.0, 1 - len(members) / counts[group]) / len(members)) if len(members) > 1 else 0.0
-        figures[:, group] = (
-            a.mean(),
-            a.std(ddof=1) * correction if len(members) > 1 else 0.0,
-            b.mean(),
-            b.std(ddof=1) * correction if len(members) > 1 else 0.0,
-            (a + 0.5 * b).std(ddof=1) * correction if len(members) > 1 else 0.0,
-        )
-        used[group] = len(members)
+        figures[[0, 2], group] = a.mean(), b.mean()
+        if n > 1:  # one example has no spread; a whole group has no sampling error (the correction is 0)
+            correction = math.sqrt(max(0.0, 1 - n / counts[group]) / n)
+            figures[[1, 3, 4], group] = [v.std(ddof=1) * correction for v in (a, b, a + 0.5 * b)]
+        used[group] = n
     dot, dot_se, quadratic, quadratic_se, predicted_se = figures
     return GroupDirectional(dot, dot_se, quadratic, quadratic_se, predicted_se, used, counts)
 

@@ -34,7 +34,7 @@ from worker.engine._state import (
     eval_mode,
     load_batch,
 )
-from worker.engine.curvature import curvature_subsample
+from worker.engine.curvature import group_subsamples
 
 
 @dataclass(frozen=True)
@@ -67,18 +67,14 @@ def group_gauss_newton_trace(
     state = State(model, params, masks)
     codes, sizes = check_groupings(groupings, n_groups, len(x))
     check_data(x, y)
-    chosen = [
-        _subsamples(grouping, size, max_examples, (seed, k))
-        for k, (grouping, size) in enumerate(zip(codes, sizes, strict=True))
-    ]
-    rows = np.unique(np.concatenate([r for per_group in chosen for r in per_group] or [np.zeros(0, np.int64)]))
+    samples = group_subsamples(codes, sizes, max_examples, seed)
     values = np.zeros(len(x))
     with eval_mode(model):
-        values[rows] = _sampled_square_norms(
-            state, x, y, rows, np.random.default_rng([seed, 1 << 20]), batch_size, device
+        values[samples.rows] = _sampled_square_norms(
+            state, x, y, samples.rows, np.random.default_rng([seed, 1 << 20]), batch_size, device
         )
     results = []
-    for per_group in chosen:
+    for per_group in samples.members:
         trace, se, used = (np.zeros(len(per_group)) for _ in range(3))
         for group, members in enumerate(per_group):
             if len(members):
@@ -87,17 +83,6 @@ def group_gauss_newton_trace(
                 used[group] = len(members)
         results.append(GroupGaussNewton(trace=trace, trace_se=se, examples_used=used.astype(np.int64)))
     return results
-
-
-def _subsamples(codes: np.ndarray, size: int, max_examples: int, seed: tuple[int, int]) -> list[np.ndarray]:
-    """Example indices of each group's subsample (empty for groups without examples)."""
-    result = []
-    for group in range(size):
-        members = np.flatnonzero(codes == group)
-        result.append(
-            members[curvature_subsample(len(members), max_examples, (*seed, group))] if len(members) else members
-        )
-    return result
 
 
 def _sampled_square_norms(

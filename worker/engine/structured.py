@@ -133,20 +133,24 @@ def rebuild_structured(spec: Mapping[str, Any], architecture: Mapping[str, Any])
     return model
 
 
-def model_cost(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
-    """What a model costs for one example of `input_shape` (no batch dimension): parameters, the
-    non-zero ones among them, multiply-accumulates of a dense forward
-    (`torch_pruning.utils.count_ops_and_params`; unstructured zeros still cost MACs without sparse
-    kernels), and the size of its safetensors file in bytes."""
+def multiply_accumulates(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of a dense eval-mode forward of one example (`torch_pruning.utils.count_ops_and_params`;
+    unstructured zeros still cost MACs without sparse kernels)."""
     device = next(model.parameters()).device
     was_training = model.training
     macs, _ = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, *input_shape, device=device))
     model.train(was_training)
+    return int(macs)
+
+
+def model_cost(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
+    """What a model costs for one example of `input_shape` (no batch dimension): parameters, the
+    non-zero ones among them, `multiply_accumulates`, and the size of its safetensors file in bytes."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "nonzero_parameters": sum(int(p.count_nonzero()) for p in model.parameters()),
-        "macs": int(macs),
+        "macs": multiply_accumulates(model, input_shape),
         "file_bytes": len(safetensors_bytes(state)),
         "input_shape": list(input_shape),
     }

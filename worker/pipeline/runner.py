@@ -23,7 +23,7 @@ from results.runs import RunResult
 from worker.engine.architectures import build_model, load_weights
 from worker.engine.outcomes import evaluate
 from worker.engine.pruning import sparsity
-from worker.engine.structured import model_cost
+from worker.engine.structured import model_cost, multiply_accumulates
 from worker.inputs import AuditInputs, RunPlan
 from worker.pipeline.data import load_evaluation, load_train
 from worker.pipeline.diagnose import curvature_decision, diagnose_model
@@ -65,7 +65,7 @@ def intra_op_threads(
     512 batch: MLPs of 3.4M and 49M MACs per batch ran 250× and 30× faster on one thread under load (and an
     arrests audit of a 3-layer MLP 17× faster, 195 s → 11.7 s); ResNet-20 (21G MACs per batch) ran a forward
     pass 2.6× faster on two threads than on one on an idle machine."""
-    if device.type != "cpu" or model_cost(model, input_shape)["macs"] * batch_size > SINGLE_THREAD_MAX_BATCH_MACS:
+    if device.type != "cpu" or multiply_accumulates(model, input_shape) * batch_size > SINGLE_THREAD_MAX_BATCH_MACS:
         yield
         return
     previous = torch.get_num_threads()
