@@ -7,8 +7,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch first and from the CPU index: an unpinned torch from PyPI pulls a multi-GB CUDA build. This
-# layer changes only when the pin does, so code changes do not download it again.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# layer changes only when the pin does, so code changes do not download it again. GPU workers build with a
+# CUDA index and version (docker-compose.yml's gpu-worker).
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install torch==${TORCH_VERSION} --index-url ${TORCH_INDEX_URL}
 
 WORKDIR /app
 # README.md* so the build does not break while the README is absent (setuptools only warns then).
@@ -19,7 +22,7 @@ COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
 RUN pip install . \
-    && python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
 
 # Non-root at run time; the blob store and the embedded-defaults directory belong to that user (a
 # named volume mounted on /data/blobs starts with this ownership).

@@ -46,7 +46,17 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(concurrency: int, loglevel: str) -> list[str]:
+def worker_queues(gpu: bool) -> str:
+    """The queues a worker takes: a GPU worker takes the heavy tasks' queue and, when idle, the default one."""
+    settings = get_settings()
+    if not gpu:
+        return settings.queue_name
+    if not settings.gpu_queue:
+        raise SystemExit("pruneaudit worker --gpu: set PRUNEAUDIT_GPU_QUEUE (the queue heavy tasks are sent to)")
+    return f"{settings.gpu_queue},{settings.queue_name}"
+
+
+def worker_command(concurrency: int, loglevel: str, gpu: bool = False, name: str | None = None) -> list[str]:
     settings = get_settings()
     return [
         sys.executable,
@@ -56,11 +66,13 @@ def worker_command(concurrency: int, loglevel: str) -> list[str]:
         "worker.celery_app",
         "worker",
         "--queues",
-        settings.queue_name,
+        worker_queues(gpu),
         "--concurrency",
         str(concurrency),
         "--loglevel",
         loglevel,
+        # The node name reports show for each run (celery@<host> unless named; %h is the host).
+        *(["--hostname", name] if name else []),
         # A child is replaced after this many audits, or after an audit that grew it past the memory cap (KiB);
         # worker/heartbeat.py enforces the same cap while an audit runs.
         "--max-tasks-per-child",
@@ -78,7 +90,10 @@ def worker_command(concurrency: int, loglevel: str) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    command = worker_command(args.concurrency, args.loglevel)
+    command = worker_command(args.concurrency, args.loglevel, args.gpu, args.name)
+    if args.gpu:
+        # Its tasks read it (worker/placement.py): a GPU worker computes a heavy task it receives, never forwards it.
+        os.environ["PRUNEAUDIT_WORKER_GPU"] = "true"
     os.execv(command[0], command)
 
 
@@ -237,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--name", help="Celery node name, e.g. gpu1@%%h (default celery@<host>)")
+    worker.add_argument(
+        "--gpu", action="store_true", help="also take PRUNEAUDIT_GPU_QUEUE, the heavy baselines and runs"
+    )
     worker.set_defaults(func=cmd_worker)
 
     commands.add_parser(

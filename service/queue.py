@@ -62,14 +62,21 @@ def declare_queue() -> None:
     if not settings.resolved_broker_url().startswith("sqla+"):
         return
     with get_celery_client().connection_for_write() as connection:
-        connection.default_channel.queue_declare(queue=settings.queue_name)
+        for queue in queue_names(settings):
+            connection.default_channel.queue_declare(queue=queue)
 
 
-def enqueue_audit(audit_id: str) -> None:
-    """Send the task by name; call only after the audit row is committed."""
-    get_celery_client().send_task(RUN_AUDIT_TASK, args=[audit_id], queue=get_settings().queue_name)
+def queue_names(settings: Settings) -> list[str]:
+    """Every queue a task may wait in: the default one, and the GPU workers' when configured."""
+    return [settings.queue_name, *([settings.gpu_queue] if settings.gpu_queue else [])]
 
 
-def enqueue_run(run_id: str) -> None:
+def enqueue_audit(audit_id: str, queue: str | None = None) -> None:
+    """Send the task by name (to the default queue unless `queue` says otherwise: the API knows no model's cost,
+    worker/placement.py does); call only after the audit row is committed."""
+    get_celery_client().send_task(RUN_AUDIT_TASK, args=[audit_id], queue=queue or get_settings().queue_name)
+
+
+def enqueue_run(run_id: str, queue: str | None = None) -> None:
     """Send one run's task by name; call only after the run row is committed."""
-    get_celery_client().send_task(COMPUTE_RUN_TASK, args=[run_id], queue=get_settings().queue_name)
+    get_celery_client().send_task(COMPUTE_RUN_TASK, args=[run_id], queue=queue or get_settings().queue_name)

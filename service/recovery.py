@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import create_engine, exists, or_, select, text, update
+from sqlalchemy import bindparam, create_engine, exists, or_, select, text, update
 from sqlalchemy.orm import aliased
 
 from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, Run, RunStatus, utcnow
-from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_audit, enqueue_run
+from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_audit, enqueue_run, queue_names
 from service.runs import end_audit, lock_running_audit, settle_cancellation
 from service.settings import Settings, get_settings
 from service.storage import get_store
@@ -198,12 +198,13 @@ def live_messages(settings: Settings) -> list[bytes | str] | None:
         import redis
 
         client = redis.Redis.from_url(broker_url, socket_timeout=10)
-        prefix, queue = settings.broker_key_prefix, settings.queue_name
+        prefix = settings.broker_key_prefix
         try:
             # Waiting lists first (kombu's priority sub-queues included), then the unacked hash: a message
             # popped in between is then seen in the second place rather than missed in both.
             waiting = [
                 raw
+                for queue in queue_names(settings)
                 for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")
                 for raw in client.lrange(f"{prefix}{queue}{suffix}", 0, -1)
             ]
@@ -221,9 +222,9 @@ def live_messages(settings: Settings) -> list[bytes | str] | None:
                 payloads = connection.execute(
                     text(
                         "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
-                        "WHERE q.name = :queue AND m.visible"
-                    ),
-                    {"queue": settings.queue_name},
+                        "WHERE q.name IN :queues AND m.visible"
+                    ).bindparams(bindparam("queues", expanding=True)),
+                    {"queues": queue_names(settings)},
                 ).scalars()
                 return list(payloads)
         finally:

@@ -29,6 +29,16 @@ class Settings(BaseSettings):
     max_runs: int = Field(50, description="Most runs (ratios × methods) one audit may ask for.")
     max_parameters: int = Field(200_000_000, description="Largest model (trainable parameters) accepted for upload.")
     device: str = Field("auto", description="Torch device for workers: auto (CUDA when present), cpu, cuda.")
+    # GPU workers (worker/placement.py): heavy baselines and runs go to this queue, which `pruneaudit worker --gpu`
+    # takes besides the default one. Empty: one queue, every worker takes everything.
+    gpu_queue: str = Field("", description="Queue of the heavy tasks, taken by GPU workers (empty: none).")
+    gpu_min_work_macs: float = Field(
+        1e11,
+        ge=0,
+        description="A baseline or run whose work (multiply-accumulates of its forward passes, 3 per training "
+        "example) reaches this goes to gpu_queue.",
+    )
+    worker_gpu: bool = Field(False, description="This worker takes gpu_queue (set by `pruneaudit worker --gpu`).")
     # Crash safety (service/recovery.py, worker/heartbeat.py).
     heartbeat_interval_s: float = Field(30.0, gt=0, description="How often a running audit's worker beats.")
     heartbeat_timeout_s: float = Field(

@@ -55,11 +55,11 @@ def _why_not_owned(session: Session, audit_id: str) -> Exception:
 
 def queue_runs(
     lease: AuditLease, plans: list[RunPlan], dense: RunResult, worker: str, started_at: datetime
-) -> list[str]:
+) -> list[tuple[str, int]]:
     """The fan-out, in one transaction of the attempt that owns the audit: the dense run (position 0) stored, one
     queued run per plan, and the audit marked as having its runs queued (from then on the sweeper watches each
     run's heartbeat, not the audit's). Returns the runs that can start now (the others wait for the run they
-    start from)."""
+    start from), with their positions."""
     total = len(plans) + 1
     with session_scope() as session:
         fanned_out = rows_matched(
@@ -109,12 +109,12 @@ def queue_runs(
         ]
         session.add_all(runs)
         session.flush()
-        return [run.id for run in runs if run.starts_from is None]
+        return [(run.id, run.position) for run in runs if run.starts_from is None]
 
 
 @dataclass(frozen=True)
 class StoredRun:
-    dependents: list[str]  # queued runs that start from this one: to enqueue now
+    dependents: list[tuple[str, int]]  # queued runs (id, position) that start from this one: to enqueue now
     assembled: bool  # this run was the last, and the report is written
 
 
@@ -141,8 +141,8 @@ def store_run(lease: RunLease, result: RunResult, weights_path: Path, environmen
             raise AttemptSuperseded(lease.run_id)
         counts = run_counts(session, lease.audit_id)
         finished, total = counts.get(RunStatus.succeeded, 0), sum(counts.values())
-        dependents = session.scalars(
-            select(Run.id).where(
+        dependents = session.execute(
+            select(Run.id, Run.position).where(
                 Run.audit_id == lease.audit_id, Run.starts_from == lease.position, Run.status == RunStatus.queued
             )
         ).all()
@@ -152,7 +152,7 @@ def store_run(lease: RunLease, result: RunResult, weights_path: Path, environmen
                 .where(Audit.id == lease.audit_id)
                 .values(progress=finished / total, progress_message=f"{finished} of {total} runs finished")
             )
-            return StoredRun(list(dependents), assembled=False)
+            return StoredRun([(run_id, position) for run_id, position in dependents], assembled=False)
         assemble(session, lease, environment, store)
     return StoredRun([], assembled=True)
 

@@ -52,23 +52,7 @@ class AuditInputs:
     device: str = "auto"
 
     def plans(self) -> list[RunPlan]:
-        """Per method, per ratio (increasing): the unmitigated run, then one run per mitigation."""
-        plans: list[RunPlan] = []
-        for method in self.spec.pruning.methods:
-            for ratio in self.spec.pruning.ratios:
-                unmitigated = RunPlan(len(plans) + 1, method, ratio)
-                plans.append(unmitigated)
-                plans.extend(
-                    RunPlan(
-                        len(plans) + 1,
-                        method,
-                        ratio,
-                        mitigation,
-                        starts_from=unmitigated.position if mitigation.placement == "after" else None,
-                    )
-                    for mitigation in self.spec.mitigations
-                )
-        return plans
+        return run_plans(self.spec)
 
     def weights_of(self, position: int) -> Path:
         return self.output_dir / f"run-{position}.safetensors"
@@ -76,6 +60,26 @@ class AuditInputs:
     def plan_at(self, position: int) -> RunPlan:
         """The plan of run `position` (1, 2, …): plans follow from the spec alone, so every worker finds the same."""
         return self.plans()[position - 1]
+
+
+def run_plans(spec: AuditSpec) -> list[RunPlan]:
+    """Per method, per ratio (increasing): the unmitigated run, then one run per mitigation."""
+    plans: list[RunPlan] = []
+    for method in spec.pruning.methods:
+        for ratio in spec.pruning.ratios:
+            unmitigated = RunPlan(len(plans) + 1, method, ratio)
+            plans.append(unmitigated)
+            plans.extend(
+                RunPlan(
+                    len(plans) + 1,
+                    method,
+                    ratio,
+                    mitigation,
+                    starts_from=unmitigated.position if mitigation.placement == "after" else None,
+                )
+                for mitigation in spec.mitigations
+            )
+    return plans
 
 
 def _dataset_input(store: BlobStore, dataset: Dataset, attributes: list[str]) -> DatasetInput:

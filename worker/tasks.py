@@ -30,6 +30,7 @@ from worker.celery_app import app
 from worker.engine.errors import EngineError
 from worker.inputs import AuditInputs, RunPlan, audit_inputs
 from worker.leases import AttemptSuperseded, AuditCancelled, AuditLease, RunLease, claim_audit, claim_run
+from worker.placement import forwarded, placement
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +53,9 @@ def worker_name(task: Task) -> str:
     return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
 
-def send_run(run_id: str) -> None:
+def send_run(run_id: str, queue: str) -> None:
     try:
-        enqueue_run(run_id)
+        enqueue_run(run_id, queue)
     except Exception:
         # It stays queued; the sweeper finds it without a broker message and sends it again.
         log.exception("run %s: could not enqueue; the sweeper will send it again", run_id)
@@ -94,8 +95,15 @@ def heartbeat(lease: AuditLease | RunLease):
     )
 
 
+def forwarded_to_gpu(task_name: str, row_id: str) -> bool:
+    with session_scope() as session:
+        return forwarded(session, task_name, row_id)
+
+
 @app.task(name=RUN_AUDIT_TASK, bind=True)
 def run_audit(self: Task, audit_id: str) -> None:
+    if forwarded_to_gpu(RUN_AUDIT_TASK, audit_id):
+        return
     lease = claim_audit(audit_id)
     if lease is None:
         log.info("audit %s is not queued (already claimed or gone); nothing to do", audit_id)
@@ -103,16 +111,17 @@ def run_audit(self: Task, audit_id: str) -> None:
     from worker.pipeline.runner import measure_baseline
 
     work_dir = get_store().work_dir(audit_id, lease.attempt)
-    ready: list[str] = []
+    ready: list[tuple[str, int]] = []
     with task_outcome(lease, get_settings().audit_time_limit_s), heartbeat(lease):
         with session_scope() as session:
-            inputs = pipeline_inputs(session.get_one(Audit, audit_id), work_dir)
+            audit = session.get_one(Audit, audit_id)
+            inputs, queues = pipeline_inputs(audit, work_dir), placement(session, audit)
         lease.checkpoint(0.0, "measuring the dense baseline")
         started_at = utcnow()
         dense = measure_baseline(inputs, work_dir)
         ready = queue_runs(lease, inputs.plans(), dense, worker_name(self), started_at)
-    for run_id in ready:
-        send_run(run_id)
+    for run_id, position in ready:
+        send_run(run_id, queues.run_queue(inputs.plan_at(position)))
 
 
 def starts_from(
@@ -137,6 +146,8 @@ def starts_from(
 
 @app.task(name=COMPUTE_RUN_TASK, bind=True)
 def compute_run(self: Task, run_id: str) -> None:
+    if forwarded_to_gpu(COMPUTE_RUN_TASK, run_id):
+        return
     lease = claim_run(run_id, worker_name(self))
     if lease is None:
         log.info("run %s cannot start (already claimed, its audit stopped, or waiting); nothing to do", run_id)
@@ -153,7 +164,8 @@ def compute_run(self: Task, run_id: str) -> None:
         tempfile.TemporaryDirectory(dir=store.root / "tmp") as output_dir,
     ):
         with session_scope() as session:
-            inputs = pipeline_inputs(session.get_one(Audit, lease.audit_id), Path(output_dir))
+            audit = session.get_one(Audit, lease.audit_id)
+            inputs, queues = pipeline_inputs(audit, Path(output_dir)), placement(session, audit)
             plan = inputs.plan_at(lease.position)
             unmitigated = starts_from(session, lease, plan, work_dir)
         assert plan.label == lease.label, "plans follow from the spec alone"
@@ -166,7 +178,7 @@ def compute_run(self: Task, run_id: str) -> None:
         stored = store_run(lease, output.result, output.weights_path, environment)
     if stored is None:
         return
-    for dependent in stored.dependents:
-        send_run(dependent)
+    for dependent, position in stored.dependents:
+        send_run(dependent, queues.run_queue(inputs.plan_at(position)))
     if stored.assembled:
         store.remove_work(lease.audit_id)

@@ -27,12 +27,21 @@ def test_compose_has_the_stack_with_healthchecks():
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
-@pytest.mark.parametrize("service", ["migrate", "api", "worker", "sweeper"])
+@pytest.mark.parametrize("service", ["migrate", "api", "worker", "sweeper", "gpu-worker"])
 def test_compose_commands_are_real_cli_commands(service):
     command = compose()["services"][service]["command"]
     assert command[0] == "pruneaudit"
     args = build_parser().parse_args(command[1:])
-    assert args.command == service
+    assert args.command == service.removeprefix("gpu-")
+
+
+def test_the_gpu_worker_takes_the_gpu_queue_everyone_is_told_of():
+    services = compose()["services"]
+    args = build_parser().parse_args(services["gpu-worker"]["command"][1:])
+    assert args.gpu and services["gpu-worker"]["profiles"] == ["gpu"]
+    # API, workers and sweeper must agree on it: the sweeper looks for lost messages in that queue too
+    for name in ("api", "worker", "sweeper", "gpu-worker"):
+        assert services[name]["environment"]["PRUNEAUDIT_GPU_QUEUE"] == "${PRUNEAUDIT_GPU_QUEUE:-}"
 
 
 def test_worker_children_have_the_task_and_memory_caps_from_settings(monkeypatch):
@@ -53,7 +62,9 @@ def test_worker_children_have_the_task_and_memory_caps_from_settings(monkeypatch
 def test_dockerfile_default_command_is_the_api():
     text = (REPO / "Dockerfile").read_text()
     assert 'CMD ["pruneaudit", "api"]' in text
-    assert "torch==2.13.0" in text
+    # the CPU wheel by default; GPU workers pass a CUDA build's version and index
+    assert "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert "pip install torch==${TORCH_VERSION} --index-url ${TORCH_INDEX_URL}" in text
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
