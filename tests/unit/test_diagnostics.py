@@ -330,9 +330,34 @@ def test_group_curvature_uses_the_documented_subsample_and_seeds() -> None:
         assert result.top_eigenvalue[group] == pytest.approx(float(torch.linalg.eigvalsh(hessian)[-1]), rel=1e-3)
         assert result.eigenvalue_converged[group]
         # The per-group seed reproduces the standalone functions exactly.
-        standalone = hutchinson_trace(model, None, x[members], y[members], probes=400, max_examples=8, seed=(11, group))
+        standalone = hutchinson_trace(
+            model, None, x[members], y[members], probes=400, lanczos_steps=50, max_examples=8, seed=(11, group)
+        )
         assert (standalone.value, standalone.se) == (result.trace[group], result.trace_se[group])
     assert (result.trace[4], result.trace_se[4], result.top_eigenvalue[4]) == (0.0, 0.0, 0.0)
+
+
+def test_deflating_the_lanczos_basis_keeps_the_trace_and_shrinks_its_error() -> None:
+    # An indefinite Hessian of 74 parameters: the 13 vectors Lanczos builds before λ_max converges carry the
+    # largest |λ|, and with them most of the spread of vᵀHv.
+    model, x, y, _, members = _group(MLP_SPEC)
+    exact = float(_exact_hessian(model, x[members], y[members]).trace())
+    plain = hutchinson_trace(model, None, x[members], y[members], probes=200, seed=1)
+    deflated = hutchinson_trace(model, None, x[members], y[members], probes=200, lanczos_steps=20, seed=1)
+    assert deflated.deflated > 5 and plain.deflated == 0
+    assert deflated.se < 0.5 * plain.se
+    assert abs(deflated.value - exact) <= 4 * deflated.se
+
+
+def test_a_lanczos_basis_spanning_the_whole_space_gives_the_exact_trace() -> None:
+    # 21 parameters, a Hessian of rank ≤ 14 (3 classes): the Krylov space closes within 21 steps, and the
+    # basis then holds the whole range of H, so nothing is left to the probes.
+    model, x, y, _, members = _group(LINEAR_SPEC)
+    exact = float(_exact_hessian(model, x[members], y[members]).trace())
+    estimate = hutchinson_trace(model, None, x[members], y[members], probes=8, lanczos_steps=21, tolerance=1e-14)
+    assert estimate.deflated <= 21
+    assert estimate.value == pytest.approx(exact, rel=1e-9)
+    assert estimate.se <= 1e-9 * exact
 
 
 def test_hutchinson_stops_at_the_target_relative_standard_error() -> None:

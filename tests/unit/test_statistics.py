@@ -12,7 +12,12 @@ import pytest
 from worker.engine.errors import EngineError
 from worker.engine.metrics import attribute_metrics
 from worker.engine.outcomes import Outcomes
-from worker.engine.statistics import bootstrap_group_intervals, spearman
+from worker.engine.statistics import (
+    ANALYTIC_MIN_GROUP,
+    bootstrap_group_intervals,
+    bootstrap_mean_quantiles,
+    spearman,
+)
 
 SIZES = np.array([150, 300, 80])  # three groups, plus rows without a group
 MISSING = 40
@@ -81,6 +86,56 @@ def test_intervals_agree_with_a_brute_force_index_bootstrap() -> None:
         width = getattr(ours, name)[:, 1] - getattr(ours, name)[:, 0]
         assert np.allclose(getattr(ours, name), brute[name].T, atol=0.06 * width.max()), name
     assert np.allclose(ours.max_excess_accuracy_gap, brute["max"], atol=0.01)
+
+
+def _brute_force_mean_quantiles(values: np.ndarray, resamples: int, quantiles, rng) -> np.ndarray:
+    means = np.array([values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)])
+    return np.quantile(means, quantiles)
+
+
+def _skewed_loss_differences(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Most examples barely change; three in ten lose a lot (exponential): skewness ≈ 3.6, excess kurtosis ≈ 17."""
+    return np.where(rng.random(n) < 0.3, rng.exponential(1.0, n), rng.normal(0.0, 0.05, n))
+
+
+@pytest.mark.parametrize("n", [ANALYTIC_MIN_GROUP, 20_000])
+def test_cornish_fisher_quantiles_of_a_large_group_match_a_brute_force_bootstrap(n) -> None:
+    values = _skewed_loss_differences(np.random.default_rng(n), n)
+    quantiles = [0.025, 0.975]
+    analytic = bootstrap_mean_quantiles(values, quantiles)
+    assert analytic is not None
+    brute = _brute_force_mean_quantiles(values, 60_000, quantiles, np.random.default_rng(7))
+    standard_error = values.std() / np.sqrt(n)
+    # Monte Carlo error of 60,000 resamples at these quantiles ≈ 0.011 SE; the expansion's is far smaller.
+    assert np.abs(analytic - brute).max() < 0.04 * standard_error, (analytic, brute, standard_error)
+    if n == ANALYTIC_MIN_GROUP:
+        # There the skew shifts the quantiles by ≈ 0.04 SE: a plain normal interval misses it.
+        normal = values.mean() + standard_error * np.array([-1.959964, 1.959964])
+        assert np.abs(normal - brute).max() > 0.025 * standard_error > np.abs(analytic - brute).max()
+
+
+def test_small_or_heavily_skewed_groups_are_resampled() -> None:
+    rng = np.random.default_rng(0)
+    assert bootstrap_mean_quantiles(_skewed_loss_differences(rng, ANALYTIC_MIN_GROUP - 1), [0.025, 0.975]) is None
+    # One example in a thousand changes, by a lot: the bootstrap mean is far from normal at n = 5,000.
+    rare = np.where(rng.random(5_000) < 0.001, 10.0, 0.0)
+    assert bootstrap_mean_quantiles(rare, [0.025, 0.975]) is None
+    constant = np.full(5_000, 0.25)
+    assert np.array_equal(bootstrap_mean_quantiles(constant, [0.025, 0.975]), [0.25, 0.25])
+
+
+def test_a_large_groups_excessive_loss_interval_matches_a_brute_force_index_bootstrap() -> None:
+    rng = np.random.default_rng(5)
+    n = 6_000
+    codes = np.repeat([0, 1], [n, 300])  # one large group (expansion), one small (resampled)
+    d = np.concatenate([_skewed_loss_differences(rng, n), rng.exponential(0.5, 300)])
+    correct = rng.random(n + 300) < 0.8
+    ours = bootstrap_group_intervals(correct, correct, np.zeros(n + 300), d, codes, resamples=4000, seed=1)
+    # tolerances: the Monte Carlo error of the brute force (8,000 resamples), and of ours for the small group
+    for group, values, tolerance in ((0, d[:n], 0.06), (1, d[n:], 0.2)):
+        brute = _brute_force_mean_quantiles(values, 8000, [0.025, 0.975], np.random.default_rng(group))
+        standard_error = values.std() / np.sqrt(len(values))
+        assert np.allclose(ours.excessive_loss[group], brute, atol=tolerance * standard_error)
 
 
 def test_intervals_are_deterministic_for_a_seed_and_contain_the_point_estimate() -> None:

@@ -1,7 +1,10 @@
-"""Curvature of every group's mean loss on a capped, seeded subsample, from Hessian-vector products: the Hessian
-trace by Hutchinson's estimator, stopping adaptively once its standard error falls to a target share of the
-estimate, and the top eigenvalue by Lanczos with full reorthogonalisation, with the residual bound of its Ritz
-value as its error. Definitions: docs/METHODS.md §11.
+"""Curvature of every group's mean loss on a capped, seeded subsample, from Hessian-vector products: the top
+eigenvalue by Lanczos with full reorthogonalisation, with the residual bound of its Ritz value as its error, and
+the Hessian trace by Hutchinson's estimator deflated by that Lanczos basis Q — Tr(H) = Tr(QᵀHQ) (the sum of the
+Lanczos α's, exact) + Tr((I−QQᵀ)H(I−QQᵀ)) (Hutchinson on probes projected off Q) — stopping adaptively once its
+standard error falls to a target share of the estimate. A trained net's Hessian has a few dominant eigenvalues,
+which make plain vᵀHv heavy-tailed; removing them leaves a residual of far smaller spread, at no extra Hessian
+products (the Lanczos run is needed for λ_max anyway). Definitions: docs/METHODS.md §11.
 
 Measured on this 2-core CPU (ResNet-20 CIFAR layout, 512 images): one Hessian-vector product costs 5–9
 forward passes; batching 4–8 probes through one vmapped backward (`is_grads_batched`) was 1.2–1.4× slower
@@ -41,9 +44,21 @@ MIN_PROBES = 6
 
 @dataclass(frozen=True)
 class TraceEstimate:
-    value: float  # Hutchinson mean of vᵀHv over the probes
-    se: float  # std(ddof=1)/√probes
+    value: float  # Tr(QᵀHQ) + the Hutchinson mean of vᵀ(I−QQᵀ)H(I−QQᵀ)v over the probes (no Q: plain Hutchinson)
+    se: float  # std(ddof=1)/√probes of the Hutchinson part (the deflated part is exact)
     probes: int  # probes drawn: the adaptive stop, or the cap
+    deflated: int = 0  # dimension of the Lanczos basis Q taken out before the probes
+
+
+@dataclass(frozen=True)
+class _Deflation:
+    """An orthonormal basis Q (rows, in the mask's subspace) and Tr(QᵀHQ)."""
+
+    basis: torch.Tensor  # (k, numel)
+    trace: float
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        return v - self.basis.T @ (self.basis @ v)
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,8 @@ def hutchinson_trace(
     masks: Tensors | None = None,
     probes: int = 32,
     target_rse: float = 0.0,
+    lanczos_steps: int = 0,
+    tolerance: float = 1e-3,
     max_examples: int = 512,
     seed: int | Sequence[int] = 0,
     batch_size: int = 512,
@@ -122,16 +139,22 @@ def hutchinson_trace(
 ) -> TraceEstimate:
     """Tr(H) of the mean loss over (x, y) (one group) restricted to the mask, by Hutchinson's estimator
     (1/m) Σ_j v_jᵀHv_j over Rademacher v_j ⊙ mask, on the `curvature_subsample` of at most `max_examples`
-    examples. Draws at most `probes`; with `target_rse` > 0 it stops (after MIN_PROBES) as soon as the
-    standard error is at most `target_rse`·|estimate|. The first-order graph is built once and reused by
-    every probe when the subsample fits one batch of `batch_size`."""
+    examples; with `lanczos_steps` > 0, deflated by the basis of the Lanczos run `top_eigenvalue` makes with
+    the same arguments (as `group_curvature` does). Draws at most `probes`; with `target_rse` > 0 it stops
+    (after MIN_PROBES) as soon as the standard error is at most `target_rse`·|estimate|. The first-order graph
+    is built once and reused by every probe when the subsample fits one batch of `batch_size`."""
     _check_probes(probes, target_rse)
     check_data(x, y)
     state = State(model, params, masks)
     rows = curvature_subsample(len(y), max_examples, seed)
+    _, probe_rng, start_rng = _streams(seed)
     with eval_mode(model):
         operator = _HessianOperator(state, x, y, rows, batch_size, device)
-        return _hutchinson(operator, probes, target_rse, _streams(seed)[1])
+        deflation = None
+        if lanczos_steps > 0:
+            _check_steps(lanczos_steps, tolerance)
+            _, deflation = _lanczos_top(operator, lanczos_steps, tolerance, start_rng)
+        return _hutchinson(operator, probes, target_rse, probe_rng, deflation)
 
 
 def top_eigenvalue(
@@ -157,7 +180,7 @@ def top_eigenvalue(
     rows = curvature_subsample(len(y), max_examples, seed)
     with eval_mode(model):
         operator = _HessianOperator(state, x, y, rows, batch_size, device)
-        return _lanczos_top(operator, steps, tolerance, _streams(seed)[2])
+        return _lanczos_top(operator, steps, tolerance, _streams(seed)[2])[0]
 
 
 def group_curvature(
@@ -178,10 +201,11 @@ def group_curvature(
     batch_size: int = 512,
     device: Device = "cpu",
 ) -> GroupCurvature:
-    """Hutchinson trace (± standard error) and Lanczos top eigenvalue (± residual bound) of every group's
-    mean-loss Hessian, sharing one subsample and one first-order graph per group. Group a uses seed
-    (seed, a), so `hutchinson_trace(model, params, x[codes == a], y[codes == a], seed=(seed, a), ...)` gives
-    the same numbers. Empty groups get zeros and examples_used == 0. Only the subsample is read from x."""
+    """Lanczos top eigenvalue (± residual bound) and deflated Hutchinson trace (± standard error) of every group's
+    mean-loss Hessian, sharing one subsample, one first-order graph and the Lanczos basis per group. Group a uses
+    seed (seed, a), so `hutchinson_trace(model, params, x[codes == a], y[codes == a], seed=(seed, a),
+    lanczos_steps=lanczos_steps, ...)` gives the same trace. Empty groups get zeros and examples_used == 0. Only the
+    subsample is read from x."""
     _check_probes(probes, target_rse)
     _check_steps(lanczos_steps, tolerance)
     (codes,), (size,) = check_groupings([codes], [n_groups], len(x))
@@ -197,8 +221,8 @@ def group_curvature(
             _, probe_rng, start_rng = _streams((seed, group))
             rows = members[curvature_subsample(len(members), max_examples, (seed, group))]
             operator = _HessianOperator(state, x, y, rows, batch_size, device)
-            traces[group] = _hutchinson(operator, probes, target_rse, probe_rng)
-            tops[group] = _lanczos_top(operator, lanczos_steps, tolerance, start_rng)
+            tops[group], deflation = _lanczos_top(operator, lanczos_steps, tolerance, start_rng)
+            traces[group] = _hutchinson(operator, probes, target_rse, probe_rng, deflation)
             used[group] = len(rows)
             del operator  # frees the retained graph before the next group builds its own
 
@@ -252,21 +276,30 @@ class _HessianOperator:
         return hv * mask if mask is not None else hv
 
 
-def _hutchinson(operator: _HessianOperator, probes: int, target_rse: float, rng: np.random.Generator) -> TraceEstimate:
+def _hutchinson(
+    operator: _HessianOperator,
+    probes: int,
+    target_rse: float,
+    rng: np.random.Generator,
+    deflation: _Deflation | None = None,
+) -> TraceEstimate:
     samples: list[float] = []
     numel, state = operator.state.numel, operator.state
+    exact = deflation.trace if deflation is not None else 0.0
     for _ in range(probes):
         signs = rng.integers(0, 2, size=numel, dtype=np.int8) * 2 - 1
         v = torch.from_numpy(signs).to(device=state.device, dtype=state.dtype)
         if state.flat_mask is not None:
             v = v * state.flat_mask
+        if deflation is not None:
+            v = deflation.project(v)
         samples.append(vdot(v, operator(v)))
         if target_rse > 0 and len(samples) >= MIN_PROBES:
             mean, se = _mean_se(samples)
-            if se <= target_rse * abs(mean):
+            if se <= target_rse * abs(exact + mean):
                 break
     mean, se = _mean_se(samples)
-    return TraceEstimate(mean, se, len(samples))
+    return TraceEstimate(exact + mean, se, len(samples), len(deflation.basis) if deflation is not None else 0)
 
 
 def _mean_se(samples: list[float]) -> tuple[float, float]:
@@ -276,11 +309,11 @@ def _mean_se(samples: list[float]) -> tuple[float, float]:
 
 def _lanczos_top(
     operator: _HessianOperator, steps: int, tolerance: float, rng: np.random.Generator
-) -> EigenvalueEstimate:
+) -> tuple[EigenvalueEstimate, _Deflation]:
     """Lanczos on P H P from a masked Gaussian start: after each product, the largest eigenvalue θ of the
     tridiagonal matrix and its residual bound |β_k s_k|; stops once the bound is within `tolerance`·|θ|.
     Every new vector is reorthogonalised against the whole basis (k ≤ steps vectors of the model's size), so
-    no spurious copies of converged eigenvalues appear."""
+    no spurious copies of converged eigenvalues appear. Returns the basis too, with Tr(QᵀHQ) = Σ α."""
     basis = [_start_vector(operator.state, rng)]
     alphas: list[float] = []
     betas: list[float] = []
@@ -295,10 +328,11 @@ def _lanczos_top(
         theta, bound = float(ritz_values[-1]), beta * abs(float(ritz_vectors[-1, -1]))
         closed = beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas))  # the Krylov space is invariant
         if closed or bound <= tolerance * abs(theta):
-            return EigenvalueEstimate(theta, bound, True, step)
+            return EigenvalueEstimate(theta, bound, True, step), _Deflation(torch.stack(basis), sum(alphas))
         betas.append(beta)
         basis.append(w / beta)
-    return EigenvalueEstimate(theta, bound, False, steps)
+    # The last vector's α was never computed: deflate the `steps` vectors whose α's are known.
+    return EigenvalueEstimate(theta, bound, False, steps), _Deflation(torch.stack(basis[:steps]), sum(alphas))
 
 
 def _start_vector(state: State, rng: np.random.Generator) -> torch.Tensor:

@@ -23,12 +23,20 @@ Drawing, and why it is memory-safe at 1,000,000 examples × 1,000 resamples:
   that distribution is exactly the index-resampling one for both parts. (Only the joint distribution of,
   say, R(a) with Δa differs, and no reported number uses it.) Cost: about 5e-9 s per draw, so ~5 s for
   1,000 resamples of 1,000,000 grouped examples on one core.
+* Large groups skip those draws: the bootstrap distribution of a mean of n draws from the group's n values has
+  known cumulants (κ2 = m2/n, κ3 = m3/n², κ4 = (m4 − 3m2²)/n³, m_k the group's central moments), so its
+  quantiles follow from the Cornish–Fisher expansion to second order. Used when n ≥ ANALYTIC_MIN_GROUP and the
+  standardised skewness and excess kurtosis of that distribution are at most ANALYTIC_MAX_SHAPE in size, where
+  the expansion's error (third order: ~|γ1|³ and |γ1·γ2| in units of the bootstrap SE) is far below the Monte
+  Carlo error of 1,000 resamples (≈ 0.085 SE at the 2.5% quantile): the quantiles of the distribution the
+  resampling only samples. Otherwise the indices are resampled.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -37,6 +45,8 @@ from worker.engine.errors import EngineError
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 _CHUNK_DRAWS = 1 << 22  # index draws per block when resampling losses
+ANALYTIC_MIN_GROUP = 2_000
+ANALYTIC_MAX_SHAPE = 0.1
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,10 @@ def bootstrap_group_intervals(
     drop = dense_accuracy - accuracy
     overall_drop = (dense_right.sum(axis=1) - pruned_right.sum(axis=1)) / n
     gap = drop - overall_drop[:, None]
-    # Drawn after the multinomial above, from the same Generator: the order of the draws is part of the seed's result.
-    excessive_loss = _excessive_loss_draws(rng, d, stratum, n_groups_sizes, resamples)
-
     tail = (1 - confidence) / 2
     quantiles = [tail, 1 - tail]
+    # Drawn after the multinomial above, from the same Generator: the order of the draws is part of the seed's result.
+    excessive_loss = _excessive_loss_intervals(rng, d, stratum, n_groups_sizes, resamples, quantiles)
 
     def interval(samples: np.ndarray) -> np.ndarray:
         return np.quantile(samples, quantiles, axis=0).T
@@ -108,7 +117,7 @@ def bootstrap_group_intervals(
         accuracy=interval(accuracy),
         accuracy_drop=interval(drop),
         excess_accuracy_gap=interval(gap),
-        excessive_loss=interval(excessive_loss),
+        excessive_loss=excessive_loss,
         max_excess_accuracy_gap=np.quantile(gap.max(axis=1), quantiles),
     )
 
@@ -155,29 +164,65 @@ def _strata(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]
     return groups, sizes[groups], stratum, n_groups + int((~has_group).any())
 
 
-def _excessive_loss_draws(
-    rng: np.random.Generator, d: np.ndarray, stratum: np.ndarray, group_sizes: np.ndarray, resamples: int
+def _excessive_loss_intervals(
+    rng: np.random.Generator,
+    d: np.ndarray,
+    stratum: np.ndarray,
+    group_sizes: np.ndarray,
+    resamples: int,
+    quantiles: list[float],
 ) -> np.ndarray:
-    """(resamples, groups) bootstrap means of the per-example loss differences `d` within each group (strata
-    0..groups−1 of `stratum`), drawn group by group in blocks of at most _CHUNK_DRAWS indices."""
-    n_groups = len(group_sizes)
-    excessive_loss = np.empty((resamples, n_groups))
+    """(groups, 2) percentile intervals of the bootstrap mean of the per-example loss differences `d` within
+    each group (strata 0..groups−1 of `stratum`): from the Cornish–Fisher expansion for a large group, else
+    from index resamples drawn group by group in blocks of at most _CHUNK_DRAWS indices."""
+    intervals = np.empty((len(group_sizes), 2))
     order = np.argsort(stratum, kind="stable")
     starts = np.concatenate(([0], np.cumsum(group_sizes)))
-    for g in range(n_groups):  # loop over groups only; each group's draws are blocked
-        size = int(group_sizes[g])
+    for g in range(len(group_sizes)):
         values = d[order[starts[g] : starts[g + 1]]]
-        center = float(values.mean())
-        # Centred float32 copy: half the memory traffic of the random gather, and the rounding error sits
-        # on deviations from the mean (a constant group resamples to exactly its mean).
-        centred = (values - center).astype(np.float32)
-        index_dtype = np.int32 if size < 2**31 else np.int64
-        per_block = max(1, _CHUNK_DRAWS // size)
-        for first in range(0, resamples, per_block):
-            block = min(per_block, resamples - first)
-            index = rng.integers(0, size, size=(block, size), dtype=index_dtype)
-            excessive_loss[first : first + block, g] = center + centred.take(index).sum(axis=1, dtype=np.float64) / size
-    return excessive_loss
+        analytic = bootstrap_mean_quantiles(values, quantiles)
+        if analytic is None:
+            analytic = np.quantile(_resampled_means(rng, values, resamples), quantiles)
+        intervals[g] = analytic
+    return intervals
+
+
+def bootstrap_mean_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray | None:
+    """Quantiles of the bootstrap distribution of the mean of `values` by its second-order Cornish–Fisher
+    expansion (exact cumulants); None where the group is small or skewed enough that resampling is better."""
+    n = len(values)
+    if n < ANALYTIC_MIN_GROUP:
+        return None
+    center = float(values.mean())
+    deviations = values - center
+    m2 = float(np.mean(deviations**2))
+    if m2 == 0.0:
+        return np.full(len(quantiles), center)
+    m3, m4 = float(np.mean(deviations**3)), float(np.mean(deviations**4))
+    skewness = m3 / (m2**1.5 * math.sqrt(n))
+    excess_kurtosis = (m4 / m2**2 - 3.0) / n
+    if max(abs(skewness), abs(excess_kurtosis)) > ANALYTIC_MAX_SHAPE:
+        return None
+    z = np.array([NormalDist().inv_cdf(q) for q in quantiles])
+    w = z + (z**2 - 1) * skewness / 6 + (z**3 - 3 * z) * excess_kurtosis / 24 - (2 * z**3 - 5 * z) * skewness**2 / 36
+    return center + math.sqrt(m2 / n) * w
+
+
+def _resampled_means(rng: np.random.Generator, values: np.ndarray, resamples: int) -> np.ndarray:
+    """`resamples` means of len(values) indices drawn with replacement, in blocks of at most _CHUNK_DRAWS."""
+    size = len(values)
+    center = float(values.mean())
+    # Centred float32 copy: half the memory traffic of the random gather, and the rounding error sits
+    # on deviations from the mean (a constant group resamples to exactly its mean).
+    centred = (values - center).astype(np.float32)
+    index_dtype = np.int32 if size < 2**31 else np.int64
+    per_block = max(1, _CHUNK_DRAWS // size)
+    means = np.empty(resamples)
+    for first in range(0, resamples, per_block):
+        block = min(per_block, resamples - first)
+        index = rng.integers(0, size, size=(block, size), dtype=index_dtype)
+        means[first : first + block] = center + centred.take(index).sum(axis=1, dtype=np.float64) / size
+    return means
 
 
 def spearman(a, b) -> tuple[float | None, str | None]:

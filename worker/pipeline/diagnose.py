@@ -72,13 +72,13 @@ def estimators(options: DiagnosticsSpec, with_curvature: bool) -> dict[str, str]
     if with_curvature:
         cap = options.max_examples_per_group
         described["hessian_trace"] = (
-            f"Hutchinson, Rademacher probes on at most {cap} examples per group; stops once the standard error is "
-            f"≤ {options.trace_target_rse:g} of the estimate (after {MIN_PROBES} probes), at most "
-            f"{options.hutchinson_probes} probes"
+            f"Tr(QᵀHQ) over the Lanczos basis Q (exact) + Hutchinson with Rademacher probes projected off Q, on at "
+            f"most {cap} examples per group; stops once the standard error is ≤ {options.trace_target_rse:g} of the "
+            f"estimate (after {MIN_PROBES} probes), at most {options.hutchinson_probes} probes"
         )
         described["hessian_top_eigenvalue"] = (
-            f"Lanczos with full reorthogonalisation on the same subsample, at most {options.lanczos_steps} steps, "
-            f"until the residual bound is ≤ {LANCZOS_TOLERANCE:g}·|λ|"
+            f"Lanczos with full reorthogonalisation on the same subsample, at most "
+            f"{options.lanczos_steps} steps, until the residual bound is ≤ {LANCZOS_TOLERANCE:g}·|λ|"
         )
         described["gauss_newton_trace"] = (
             f"‖∇ℓ(x, ŷ)‖² with ŷ drawn from the model's prediction, per example, on at most "
