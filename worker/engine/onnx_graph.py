@@ -72,7 +72,8 @@ def unsupported(model: ModelProto) -> str | None:
                 f"{where} is {node.op_type} of the custom domain {node.domain!r}; only default-domain ops are supported"
             )
         if node.op_type not in OPS:
-            return f"{where} is the op {node.op_type}, which the importer does not support (supported: {', '.join(sorted(OPS))})"
+            supported = ", ".join(sorted(OPS))
+            return f"{where} is the op {node.op_type}, which the importer does not support (supported: {supported})"
         if OPS[node.op_type].since > opset:
             return f"{where}: {node.op_type} needs opset {OPS[node.op_type].since} or later, the model has {opset}"
         if any(a.type in (helper.AttributeProto.GRAPH, helper.AttributeProto.GRAPHS) for a in node.attribute):

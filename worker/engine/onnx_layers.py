@@ -260,7 +260,7 @@ def _pool_factory(kind: str):
             stride=tuple(attrs.get("strides", [1] * spatial)),
             pad=_torch_pad(pads),
             symmetric=tuple(pads[:spatial])
-            if _symmetric(pads) and all(p * 2 <= k for p, k in zip(pads, kernel))
+            if _symmetric(pads) and all(p * 2 <= k for p, k in zip(pads, kernel, strict=False))
             else None,
             ceil_mode=bool(attrs.get("ceil_mode", 0)),
             count_include_pad=bool(attrs.get("count_include_pad", 0)),
