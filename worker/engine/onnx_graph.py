@@ -55,11 +55,6 @@ def opset_of(model: ModelProto) -> int:
 
 def unsupported(model: ModelProto) -> str | None:
     """Why the graph cannot be imported (the first unsupported op, with its node), or None."""
-    domains = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
-    if domains:
-        return (
-            f"the model imports the operator domain(s) {', '.join(domains)}; only the default ONNX domain is supported"
-        )
     opset = opset_of(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         return f"the model uses opset {opset}; supported are opsets {MIN_OPSET} to {MAX_OPSET}"
@@ -78,6 +73,11 @@ def unsupported(model: ModelProto) -> str | None:
             return f"{where}: {node.op_type} needs opset {OPS[node.op_type].since} or later, the model has {opset}"
         if any(a.type in (helper.AttributeProto.GRAPH, helper.AttributeProto.GRAPHS) for a in node.attribute):
             return f"{where} ({node.op_type}) holds a subgraph; control flow is not supported"
+    domains = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
+    if domains:
+        return (
+            f"the model imports the operator domain(s) {', '.join(domains)}; only the default ONNX domain is supported"
+        )
     return None
 
 
