@@ -109,7 +109,7 @@ def check(model: Any) -> Any:
     """check_model(full_check) and strict shape inference; returns the model with inferred shapes."""
     import onnx
 
-    from worker.engine.onnx_graph import unsupported
+    from worker.engine.onnx_allowlist import unsupported
 
     # Before the checker: it would name a custom domain's op only as "no schema registered".
     reason = unsupported(model)
@@ -166,7 +166,8 @@ def convert(model: Any, data: bytes, input_shape: list[int], out: str) -> dict[s
     from safetensors.torch import save_file
 
     from worker.engine.errors import EngineError
-    from worker.engine.onnx_graph import build_onnx_module, opset_of
+    from worker.engine.onnx_allowlist import opset_of
+    from worker.engine.onnx_graph import build_onnx_module
     from worker.engine.onnx_reference import compare_with_onnxruntime
     from worker.engine.pruning import prunable_layers
 

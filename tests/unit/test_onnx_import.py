@@ -16,6 +16,7 @@ from torch.func import jvp
 
 from tests.onnx_models import MODELS, exported, seeded_model
 from worker.convert_checkpoint import Refused
+from worker.engine.onnx_allowlist import SUPPORTED_OPS
 from worker.engine.onnx_graph import OPS, build_onnx_module
 from worker.engine.onnx_model import write_onnx
 from worker.engine.onnx_reference import compare_with_onnxruntime, reference_logits
@@ -180,6 +181,10 @@ def test_refusals_name_the_reason(tmp_path):
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
     assert "at least 2 classes" in refusal(tmp_path, tiny_graph(reduce, initializers=[axes], output_classes=1))
     assert "opset 12" in refusal(tmp_path, tiny_graph(relu, opset=12))
+
+
+def test_the_allow_list_names_exactly_the_ops_with_converters():
+    assert set(SUPPORTED_OPS) == set(OPS)
 
 
 def test_supported_ops_cover_the_exporters_output():

@@ -21,9 +21,11 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from torch import nn
 
 from worker.engine.errors import EngineError
+from worker.engine.onnx_allowlist import unsupported
 from worker.engine.onnx_layers import LAYER_OPS
-from worker.engine.onnx_ops import ELEMENTWISE_OPS, MAX_OPSET, MIN_OPSET, SHAPE_OPS, Kernel, OpSupport
+from worker.engine.onnx_ops import ELEMENTWISE_OPS, SHAPE_OPS, Kernel, OpSupport
 
+# The converters by op type; `worker.engine.onnx_allowlist.SUPPORTED_OPS` names the same ops with their opsets.
 OPS: dict[str, OpSupport] = {**ELEMENTWISE_OPS, **SHAPE_OPS, **LAYER_OPS, "Constant": OpSupport(lambda n, c: None)}
 CONSTANTS = "onnx_constants"  # the container module of the constants (non-persistent buffers)
 
@@ -46,39 +48,6 @@ class ImportedGraph:
     sources: dict[str, str] = field(default_factory=dict)  # graph value → state key of the tensor that holds it
     initializers: dict[str, str] = field(default_factory=dict)  # state key (parameter/buffer) → initializer
     transposed: set[str] = field(default_factory=set)  # state keys held transposed (MatMul weights as Linear)
-
-
-def opset_of(model: ModelProto) -> int:
-    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    return versions[0] if versions else 0
-
-
-def unsupported(model: ModelProto) -> str | None:
-    """Why the graph cannot be imported (the first unsupported op, with its node), or None."""
-    opset = opset_of(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        return f"the model uses opset {opset}; supported are opsets {MIN_OPSET} to {MAX_OPSET}"
-    if model.functions:
-        return "the model defines local functions; export without them (inline them)"
-    for index, node in enumerate(model.graph.node):
-        where = f"node {index} ({node.name!r})" if node.name else f"node {index}"
-        if node.domain not in ("", "ai.onnx"):
-            return (
-                f"{where} is {node.op_type} of the custom domain {node.domain!r}; only default-domain ops are supported"
-            )
-        if node.op_type not in OPS:
-            supported = ", ".join(sorted(OPS))
-            return f"{where} is the op {node.op_type}, which the importer does not support (supported: {supported})"
-        if OPS[node.op_type].since > opset:
-            return f"{where}: {node.op_type} needs opset {OPS[node.op_type].since} or later, the model has {opset}"
-        if any(a.type in (helper.AttributeProto.GRAPH, helper.AttributeProto.GRAPHS) for a in node.attribute):
-            return f"{where} ({node.op_type}) holds a subgraph; control flow is not supported"
-    domains = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
-    if domains:
-        return (
-            f"the model imports the operator domain(s) {', '.join(domains)}; only the default ONNX domain is supported"
-        )
-    return None
 
 
 def _part(text: str) -> str:

@@ -294,10 +294,10 @@ LAYER_OPS: dict[str, OpSupport] = {
     "ConvTranspose": OpSupport(_conv_transpose_factory),
     "Gemm": OpSupport(_gemm_factory),
     "MatMul": OpSupport(_matmul_factory),
-    "BatchNormalization": OpSupport(_batch_norm_factory, since=15),
-    "LayerNormalization": OpSupport(_layer_norm_factory, since=17),
+    "BatchNormalization": OpSupport(_batch_norm_factory),
+    "LayerNormalization": OpSupport(_layer_norm_factory),
     "GlobalAveragePool": OpSupport(lambda node, ctx: functools.partial(_global_pool, kind="avg")),
     "GlobalMaxPool": OpSupport(lambda node, ctx: functools.partial(_global_pool, kind="max")),
-    "AveragePool": OpSupport(_pool_factory("avg"), since=19),
+    "AveragePool": OpSupport(_pool_factory("avg")),
     "MaxPool": OpSupport(_pool_factory("max")),
 }

@@ -24,15 +24,14 @@ from worker.engine.errors import EngineError
 Tensor = torch.Tensor
 Inputs = Sequence[Tensor | None]
 Kernel = Callable[[Any, Inputs], Tensor | tuple[Tensor, ...]]
-MIN_OPSET, MAX_OPSET = 17, 22  # the default-domain opsets a model may import (torch 2.13's exporter writes 17–21)
 
 
 @dataclass(frozen=True)
 class OpSupport:
-    """A kernel factory: (node, build context) → kernel; `since` is the first opset whose form it reads."""
+    """A kernel factory: (node, build context) → kernel (the opsets each op is read at are in
+    `worker.engine.onnx_allowlist`)."""
 
     factory: Callable[[NodeProto, Any], Kernel]
-    since: int = 13
 
 
 def attributes(node: NodeProto) -> dict[str, Any]:
@@ -344,16 +343,16 @@ ELEMENTWISE_OPS: dict[str, OpSupport] = {
     "Ceil": _unary(torch.ceil),
     "LeakyRelu": _with(_leaky_relu, alpha=0.01),
     "HardSigmoid": _with(_hard_sigmoid, alpha=0.2, beta=0.5),
-    "HardSwish": OpSupport(lambda node, ctx: _hard_swish, since=14),
+    "HardSwish": OpSupport(lambda node, ctx: _hard_swish),
     "Gelu": OpSupport(
-        lambda node, ctx: functools.partial(_gelu, approximate=attributes(node).get("approximate", "none")), since=20
+        lambda node, ctx: functools.partial(_gelu, approximate=attributes(node).get("approximate", "none"))
     ),
     "Softmax": _softmax_factory(log=False),
     "LogSoftmax": _softmax_factory(log=True),
     "Clip": OpSupport(lambda node, ctx: _clip),
     "Where": OpSupport(lambda node, ctx: _where),
     "Cast": OpSupport(_cast_factory),
-    "CastLike": OpSupport(lambda node, ctx: _cast_like, since=15),
+    "CastLike": OpSupport(lambda node, ctx: _cast_like),
     "Identity": OpSupport(lambda node, ctx: _identity),
     # Exported in eval mode, a Dropout is the identity (its ratio input is ignored; training_mode must be off).
     "Dropout": OpSupport(lambda node, ctx: _identity),
