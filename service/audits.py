@@ -41,7 +41,9 @@ def check_dataset_fits(model: Model, dataset: Dataset, role: str) -> None:
     expected = model.input_shape
     actual = dataset.feature_shape
     # An MLP (plain or channel-pruned) flattens each example, so only the number of features must match.
-    fits = math.prod(actual) == math.prod(expected) if len(expected) == 1 else actual == expected
+    # An imported ONNX graph takes exactly the input shape it declares.
+    flattens = len(expected) == 1 and model.architecture_name != "onnx"
+    fits = math.prod(actual) == math.prod(expected) if flattens else actual == expected
     if not fits:
         raise InvalidInput(f"model expects input {expected} per example; {role} dataset x has {actual}")
     if len(dataset.classes) > model.num_classes:

@@ -59,7 +59,7 @@ def run_audit(client, stack, body: dict, timeout_s: float = 300) -> tuple[dict, 
     assert created.status_code == 202, created.text
     audit = wait_for_audit(client, created.json()["id"], timeout_s=timeout_s)
     elapsed = time.monotonic() - started
-    assert audit["status"] == "succeeded", (audit, stack.log("worker")[-4000:])
+    assert audit["status"] == "succeeded", (audit.get("error"), stack.log("worker")[-3000:])
     return client.get(f"/v1/audits/{audit['id']}/report").json(), elapsed
 
 

@@ -28,6 +28,7 @@ from worker.engine.onnx_ops import ELEMENTWISE_OPS, SHAPE_OPS, Kernel, OpSupport
 # The converters by op type; `worker.engine.onnx_allowlist.SUPPORTED_OPS` names the same ops with their opsets.
 OPS: dict[str, OpSupport] = {**ELEMENTWISE_OPS, **SHAPE_OPS, **LAYER_OPS, "Constant": OpSupport(lambda n, c: None)}
 CONSTANTS = "onnx_constants"  # the container module of the constants (non-persistent buffers)
+ACTIVATIONS = "onnx_activations"  # the container of the activation modules
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ImportedGraph:
 
 def _part(text: str) -> str:
     part = re.sub(r"[^0-9A-Za-z_]", "_", text) or "_"
-    return f"p_{part}" if hasattr(nn.Module, part) or part in ("training", CONSTANTS) else part
+    return f"p_{part}" if hasattr(nn.Module, part) or part in ("training", CONSTANTS, ACTIVATIONS) else part
 
 
 class OnnxModule(nn.Module):
@@ -106,6 +107,7 @@ class _Builder:
         self.graph = ImportedGraph(inputs[0], graph.output[0].name)
         self.claimed: set[str] = set()
         self.constants = nn.Module()
+        self.activations = nn.Module()
 
     def is_initializer(self, name: str) -> bool:
         return name in self.arrays
@@ -183,6 +185,12 @@ class _Builder:
                 self.graph.transposed.add(f"{path}.{attr}")
         return path
 
+    def activation(self, module: nn.Module) -> str:
+        """A parameter-free activation module (nn.ReLU): a module, so MAC counters count it as in registry models."""
+        key = f"a{len(self.activations._modules)}"
+        self.activations.add_module(key, module)
+        return f"{ACTIVATIONS}.{key}"
+
     def constant(self, name: str, value: torch.Tensor) -> None:
         key = f"c{len(self.constants._buffers)}"
         self.constants.register_buffer(key, value, persistent=False)
@@ -211,6 +219,8 @@ def build_onnx_module(model: ModelProto) -> OnnxModule:
         if name not in builder.claimed:
             builder.constant(name, builder._torch(name))
     builder.root.add_module(CONSTANTS, builder.constants)
+    if builder.activations._modules:
+        builder.root.add_module(ACTIVATIONS, builder.activations)
     owned = builder.claimed - builder.graph.sources.keys()  # read by their layer module, not passed in
     builder.graph.steps = _steps(kernels, builder.graph.output_name, owned)
     builder.root.__dict__["graph"] = builder.graph

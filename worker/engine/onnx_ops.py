@@ -77,6 +77,10 @@ def _variadic(function: Callable[[Tensor, Tensor], Tensor]) -> OpSupport:
     return OpSupport(lambda node, ctx: kernel)
 
 
+def _module(root, xs: Inputs, path: str) -> Tensor:
+    return root.get_submodule(path)(xs[0])
+
+
 def _hard_sigmoid(_root, xs: Inputs, alpha: float, beta: float) -> Tensor:
     return torch.clamp(xs[0] * alpha + beta, 0.0, 1.0)
 
@@ -337,7 +341,7 @@ ELEMENTWISE_OPS: dict[str, OpSupport] = {
     "Erf": _unary(torch.erf),
     "Tanh": _unary(torch.tanh),
     "Sigmoid": _unary(torch.sigmoid),
-    "Relu": _unary(torch.relu),
+    "Relu": OpSupport(lambda node, ctx: functools.partial(_module, path=ctx.activation(torch.nn.ReLU()))),
     "Softplus": _unary(F.softplus),
     "Floor": _unary(torch.floor),
     "Ceil": _unary(torch.ceil),
