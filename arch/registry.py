@@ -150,7 +150,6 @@ REGISTRY: dict[str, type[BaseModel]] = {
     "resnet20": ResNet20Spec,
     "resnet56": ResNet56Spec,
     "pruned": PrunedSpec,
-    "onnx": OnnxSpec,
 }
 
 

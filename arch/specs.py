@@ -217,8 +217,10 @@ class OnnxSpec(BaseModel):
 
 
 class OnnxUpload(BaseModel):
-    """The architecture field of an ONNX upload: the name alone."""
+    """An ONNX graph (.onnx, one self-contained file): upload it as `weights` with {"name": "onnx"} alone; input
+    shape (a dynamic batch dimension, the others fixed) and classes are read from the graph, which is checked,
+    converted to torch ops from an allow-list and compared with onnxruntime before it is stored (README: ONNX)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "onnx"}]})
 
     name: Literal["onnx"]

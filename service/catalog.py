@@ -38,7 +38,7 @@ def parse_architecture(raw: str):
             return OnnxUpload.model_validate_json(raw)
         return architecture_adapter.validate_json(raw)
     except ValidationError as exc:
-        names = ", ".join(sorted(REGISTRY))
+        names = ", ".join(sorted([*REGISTRY, "onnx"]))
         raise InvalidInput(
             f"architecture is not a valid spec (known architectures: {names}); see GET /v1/architectures",
             errors=json.loads(exc.json(include_url=False, include_input=False)),

@@ -6,6 +6,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import ValidationError
 
 from arch.registry import REGISTRY, input_shape
+from arch.specs import OnnxUpload
 from service import catalog
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
@@ -125,11 +126,13 @@ def list_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
             json_schema=spec.model_json_schema(),
             default_input_shape=_default_input_shape(name, spec),
         )
-        for name, spec in REGISTRY.items()
+        for name, spec in {**REGISTRY, "onnx": OnnxUpload}.items()
     ]
 
 
 def _default_input_shape(name: str, spec) -> list[int] | None:
+    if spec is OnnxUpload:
+        return None  # read from each uploaded graph
     try:
         return input_shape(spec.model_validate({"name": name}))
     except ValidationError:

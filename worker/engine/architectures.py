@@ -90,9 +90,9 @@ def build_model(spec: Mapping[str, Any], graph_path: Path | None = None) -> nn.M
     if isinstance(validated, OnnxSpec):
         if graph_path is None:
             raise EngineError("an imported ONNX model is built from its stored graph, and none was given")
-        model = build_from_graph(validated, graph_path)
-        attach_spec(model, validated)
-        return model.eval()
+        imported = build_from_graph(validated, graph_path)
+        attach_spec(imported, validated)
+        return imported.eval()
     if isinstance(validated, PrunedSpec):
         model = _build_base(validated.base)
         shrink_layers(model, validated.layers, validated.base.name)

@@ -25,8 +25,13 @@ from worker.engine.onnx_allowlist import unsupported
 from worker.engine.onnx_layers import LAYER_OPS
 from worker.engine.onnx_ops import ELEMENTWISE_OPS, SHAPE_OPS, Kernel, OpSupport
 
+
+def _no_kernel(node: NodeProto, ctx: Any) -> Kernel:
+    raise AssertionError("a Constant node becomes a constant tensor, not a step")  # build_onnx_module sees to it
+
+
 # The converters by op type; `worker.engine.onnx_allowlist.SUPPORTED_OPS` names the same ops with their opsets.
-OPS: dict[str, OpSupport] = {**ELEMENTWISE_OPS, **SHAPE_OPS, **LAYER_OPS, "Constant": OpSupport(lambda n, c: None)}
+OPS: dict[str, OpSupport] = {**ELEMENTWISE_OPS, **SHAPE_OPS, **LAYER_OPS, "Constant": OpSupport(_no_kernel)}
 CONSTANTS = "onnx_constants"  # the container module of the constants (non-persistent buffers)
 ACTIVATIONS = "onnx_activations"  # the container of the activation modules
 
@@ -124,15 +129,20 @@ class _Builder:
     def _torch(self, name: str) -> torch.Tensor:
         return torch.from_numpy(np.array(self.arrays[name], copy=True))
 
-    def _place(self, name: str, value: torch.Tensor, kind: str) -> str:
-        parts = [_part(p) for p in name.split(".")]
+    def _container(self, parts: list[str]) -> nn.Module:
+        """The module at `parts` under the root, made of empty modules where missing."""
         module: nn.Module = self.root
-        for part in parts[:-1]:
+        for part in parts:
             child = module._modules.get(part)
             if child is None:
                 child = nn.Module()
                 module.add_module(part, child)
             module = child
+        return module
+
+    def _place(self, name: str, value: torch.Tensor, kind: str) -> str:
+        parts = [_part(p) for p in name.split(".")]
+        module = self._container(parts[:-1])
         leaf = parts[-1]
         if leaf in module._modules or leaf in module._parameters or leaf in module._buffers:
             leaf, module = "onnx_" + _part(name), self.root  # a clash of sanitised names: a flat name instead
@@ -166,9 +176,7 @@ class _Builder:
         weight = tensors["weight"]
         base = weight.removesuffix(".weight") if weight.endswith(".weight") else weight
         parts = [_part(p) for p in base.split(".")]
-        parent: nn.Module = self.root
-        for part in parts[:-1]:
-            parent = parent._modules.get(part) or parent.add_module(part, nn.Module()) or parent._modules[part]
+        parent = self._container(parts[:-1])
         leaf = parts[-1]
         if leaf in parent._modules or leaf in parent._parameters or leaf in parent._buffers:
             parent, parts = self.root, ["onnx_" + _part(base)]

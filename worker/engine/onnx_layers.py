@@ -77,17 +77,15 @@ def _conv_factory(node: NodeProto, ctx: Any) -> Kernel:
     if spatial not in _CONV_CLASSES:
         raise EngineError(f"node {node.name or 'Conv'}: {spatial}-D convolutions are not supported")
     pads = _explicit_pads(node, attrs, spatial)
-    options = {
-        "stride": tuple(attrs.get("strides", [1] * spatial)),
-        "dilation": tuple(attrs.get("dilations", [1] * spatial)),
-        "groups": int(attrs.get("group", 1)),
-    }
+    stride = tuple(attrs.get("strides", [1] * spatial))
+    dilation = tuple(attrs.get("dilations", [1] * spatial))
+    groups = int(attrs.get("group", 1))
+    options: dict[str, Any] = {"stride": stride, "dilation": dilation, "groups": groups}
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if _owned(ctx, node, (1, 2)):
         padding = tuple(pads[:spatial]) if _symmetric(pads) else (0,) * spatial
-        module = _CONV_CLASSES[spatial](
-            shape[1] * options["groups"], shape[0], tuple(shape[2:]), padding=padding, bias=has_bias, **options
-        )
+        conv: Any = _CONV_CLASSES[spatial]  # Conv1d/2d/3d take tuples of their rank
+        module = conv(shape[1] * groups, shape[0], tuple(shape[2:]), stride, padding, dilation, groups, has_bias)
         path = ctx.own_module(module, {"weight": weight_name, **({"bias": node.input[2]} if has_bias else {})})
         return functools.partial(_module_call, path=path, pad=None if _symmetric(pads) else _torch_pad(pads))
     for name in node.input[1:3]:

@@ -22,7 +22,7 @@ from onnx import NodeProto, helper
 from worker.engine.errors import EngineError
 
 Tensor = torch.Tensor
-Inputs = Sequence[Tensor | None]
+Inputs = Sequence[Any]  # a tensor per node input, None where an optional input is omitted
 Kernel = Callable[[Any, Inputs], Tensor | tuple[Tensor, ...]]
 
 
