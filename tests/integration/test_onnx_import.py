@@ -93,6 +93,7 @@ def registry_mlp_onnx(digits_case, opset: int) -> bytes:
     return export(model, (64,), opset)
 
 
+@pytest.mark.slow
 def test_mlp_export_audits_exactly_like_the_registry_mlp(stack, client, digits_case):
     graph = registry_mlp_onnx(digits_case, 17)
     imported = upload_onnx(client, graph)
@@ -108,10 +109,9 @@ def test_mlp_export_audits_exactly_like_the_registry_mlp(stack, client, digits_c
         "train_dataset_id": train,
         "group_by": ["digit"],
         "pruning": {
-            "ratios": [0.5, 0.8],
+            "ratios": [0.7],
             "methods": [
                 {"method": "magnitude", "scope": "global"},
-                {"method": "random", "scope": "layerwise"},
                 {"method": "magnitude", "schedule": "gradual", "pruning_steps": 2, "fine_tuning": {"epochs": 1}},
             ],
         },
@@ -134,6 +134,7 @@ def test_mlp_export_audits_exactly_like_the_registry_mlp(stack, client, digits_c
     assert client.get(theirs["runs"][0]["weights_url"] + ".onnx").status_code == 404  # a registry model has none
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "opset"), [("vit_style", 21), ("resnet_style", 17), ("mobilenet_style", 21), ("tabular_gelu", 17)]
 )
@@ -153,6 +154,8 @@ def test_exported_models_audit_with_onnxruntime_numbers(stack, client, digits_ca
             "group_by": ["digit"],
             "pruning": {"ratios": [0.5], "methods": [{"method": "magnitude", "scope": "global"}]},
             "statistics": {"bootstrap_resamples": 0},
+            # Curvature (Hessian, Gauss–Newton, R̂) on the transformer and the ResNet; the others skip it for time.
+            "diagnostics": {"curvature": "on" if name in ("vit_style", "resnet_style") else "off"},
         },
     )
     print(f"{name}@{opset}: audit {elapsed:.1f} s, reference at upload {model['architecture']['reference']}")
@@ -165,7 +168,9 @@ def test_exported_models_audit_with_onnxruntime_numbers(stack, client, digits_ca
     assert accuracy == pytest.approx(group_accuracy(reference_logits(pruned, x), digits_case.y), abs=1e-12)
     assert run["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
     diagnostics = report["dense"]["attributes"][0]["groups"][0]["diagnostics"]
-    assert diagnostics["dense_gradient_norm"] is not None and diagnostics["hessian_trace"] is not None
+    assert diagnostics["dense_gradient_norm"] is not None
+    if name in ("vit_style", "resnet_style"):
+        assert diagnostics["hessian_trace"] is not None
     if name == "vit_style":
         assert elapsed < 240
 
