@@ -162,7 +162,6 @@ def io_shapes(model: Any) -> tuple[list[int], int]:
 
 def convert(model: Any, data: bytes, input_shape: list[int], out: str) -> dict[str, Any]:
     import numpy as np
-    import torch
     from safetensors.torch import save_file
 
     from worker.engine.errors import EngineError
@@ -186,7 +185,6 @@ def convert(model: Any, data: bytes, input_shape: list[int], out: str) -> dict[s
         "parameter_count": sum(p.numel() for p in module.parameters()),
         "prunable_layers": list(prunable_layers(module)),
         "reference": {"max_abs_difference": agreement.max_abs_difference, "tolerance": agreement.allowed},
-        "threads": torch.get_num_threads(),
     }
 
 

@@ -23,7 +23,7 @@ from safetensors.numpy import load
 from tests.integration.reference import mlp_logits
 from tests.integration.stack import assert_problem, start_stack, wait_for_audit
 from tests.integration.test_upload_safety import TouchOnLoad, stored
-from tests.onnx_models import export, exported
+from tests.onnx_models import export, exported, seeded_model
 from worker.engine.onnx_reference import reference_logits
 
 ONNX = json.dumps({"name": "onnx"})
@@ -296,3 +296,29 @@ def test_dynamic_non_batch_dimension_is_refused_with_the_reason(client):
     relu = helper.make_node("Relu", ["x"], ["y"], name="act")
     dynamic = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "features"])]
     assert_problem(upload_onnx(client, graph_with(relu, inputs=dynamic)), 422, "input dimension 1 is dynamic")
+
+
+def test_an_audit_whose_model_no_longer_matches_onnxruntime_is_refused_with_both_numbers(stack, client, digits_case):
+    """The audit-start check: weights that drifted from the stored graph (here, rewritten on disk) stop the audit."""
+    from safetensors.numpy import save_file
+
+    from service.storage import BlobStore
+
+    model = upload_onnx(client, export(seeded_model("tabular_gelu", seed=7), (64,), 21)).json()  # its own blob
+    path = BlobStore(stack.var_dir / "blobs").blob_path(model["sha256"])
+    weights = load(path.read_bytes())
+    weights["out.bias"] = weights["out.bias"] + 1.0  # every logit moves; the argmax may not
+    save_file(weights, str(path))
+    created = client.post(
+        "/v1/audits",
+        json={
+            "model_id": model["id"],
+            "dataset_id": digits_case.upload_dataset(client).json()["id"],
+            "group_by": ["digit"],
+            "pruning": {"ratios": [0.5], "methods": [{"method": "magnitude"}]},
+        },
+    )
+    assert created.status_code == 202, created.text
+    audit = wait_for_audit(client, created.json()["id"])
+    assert audit["status"] == "failed"
+    assert "does not match onnxruntime" in audit["error"] and "max |logit difference|" in audit["error"], audit
