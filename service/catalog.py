@@ -38,6 +38,13 @@ def parse_architecture(raw: str):
             return OnnxUpload.model_validate_json(raw)
         return architecture_adapter.validate_json(raw)
     except ValidationError as exc:
+        if _names_onnx(raw):
+            raise InvalidInput(
+                'an ONNX model is uploaded as its .onnx file with architecture {"name": "onnx"} alone: the server '
+                "reads everything else from the graph (a run's pruned model downloads as ONNX from its weights_url "
+                "+ .onnx)",
+                errors=json.loads(exc.json(include_url=False, include_input=False)),
+            ) from None
         names = ", ".join(sorted([*REGISTRY, "onnx"]))
         raise InvalidInput(
             f"architecture is not a valid spec (known architectures: {names}); see GET /v1/architectures",

@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.func import jvp
 
-from tests.onnx_models import MODELS, exported, seeded_model
+from tests.onnx_models import MODELS, export, exported, seeded_model
 from worker.convert_checkpoint import Refused
 from worker.engine.onnx_allowlist import SUPPORTED_OPS
 from worker.engine.onnx_graph import OPS, build_onnx_module
@@ -54,6 +54,28 @@ def test_opsets_the_exporter_wrote():
     written = {(n, o): onnx.load_model_from_string(exported(n, o)).opset_import[0].version for n, o in CASES}
     assert {v for (n, o), v in written.items() if o == 21} == {21}
     assert {v for (n, o), v in written.items() if o == 17} <= {17, 18}
+
+
+def test_transposed_convolution_pooling_and_leaky_relu_match_onnxruntime():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(1, 4, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.Sigmoid(),
+        torch.nn.AdaptiveMaxPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+        torch.nn.LogSoftmax(1),
+    )
+    graph = export(model, (1, 8, 8), 21)
+    ops = {n.op_type for n in onnx.load_model_from_string(graph).graph.node}
+    assert {"ConvTranspose", "LeakyRelu", "AveragePool", "Sigmoid", "LogSoftmax"} <= ops
+    module = build_onnx_module(onnx.load_model_from_string(graph))
+    x = np.random.default_rng(2).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    agreement = compare_with_onnxruntime(module, graph, x)
+    assert agreement.agrees and agreement.max_abs_difference < 1e-5, agreement.describe()
 
 
 def test_weights_are_named_parameters_from_the_graph():
