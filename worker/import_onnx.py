@@ -119,8 +119,8 @@ def check(model: Any) -> Any:
         onnx.checker.check_model(model, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-        raise Refused(f"onnx.checker refused the model: {first}") from None
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+        raise Refused(f"onnx.checker refused the model: {reason}") from None
     return inferred
 
 
