@@ -27,6 +27,7 @@ from arch.specs import (
     CNNSpec,
     MLPSpec,
     MobileNetV2Spec,
+    OnnxSpec,
     ResNet18Spec,
     ResNet20Spec,
     ResNet34Spec,
@@ -133,7 +134,7 @@ class PrunedSpec(BaseModel):
         return {**handler(self), **self.base_fields()}
 
 
-AnySpec = BaseSpec | PrunedSpec
+AnySpec = BaseSpec | PrunedSpec | OnnxSpec
 
 ArchitectureSpec = Annotated[AnySpec, Field(discriminator="name")]
 architecture_adapter: TypeAdapter[AnySpec] = TypeAdapter(ArchitectureSpec)
@@ -154,7 +155,10 @@ REGISTRY: dict[str, type[BaseModel]] = {
 
 def expected_state_dict(spec: AnySpec) -> StateDictLayout:
     """Names of the torch module's state_dict() in order (parameters and buffers), each mapped to
-    (shape, dtype kind). A pruned spec has its base's names with the pruned layers' shapes."""
+    (shape, dtype kind). A pruned spec has its base's names with the pruned layers' shapes. An imported ONNX
+    graph has none here (its weights are written by the server from the graph): ValueError."""
+    if isinstance(spec, OnnxSpec):
+        raise ValueError("an imported ONNX model's state dict is read from its graph")
     if spec.name == "pruned":
         return base_layers(spec.base).layout(pruned_widths(spec.base, spec.layers))
     return base_layers(spec).layout()
@@ -162,6 +166,8 @@ def expected_state_dict(spec: AnySpec) -> StateDictLayout:
 
 def input_shape(spec: AnySpec) -> list[int]:
     """Shape of one input example, without the batch dimension (a pruned model takes its base's)."""
+    if isinstance(spec, OnnxSpec):
+        return list(spec.input_shape)
     if spec.name == "pruned":
         return input_shape(spec.base)
     if spec.name == "mlp":
@@ -171,6 +177,8 @@ def input_shape(spec: AnySpec) -> list[int]:
 
 def parameter_count(spec: AnySpec) -> int:
     """Trainable parameters (weights, biases, BatchNorm affine); buffers are not counted."""
+    if isinstance(spec, OnnxSpec):
+        return spec.parameter_count
     return sum(
         math.prod(shape)
         for name, (shape, _) in expected_state_dict(spec).items()

@@ -178,3 +178,49 @@ CifarResNetSpec = ResNet20Spec | ResNet56Spec
 # Every spec but the MLP has in_channels and image_size: it takes [in_channels, image_size, image_size].
 BaseSpec = MLPSpec | CNNSpec | ImageNetSpec | CifarResNetSpec
 BaseArchitectureSpec = Annotated[BaseSpec, Field(discriminator="name")]
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+OpName = Annotated[str, Field(min_length=1, max_length=64)]
+LayerPath = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class OnnxReference(BaseModel):
+    """How the imported module agreed with onnxruntime at upload: max |logit difference| and the tolerance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_abs_difference: float
+    tolerance: float
+
+
+class OnnxSpec(BaseModel):
+    """An imported ONNX graph (upload the .onnx file with {"name": "onnx"}; the server reads the rest from the
+    graph): the validated graph is stored as the blob `graph_sha256` and run with torch ops from an allow-list,
+    its weights as safetensors under the graph's initializer names. Input shape and classes come from the graph
+    (a dynamic batch dimension, the others fixed)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "onnx"}]},
+    )
+
+    name: Literal["onnx"]
+    graph_sha256: Sha256
+    input_shape: Annotated[list[Annotated[StrictInt, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=7)]
+    num_classes: NumClasses
+    opset: Annotated[StrictInt, Field(ge=1, le=100)]
+    ops: Annotated[list[OpName], Field(max_length=256)]
+    parameter_count: Annotated[StrictInt, Field(ge=0)]
+    prunable_layers: Annotated[list[LayerPath], Field(max_length=10_000)]
+    reference: OnnxReference
+
+
+class OnnxUpload(BaseModel):
+    """An ONNX graph (.onnx, one self-contained file): upload it as `weights` with {"name": "onnx"} alone; input
+    shape (a dynamic batch dimension, the others fixed) and classes are read from the graph, which is checked,
+    converted to torch ops from an allow-list and compared with onnxruntime before it is stored (README: ONNX)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "onnx"}]})
+
+    name: Literal["onnx"]

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from arch.registry import architecture_adapter, expected_state_dict
+from arch.specs import OnnxSpec
 from results.groups import GroupDiagnostics, GroupResult
 from service import catalog
 from service.db import rows_matched
@@ -27,6 +28,8 @@ from service.tenancy import owned
 
 def prunable_layers(model: Model) -> list[str]:
     spec = architecture_adapter.validate_python(model.architecture)
+    if isinstance(spec, OnnxSpec):
+        return list(spec.prunable_layers)
     return [
         key.removesuffix(".weight")
         for key, (shape, _kind) in expected_state_dict(spec).items()
@@ -38,7 +41,9 @@ def check_dataset_fits(model: Model, dataset: Dataset, role: str) -> None:
     expected = model.input_shape
     actual = dataset.feature_shape
     # An MLP (plain or channel-pruned) flattens each example, so only the number of features must match.
-    fits = math.prod(actual) == math.prod(expected) if len(expected) == 1 else actual == expected
+    # An imported ONNX graph takes exactly the input shape it declares.
+    flattens = len(expected) == 1 and model.architecture_name != "onnx"
+    fits = math.prod(actual) == math.prod(expected) if flattens else actual == expected
     if not fits:
         raise InvalidInput(f"model expects input {expected} per example; {role} dataset x has {actual}")
     if len(dataset.classes) > model.num_classes:
@@ -50,6 +55,12 @@ def check_dataset_fits(model: Model, dataset: Dataset, role: str) -> None:
 def check_methods(spec: AuditSpec, model: Model, train_dataset: Dataset | None) -> None:
     layers = prunable_layers(model)
     for method in spec.pruning.methods:
+        if method.method == "channel" and model.architecture_name == "onnx":
+            # The rebuilt pruned module would need a rewritten graph (its Reshape constants fix the widths).
+            raise InvalidInput(
+                f"method {method.label}: channel pruning of an imported ONNX model is not supported (a pruned "
+                "graph's shape constants would have to be rewritten); use magnitude or random pruning"
+            )
         named = [*(method.ignored_layers or []), *method.layer_ratios]
         unknown_layers = [layer for layer in named if layer not in layers]
         if unknown_layers:

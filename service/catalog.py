@@ -9,11 +9,13 @@ from typing import BinaryIO
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from arch.registry import REGISTRY, architecture_adapter, expected_state_dict, input_shape, parameter_count
+from arch.registry import REGISTRY, AnySpec, architecture_adapter, expected_state_dict, input_shape, parameter_count
+from arch.specs import OnnxReference, OnnxSpec, OnnxUpload
 from service.errors import InvalidInput
 from service.ingest.csv import read_csv_dataset
 from service.ingest.dataset import save_dataset
 from service.ingest.npz import read_npz_dataset
+from service.ingest.onnx_files import import_onnx
 from service.ingest.safetensors import check_weights_fit, read_safetensors_header
 from service.ingest.torch_files import convert_torch_checkpoint, identify_model_file
 from service.models import Dataset, Model
@@ -21,11 +23,29 @@ from service.storage import BlobStore
 from service.tenancy import owned
 
 
+def _names_onnx(raw: str) -> bool:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("name") == "onnx"
+
+
 def parse_architecture(raw: str):
     try:
+        if _names_onnx(raw):
+            # The client names the format only; everything else is read from the graph by the server.
+            return OnnxUpload.model_validate_json(raw)
         return architecture_adapter.validate_json(raw)
     except ValidationError as exc:
-        names = ", ".join(sorted(REGISTRY))
+        if _names_onnx(raw):
+            raise InvalidInput(
+                'an ONNX model is uploaded as its .onnx file with architecture {"name": "onnx"} alone: the server '
+                "reads everything else from the graph (a run's pruned model downloads as ONNX from its weights_url "
+                "+ .onnx)",
+                errors=json.loads(exc.json(include_url=False, include_input=False)),
+            ) from None
+        names = ", ".join(sorted([*REGISTRY, "onnx"]))
         raise InvalidInput(
             f"architecture is not a valid spec (known architectures: {names}); see GET /v1/architectures",
             errors=json.loads(exc.json(include_url=False, include_input=False)),
@@ -44,6 +64,10 @@ def register_model(
     max_parameters: int,
 ) -> Model:
     spec = parse_architecture(architecture_json)
+    if isinstance(spec, OnnxUpload):
+        return _register_onnx_model(
+            session, tenant_id, store, weights, name, max_bytes=max_bytes, max_parameters=max_parameters
+        )
     # Checked before anything is stored or built: a worker allocates the whole architecture.
     if (count := parameter_count(spec)) > max_parameters:
         raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
@@ -65,11 +89,15 @@ def register_model(
         store.discard(staged)
         raise
     store.commit(staged)
+    return _add_model(session, tenant_id, name, spec, staged.sha256, staged.size_bytes)
+
+
+def _add_model(session: Session, tenant_id: str, name: str | None, spec: AnySpec, sha256: str, size: int) -> Model:
     model = Model(
         tenant_id=tenant_id,
         name=name,
-        sha256=staged.sha256,
-        size_bytes=staged.size_bytes,
+        sha256=sha256,
+        size_bytes=size,
         architecture=spec.model_dump(),
         architecture_name=spec.name,
         parameter_count=parameter_count(spec),
@@ -79,6 +107,48 @@ def register_model(
     session.add(model)
     session.flush()
     return model
+
+
+def _register_onnx_model(
+    session: Session,
+    tenant_id: str,
+    store: BlobStore,
+    upload: BinaryIO,
+    name: str | None,
+    *,
+    max_bytes: int,
+    max_parameters: int,
+) -> Model:
+    """An ONNX upload: the child validates and converts it; the graph (as uploaded) and the weights it wrote
+    (safetensors under the module's parameter names) are stored, nothing when it is refused."""
+    staged = store.stage(upload, max_bytes)
+    converted = store.temp_path(".safetensors")
+    try:
+        summary = import_onnx(staged.path, converted, max_output_bytes=max_bytes)
+        if summary["parameter_count"] > max_parameters:
+            raise InvalidInput(
+                f"the ONNX model has {summary['parameter_count']} parameters; this server accepts at most "
+                f"{max_parameters}"
+            )
+        spec = OnnxSpec(
+            name="onnx",
+            graph_sha256=staged.sha256,
+            input_shape=summary["input_shape"],
+            num_classes=summary["num_classes"],
+            opset=summary["opset"],
+            ops=summary["ops"],
+            parameter_count=summary["parameter_count"],
+            prunable_layers=summary["prunable_layers"],
+            reference=OnnxReference(**summary["reference"]),
+        )
+        weights = store.stage_file(converted)
+    except BaseException:
+        converted.unlink(missing_ok=True)
+        store.discard(staged)
+        raise
+    store.commit(staged)
+    store.commit(weights)
+    return _add_model(session, tenant_id, name, spec, weights.sha256, staged.size_bytes)
 
 
 def _split_columns(value: str | None) -> list[str] | None:

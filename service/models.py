@@ -167,6 +167,7 @@ class Run(Base):
     ratio: Mapped[float] = mapped_column(Float)
     mitigation: Mapped[str] = mapped_column(String(32), default="none", server_default="none")
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    onnx_sha256: Mapped[str | None] = mapped_column(String(64))  # an imported ONNX model's pruned graph
     # results.runs.RunResult as JSON, once succeeded: what the worker computed is what the report serves.
     result: Mapped[dict | None] = mapped_column(JSON)
 

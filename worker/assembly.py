@@ -124,6 +124,8 @@ def store_run(lease: RunLease, result: RunResult, weights_path: Path, environmen
     store = get_store()
     # Content-addressed: a copy stored by an attempt that then loses its row is harmless.
     weights_sha256 = store.add_file(weights_path)
+    onnx_path = weights_path.with_suffix(".onnx")  # written for an imported ONNX model's runs
+    onnx_sha256 = store.add_file(onnx_path) if onnx_path.is_file() else None
     with session_scope() as session:
         if not lease.lock_audit(session):
             raise AuditCancelled(lease.audit_id)
@@ -133,6 +135,7 @@ def store_run(lease: RunLease, result: RunResult, weights_path: Path, environmen
                 status=RunStatus.succeeded,
                 result=result.model_dump(mode="json"),
                 weights_sha256=weights_sha256,
+                onnx_sha256=onnx_sha256,
                 finished_at=utcnow(),
                 heartbeat_at=utcnow(),
             ),

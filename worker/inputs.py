@@ -50,12 +50,21 @@ class AuditInputs:
     train: DatasetInput | None
     output_dir: Path  # every run's weights are written here, as run-<position>.safetensors
     device: str = "auto"
+    graph_path: Path | None = None  # an imported ONNX model's stored graph
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.architecture.get("name") == "onnx"
 
     def plans(self) -> list[RunPlan]:
         return run_plans(self.spec)
 
     def weights_of(self, position: int) -> Path:
         return self.output_dir / f"run-{position}.safetensors"
+
+    def onnx_of(self, position: int) -> Path:
+        """Where an imported model's run writes its pruned graph (the original with the weights written back)."""
+        return self.output_dir / f"run-{position}.onnx"
 
     def plan_at(self, position: int) -> RunPlan:
         """The plan of run `position` (1, 2, …): plans follow from the spec alone, so every worker finds the same."""
@@ -100,4 +109,10 @@ def audit_inputs(
         train=_dataset_input(store, train_dataset, spec.group_by) if train_dataset is not None else None,
         output_dir=output_dir,
         device=device,
+        graph_path=_graph_path(store, audit.model.architecture),
     )
+
+
+def _graph_path(store: BlobStore, architecture: dict) -> Path | None:
+    digest = architecture.get("graph_sha256") if architecture.get("name") == "onnx" else None
+    return store.blob_path(digest) if isinstance(digest, str) else None

@@ -166,6 +166,24 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _CONVERSION_SLOTS = threading.BoundedSemaphore(2)
 
 
+def child_environment() -> dict[str, str]:
+    """A minimal environment for a conversion child: no secrets (database URLs), one thread, this tree's code."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(_PROJECT_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "LC_ALL": "C.UTF-8",
+    }
+
+
+def conversion_slot() -> threading.BoundedSemaphore:
+    """Held while a conversion child runs (PyTorch checkpoints and ONNX imports share the slots)."""
+    return _CONVERSION_SLOTS
+
+
 def convert_torch_checkpoint(
     source: Path, target: Path, *, max_output_bytes: int, limits: ConversionLimits = ConversionLimits()
 ) -> None:
@@ -203,21 +221,11 @@ def _run_converter(
         "--max-output-bytes",
         str(max_output_bytes),
     ]
-    # A minimal environment: the child needs no secrets (database URLs) and one thread.
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": str(_PROJECT_ROOT),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONHASHSEED": "0",
-        "LC_ALL": "C.UTF-8",
-    }
-    with _CONVERSION_SLOTS:
+    with conversion_slot():
         try:
             return subprocess.run(
                 command,
-                env=env,
+                env=child_environment(),
                 cwd=workdir,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,

@@ -184,6 +184,24 @@ def download_run_weights(
     return FileResponse(store.blob_path(run.weights_sha256), media_type="application/octet-stream", filename=name)
 
 
+@router.get(
+    "/{audit_id}/runs/{run_id}/weights.onnx",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "ONNX model"}},
+)
+@releases_connection
+def download_run_onnx(
+    audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep
+) -> FileResponse:
+    """An imported ONNX model's run as ONNX: the uploaded graph with the run's pruned (and fine-tuned) weights
+    written back; onnxruntime loads it as it loaded the upload."""
+    run = audits.get_run(session, tenant, audit_id, run_id)
+    if run.onnx_sha256 is None:
+        raise NotFound(f"run {run_id} has no ONNX weights (only runs of an uploaded ONNX model have them)")
+    name = f"{run.label}-{run.ratio:g}.onnx"
+    return FileResponse(store.blob_path(run.onnx_sha256), media_type="application/octet-stream", filename=name)
+
+
 @router.get("/{audit_id}/runs/{run_id}/recipe")
 @releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:

@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from arch.registry import REGISTRY, input_shape
+from arch.specs import OnnxUpload
 from service import catalog
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
@@ -115,6 +116,10 @@ def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dat
     return DatasetOut.model_validate(catalog.get_dataset(session, tenant, dataset_id))
 
 
+# The registry's architectures, then the ONNX upload form (its input shape and classes come from each graph).
+UPLOADABLE: dict[str, type[BaseModel]] = {**REGISTRY, "onnx": OnnxUpload}
+
+
 @router.get("/architectures", response_model=list[ArchitectureOut], tags=["models"])
 def list_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
     """The architectures the server can build, with the JSON schema of their spec."""
@@ -125,11 +130,13 @@ def list_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
             json_schema=spec.model_json_schema(),
             default_input_shape=_default_input_shape(name, spec),
         )
-        for name, spec in REGISTRY.items()
+        for name, spec in UPLOADABLE.items()
     ]
 
 
 def _default_input_shape(name: str, spec) -> list[int] | None:
+    if spec is OnnxUpload:
+        return None  # read from each uploaded graph
     try:
         return input_shape(spec.model_validate({"name": name}))
     except ValidationError:

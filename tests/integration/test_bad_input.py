@@ -144,6 +144,7 @@ def test_openapi_documents_the_api(api):
         "resnet20",
         "resnet56",
         "pruned",
+        "onnx",
     ]
 
 

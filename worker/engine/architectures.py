@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from itertools import pairwise
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +23,10 @@ from torch import nn
 
 from arch.mismatch import state_dict_mismatch
 from arch.registry import AnySpec, PrunedSpec, architecture_adapter, input_shape
-from arch.specs import BaseSpec, CNNSpec, MLPSpec
+from arch.specs import BaseSpec, CNNSpec, MLPSpec, OnnxSpec
 from worker.engine import zoo
 from worker.engine.errors import EngineError
+from worker.engine.onnx_model import build_from_graph
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -78,12 +80,19 @@ def model_spec(model: nn.Module) -> AnySpec:
     return spec
 
 
-def build_model(spec: Mapping[str, Any]) -> nn.Module:
-    """A freshly initialised module for `spec` (the dict of `spec.model_dump()`), in eval mode."""
+def build_model(spec: Mapping[str, Any], graph_path: Path | None = None) -> nn.Module:
+    """A freshly initialised module for `spec` (the dict of `spec.model_dump()`), in eval mode. An imported ONNX
+    model is built from its stored graph at `graph_path`, with the graph's weights."""
     try:
         validated = architecture_adapter.validate_python(spec)
     except ValidationError as error:
         raise EngineError(f"architecture spec is invalid: {_describe_validation_error(error)}") from error
+    if isinstance(validated, OnnxSpec):
+        if graph_path is None:
+            raise EngineError("an imported ONNX model is built from its stored graph, and none was given")
+        imported = build_from_graph(validated, graph_path)
+        attach_spec(imported, validated)
+        return imported.eval()
     if isinstance(validated, PrunedSpec):
         model = _build_base(validated.base)
         shrink_layers(model, validated.layers, validated.base.name)

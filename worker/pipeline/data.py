@@ -83,7 +83,12 @@ def check_fits(architecture: dict, x: np.ndarray, y: np.ndarray) -> None:
     num_classes = architecture["num_classes"]
     if y.size and int(y.max()) >= num_classes:
         raise EngineError(f"labels go up to {int(y.max())} but the model has {num_classes} outputs")
-    if "in_features" in architecture:  # an MLP, or a channel-pruned one: inputs are flattened
+    if architecture.get("name") == "onnx":  # an imported graph takes exactly its declared input shape
+        if list(x.shape[1:]) != list(architecture["input_shape"]):
+            raise EngineError(
+                f"model expects input {architecture['input_shape']} per example; dataset x has {list(x.shape[1:])}"
+            )
+    elif "in_features" in architecture:  # an MLP, or a channel-pruned one: inputs are flattened
         features = int(np.prod(x.shape[1:]))
         if features != architecture["in_features"]:
             raise EngineError(f"model expects {architecture['in_features']} input features, dataset x has {features}")

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from results.attributes import AttributeMetrics, AttributeResult
 from results.runs import MitigationDetails, RunResult, SplitResult
 from worker.engine.metrics import attribute_metrics, overall_metrics
+from worker.engine.onnx_model import write_onnx
 from worker.engine.outcomes import Outcomes, evaluate
 from worker.engine.pruning import Masks
 from worker.engine.structured import compare_models, model_cost
@@ -149,6 +150,8 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
     attributes = evaluation_attributes(baseline, outcomes, pruned, along)
     if weights_path is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
+        if inputs.graph_path is not None:  # an imported ONNX model: its pruned graph too, downloadable as ONNX
+            write_onnx(model, inputs.graph_path, weights_path.with_suffix(".onnx"))
     train = train_figures(baseline, model) if inputs.spec.mitigations else None
     compression = {"dense": baseline.cost} if is_dense else compression_report(baseline, model, candidate.masks is None)
     return RunResult(

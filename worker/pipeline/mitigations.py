@@ -99,7 +99,7 @@ def mitigated_model(
     phases = []
     if mitigation.placement == "after":
         assert unmitigated is not None, "a mitigation placed 'after' starts from its unmitigated run (starts_from)"
-        model = build_model(unmitigated.recipe["architecture"])
+        model = build_model(unmitigated.recipe["architecture"], baseline.inputs.graph_path)
         load_weights(model, unmitigated.weights_path)
         model.to(baseline.device)
         run = PrunedModel(model, unmitigated.masks, unmitigated.recipe, unmitigated.layer_report)

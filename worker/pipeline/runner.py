@@ -21,6 +21,8 @@ import torch
 from arch.registry import architecture_adapter, input_shape
 from results.runs import RunResult
 from worker.engine.architectures import build_model, load_weights
+from worker.engine.errors import EngineError
+from worker.engine.onnx_reference import compare_with_onnxruntime
 from worker.engine.outcomes import evaluate
 from worker.engine.pruning import sparsity
 from worker.engine.structured import model_cost, multiply_accumulates
@@ -33,6 +35,7 @@ from worker.pipeline.mitigations import SavedRun, mitigated_model
 from worker.pipeline.work_files import load_baseline, save_baseline
 
 SINGLE_THREAD_MAX_BATCH_MACS = 1_000_000_000
+REFERENCE_ROWS = 64  # the evaluation rows an imported ONNX model is checked on against onnxruntime
 
 Progress = Callable[[float, str], None]
 
@@ -86,6 +89,8 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
         train = replace(train, dense=evaluate(model, train.x, train.y, batch_size=spec.batch_size, device=device))
     parameter_count = sum(p.numel() for p in model.parameters())
     with_curvature, curvature_note = curvature_decision(spec.diagnostics, parameter_count)
+    if inputs.is_onnx:
+        check_against_reference(inputs, model, evaluation.x)
     outcomes = evaluate(model, evaluation.x, evaluation.y, batch_size=spec.batch_size, device=device)
     evaluation = replace(evaluation, dense=outcomes)
     diagnostics = diagnose_model(
@@ -102,6 +107,17 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
         with_curvature,
         {"curvature": curvature_note} if curvature_note else {},
     )
+
+
+def check_against_reference(inputs: AuditInputs, model: torch.nn.Module, x) -> None:
+    """An imported model agrees with onnxruntime on the first rows of the evaluation data, or the audit stops."""
+    assert inputs.graph_path is not None, "an imported ONNX model has its stored graph"
+    rows = np.asarray(x[:REFERENCE_ROWS], dtype=np.float32).reshape(
+        -1, *input_shape(architecture_adapter.validate_python(inputs.architecture))
+    )
+    agreement = compare_with_onnxruntime(model, inputs.graph_path.read_bytes(), rows)
+    if not agreement.agrees:
+        raise EngineError(f"the imported ONNX model does not match onnxruntime on this dataset: {agreement.describe()}")
 
 
 def dense_result(baseline: Baseline, started: float) -> RunResult:
@@ -144,7 +160,7 @@ def dense_model(inputs: AuditInputs) -> tuple[torch.nn.Module, torch.device]:
     """The uploaded model on the worker's device, with the audit's seed set (every task starts from it)."""
     torch.manual_seed(inputs.spec.seed)
     device = select_device(inputs.device)
-    model = build_model(inputs.architecture)
+    model = build_model(inputs.architecture, inputs.graph_path)
     load_weights(model, inputs.weights_path)
     return model.to(device), device
 
