@@ -14,12 +14,13 @@ from __future__ import annotations
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench.audit_tabular import table
 from bench.audits import audit_spec, seeded_model
 from bench.common import emit, interleaved_seconds, median_ratio, smoke
-from bench.stack import BenchStack, run_audit, upload_model, upload_npz
+from bench.stack import BenchStack, report_of, run_audit, upload_model, upload_npz
 from service.dataset_files import write_dataset_files
 from service.schemas.audits import AuditSpec
 from worker.inputs import AuditInputs, DatasetInput
@@ -50,12 +51,24 @@ def in_process_inputs(workdir: Path, arrays: dict, spec: dict, weights: Path) ->
     )
 
 
+def html_render_seconds(report: dict) -> float:
+    """The time to render the HTML page of a served report in this process, as the last run's worker does."""
+    from service.schemas.reports import AuditReport
+    from worker.report_html import render_report_html
+
+    typed = AuditReport.model_validate(report)
+    started = time.perf_counter()
+    render_report_html(typed)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     arrays = table(SMOKE_ROWS if smoke() else ROWS, FEATURES)
     spec = audit_spec(GROUP_BY)
     workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     statuses: list[str] = []
     phases: list[list[dict]] = []
+    last_audit_id: list[str] = []
     try:
         weights = workdir / "dense.safetensors"
         parameters = seeded_model(ARCHITECTURE, weights)
@@ -66,6 +79,7 @@ def main() -> None:
 
             def via_api() -> None:
                 followed = run_audit(client, {**ids, **spec}, timeout_s=600)
+                last_audit_id.append(followed.audit["id"])
                 statuses.append(followed.audit["status"])
                 phases.append(followed.phases())
 
@@ -74,6 +88,7 @@ def main() -> None:
                 SMOKE_REPEATS if smoke() else REPEATS,
             )
             peaks = stack.peaks_mb()
+            html_s = html_render_seconds(report_of(client, last_audit_id[-1]))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ratio = median_ratio(api, local)
@@ -93,6 +108,8 @@ def main() -> None:
         "in_process_median_s": round(statistics.median(local), 2),
         "api_audit_statuses": statuses,
         "api_phases_last_repeat": phases[-1],
+        # The HTML report is rendered (matplotlib) by the API path only: its share of the difference.
+        "html_render_s": round(html_s, 2),
         "smoke": smoke(),
         **peaks,
     }
