@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from service.problems import install_error_handlers
 from service.ratelimit import install_rate_limit
 from service.routes import audits, catalog, compare, health
+from service.routes.docs import install_docs
 from service.settings import get_settings
 from service.upload_limits import BodyLimitMiddleware
 
@@ -25,6 +26,8 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by service/routes/docs.py
+        redoc_url=None,
         title="pruneaudit",
         version="0.1.0",
         description=(
@@ -40,4 +43,5 @@ def create_app() -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(audits.router)
     app.include_router(compare.router)
+    install_docs(app)
     return app

@@ -37,6 +37,7 @@ from service.problems import problem
 from service.settings import get_settings
 
 API_KEY_HEADER = b"x-api-key"
+DOCS_ASSETS_PREFIX = "/docs/assets/"  # the Swagger UI and ReDoc scripts (service/routes/docs.py)
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 MAX_BUCKETS = 100_000
 
@@ -104,7 +105,7 @@ def client_identity(scope: Scope) -> str:
 
 
 def is_exempt(path: str) -> bool:
-    return path in EXEMPT_PATHS
+    return path in EXEMPT_PATHS or path.startswith(DOCS_ASSETS_PREFIX)
 
 
 class RateLimitMiddleware:
