@@ -13,6 +13,7 @@ import time
 
 import httpx
 
+from service import gate
 from service.db import session_scope
 from service.settings import get_settings
 
@@ -202,37 +203,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    """Exit 0 when the policy passes, 1 when it fails, 2 when there is no verdict (audit not succeeded, bad id)."""
-    try:
-        response = httpx.get(
-            f"{args.url}/v1/audits/{args.audit_id}/report", headers={"X-API-Key": args.key or ""}, timeout=60
-        )
-    except httpx.HTTPError as exc:
-        print(f"gate: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 2
-    if response.status_code != 200:
-        print(f"gate: no verdict: {response.json().get('detail', response.text)}", file=sys.stderr)
-        return 2
-    report = response.json()
-    if args.method is None and args.ratio is None:
-        verdict = report["verdict"]
-        print(f"gate: {verdict['summary']}")
-        return 0 if verdict["passed"] else 1
-    chosen = [
-        run
-        for run in report["runs"]
-        if (args.method is None or run["label"] == args.method)
-        and (args.ratio is None or abs(run["ratio"] - args.ratio) < 1e-9)
-    ]
-    if len(chosen) != 1:
-        runs = ", ".join(f"{run['label']}@{run['ratio']:g}" for run in report["runs"])
-        print(f"gate: --method/--ratio must pick exactly one run; this audit has: {runs}", file=sys.stderr)
-        return 2
-    (run,) = chosen
-    verdict = run["verdict"]
-    outcome = "passes" if verdict["passed"] else "fails: " + "; ".join(verdict["reasons"])
-    print(f"gate: {run['label']} at {run['ratio']:.0%} sparsity {outcome}")
-    return 0 if verdict["passed"] else 1
+    return gate.run_gate(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,13 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="once up, run the demo audit on real data")
     serve.set_defaults(func=cmd_serve)
 
-    gate = commands.add_parser("gate", help="exit non-zero when an audit's policy verdict fails (for CI pipelines)")
-    gate.add_argument("audit_id")
-    gate.add_argument("--url", default=f"http://{settings.host}:{settings.port}")
-    gate.add_argument("--method", help="a run label, e.g. magnitude-global (default: the audit's overall verdict)")
-    gate.add_argument("--ratio", type=float, help="the pruning ratio of the run to gate on")
-    gate.add_argument("--key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})")
-    gate.set_defaults(func=cmd_gate)
+    gate_parser = commands.add_parser(
+        "gate",
+        help="exit 1 when an audit's policy verdict fails, 2 when there is none (for CI pipelines; JUnit, GitHub)",
+    )
+    gate.add_arguments(gate_parser, f"http://{settings.host}:{settings.port}", os.environ.get(API_KEY_ENV))
+    gate_parser.set_defaults(func=cmd_gate)
 
     demo = commands.add_parser("demo", help="run the demo audit against a running API")
     demo.add_argument("--url", default=f"http://{settings.host}:{settings.port}")
