@@ -8,6 +8,9 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from service import metrics
+from service.logs import RequestIdMiddleware
+from service.metrics import MetricsMiddleware
 from service.problems import install_error_handlers
 from service.ratelimit import install_rate_limit
 from service.routes import audits, catalog, compare, health
@@ -39,6 +42,9 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)  # 413 on Content-Length before the body is spooled
     install_rate_limit(app)  # 429 + Retry-After per API key; outermost, before the body limit
+    app.add_middleware(MetricsMiddleware)  # counts and times every answer, 429s and 413s too
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID
+    app.include_router(metrics.router)
     app.include_router(health.router)
     app.include_router(catalog.router)
     app.include_router(audits.router)

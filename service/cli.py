@@ -40,10 +40,26 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.logs import configure_logging
     from service.migrate import upgrade_to_head
 
+    settings = get_settings()
+    # Before prometheus_client is imported: request counters go to files every API process of this host adds up.
+    metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str((settings.var_dir / "prometheus").resolve()))
+    os.makedirs(metrics_dir, exist_ok=True)
+    configure_logging(settings.log_format)
     upgrade_to_head()
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    # JSON: uvicorn's loggers propagate to the root's JSON handler; text: uvicorn keeps its own format.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        log_config=log_config,
+        access_log=False,  # service/metrics.py logs each request with its route, duration and request id
+    )
     return 0
 
 

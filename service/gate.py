@@ -66,7 +66,7 @@ def run_gate(args: argparse.Namespace) -> int:
     if args.junit:
         write_junit(result, args.junit)
     if annotate:
-        for line in annotations(result):
+        for line in annotation_lines(result):
             print(line)
     if summary_path := os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(summary_path, "a", encoding="utf-8") as summary:
@@ -168,7 +168,7 @@ def annotation(level: str, title: str, message: str) -> str:
     return f"::{level} title={_escape(title, property_value=True)}::{_escape(message)}"
 
 
-def annotations(result: GateResult) -> list[str]:
+def annotation_lines(result: GateResult) -> list[str]:
     """A failing check is an error when the gate fails, a warning when the gate passes anyway (a higher ratio failing
     is expected while a lower one passes)."""
     level = "warning" if result.passed else "error"

@@ -8,10 +8,13 @@ from functools import lru_cache
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
+from service.logs import current_request_id
 from service.settings import Settings, get_settings
 
 RUN_AUDIT_TASK = "pruneaudit.run_audit"  # claims the audit, stores the dense baseline, queues the runs
 COMPUTE_RUN_TASK = "pruneaudit.compute_run"  # one run of an audit, on any worker
+# The message header with the request id of the request that caused the task (worker/celery_app.py reads it).
+REQUEST_ID_TASK_HEADER = "pruneaudit_request_id"
 
 
 class SQLiteBrokerTransport(kombu_sqlalchemy.Transport):
@@ -85,12 +88,22 @@ def queue_names(settings: Settings) -> list[str]:
     return [settings.queue_name, *([settings.gpu_queue] if settings.gpu_queue else [])]
 
 
+def context_headers() -> dict:
+    """Message headers carrying the request id of the work that sends the task (service/logs.py)."""
+    request_id = current_request_id()
+    return {REQUEST_ID_TASK_HEADER: request_id} if request_id else {}
+
+
 def enqueue_audit(audit_id: str, queue: str | None = None) -> None:
     """Send the task by name (to the default queue unless `queue` says otherwise: the API knows no model's cost,
     worker/placement.py does); call only after the audit row is committed."""
-    get_celery_client().send_task(RUN_AUDIT_TASK, args=[audit_id], queue=queue or get_settings().queue_name)
+    get_celery_client().send_task(
+        RUN_AUDIT_TASK, args=[audit_id], queue=queue or get_settings().queue_name, headers=context_headers()
+    )
 
 
 def enqueue_run(run_id: str, queue: str | None = None) -> None:
     """Send one run's task by name; call only after the run row is committed."""
-    get_celery_client().send_task(COMPUTE_RUN_TASK, args=[run_id], queue=queue or get_settings().queue_name)
+    get_celery_client().send_task(
+        COMPUTE_RUN_TASK, args=[run_id], queue=queue or get_settings().queue_name, headers=context_headers()
+    )

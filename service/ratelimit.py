@@ -38,7 +38,9 @@ from service.settings import get_settings
 
 API_KEY_HEADER = b"x-api-key"
 DOCS_ASSETS_PREFIX = "/docs/assets/"  # the Swagger UI and ReDoc scripts (service/routes/docs.py)
-EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+EXEMPT_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 MAX_BUCKETS = 100_000
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,10 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    # Operations (service/logs.py, service/metrics.py, service/routes/health.py).
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or one JSON object each.")
+    metrics_token: str = Field("", description="When set, GET /metrics needs Authorization: Bearer <token>.")
+    readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the broker to answer.")
 
     @model_validator(mode="after")
     def _heartbeats_beat_the_timeout(self) -> Settings:

@@ -108,6 +108,7 @@ def run_audit(self: Task, audit_id: str) -> None:
     if lease is None:
         log.info("audit %s is not queued (already claimed or gone); nothing to do", audit_id)
         return
+    log.info("audit %s: claimed (attempt %d); measuring the dense baseline", audit_id, lease.attempt)
     from worker.pipeline.runner import measure_baseline
 
     work_dir = get_store().work_dir(audit_id, lease.attempt)
@@ -152,6 +153,7 @@ def compute_run(self: Task, run_id: str) -> None:
     if lease is None:
         log.info("run %s cannot start (already claimed, its audit stopped, or waiting); nothing to do", run_id)
         return
+    log.info("run %s of audit %s: claimed (%s)", run_id, lease.audit_id, lease.label)
     from worker.pipeline import runner
     from worker.pipeline.work_files import save_unmitigated
 

@@ -101,8 +101,42 @@ def start_process(stack: Stack, name: str, args: list[str]) -> None:
     )
 
 
-def start_stack(var_dir: Path, *, with_worker: bool = True, settings: dict[str, str] | None = None, **urls) -> Stack:
-    """`settings`: extra PRUNEAUDIT_* variables for every process of the stack."""
+def wait_until_answering(stack: Stack, name: str, url: str, path: str = "/readyz") -> None:
+    """Until `url` + `path` answers 200 (`/healthz`: the process is up, ready or not)."""
+    deadline = time.monotonic() + 120  # generous: CI machines are shared and sometimes slow
+    while time.monotonic() < deadline:
+        if stack.processes[name].poll() is not None:
+            stack.stop()
+            raise RuntimeError(f"{name} exited early:\n{stack.log(name)}")
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stack.stop()
+    raise RuntimeError(f"{name} not answering at {url}{path}:\n{stack.log(name)}")
+
+
+def start_api(stack: Stack, name: str) -> str:
+    """Another API process of the stack (same database, broker, blobs and var dir) on its own port; its URL."""
+    port = free_port()
+    start_process(stack, name, ["api", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    wait_until_answering(stack, name, url)
+    return url
+
+
+def start_stack(
+    var_dir: Path,
+    *,
+    with_worker: bool = True,
+    settings: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    **urls,
+) -> Stack:
+    """`settings`: extra PRUNEAUDIT_* variables for every process of the stack; `ready_path`: what must answer 200
+    before the stack is returned (`/healthz` for a stack meant to be unready)."""
     var_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     stack = Stack(
@@ -117,19 +151,8 @@ def start_stack(var_dir: Path, *, with_worker: bool = True, settings: dict[str, 
     if with_worker:
         start_process(stack, "worker", ["worker"])
     start_process(stack, "api", ["api", "--port", str(port)])
-    deadline = time.monotonic() + 120  # generous: CI machines are shared and sometimes slow
-    while time.monotonic() < deadline:
-        if stack.processes["api"].poll() is not None:
-            stack.stop()
-            raise RuntimeError(f"api exited early:\n{stack.log('api')}")
-        try:
-            if httpx.get(f"{stack.url}/readyz", timeout=2).status_code == 200:
-                return stack
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stack.stop()
-    raise RuntimeError(f"api not ready:\n{stack.log('api')}")
+    wait_until_answering(stack, "api", stack.url, ready_path)
+    return stack
 
 
 def assert_problem(response, status: int, *fragments: str) -> dict:
