@@ -115,11 +115,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_sweeper(_args: argparse.Namespace) -> int:
-    import logging
-
+    from service.logs import configure_logging
     from service.recovery import run_sweeper
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(get_settings().log_format)
     run_sweeper()
     return 0
 
