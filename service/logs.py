@@ -4,8 +4,8 @@ each record carrying the request id of the work it belongs to.
 The request id is `X-Request-ID` when a client sends a sane one (kept, so a caller's id can be followed), or a new
 one; the API returns it in the response. It lives in a context variable: the API's middleware sets it per request
 (sync handlers run in threads that copy the context), `service.queue` sends it with each task as a message header,
-and the worker's tasks set it again while they run, so the worker's lines for an audit carry the id of the request
-that created it. Tasks the sweeper re-sends carry none (there is no request)."""
+and the worker sets it again while a task runs (worker/celery_app.py), so the worker's lines for an audit carry the
+id of the request that created it. Tasks the sweeper re-sends carry none (there is no request)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,17 +29,6 @@ audit_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("prune
 
 def current_request_id() -> str | None:
     return request_id_var.get()
-
-
-@contextmanager
-def log_context(request_id: str | None, audit_id: str | None = None) -> Iterator[None]:
-    """The request id (and audit) of the work inside, for every log record and every task it sends."""
-    tokens = (request_id_var.set(request_id), audit_id_var.set(audit_id))
-    try:
-        yield
-    finally:
-        request_id_var.reset(tokens[0])
-        audit_id_var.reset(tokens[1])
 
 
 class ContextFilter(logging.Filter):
@@ -109,5 +96,8 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
-        with log_context(request_id):
-            await self.app(scope, receive, send_with_id)
+        # Set, not reset afterwards: the server runs each request in a task of its own, whose context ends with it, and
+        # an unhandled error is logged by Starlette's outermost middleware after this one has returned (service/problems
+        # answers it there): that line must carry the id too.
+        request_id_var.set(request_id)
+        await self.app(scope, receive, send_with_id)

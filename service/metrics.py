@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db import session_scope
@@ -34,6 +35,7 @@ from service.models import Audit, AuditStatus, Run, RunStatus
 from service.problems import problem
 from service.settings import get_settings
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("pruneaudit.access")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"  # 404s: one series for every unknown path
@@ -105,6 +107,20 @@ class DatabaseCollector:
     """Audit, run and worker figures from the rows, computed at each scrape."""
 
     def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("pruneaudit_database_up", "1 when the database answered this scrape, else 0")
+        try:
+            figures = list(self.database_figures())
+        except SQLAlchemyError as exc:
+            # The request metrics are still worth serving while the database is away; this says why the rest is not.
+            log.warning("metrics: the database figures are left out: %s", str(exc).splitlines()[0])
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from figures
+
+    def database_figures(self) -> Iterator[Metric]:
         now = datetime.now(UTC)
         with session_scope() as session:
             by_status = dict(session.execute(select(Audit.status, func.count()).group_by(Audit.status)).all())
