@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import func, select
+from sqlalchemy import extract, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -160,7 +160,7 @@ def run_seconds(dialect: str):
     """A run's wall time in seconds as SQL (each database spells the difference of two timestamps its own way)."""
     if dialect == "sqlite":
         return (func.julianday(Run.finished_at) - func.julianday(Run.started_at)) * 86400.0
-    return func.extract("epoch", Run.finished_at - Run.started_at)
+    return extract("epoch", Run.finished_at - Run.started_at)
 
 
 def run_duration_metrics(rows) -> Iterator[Metric]:

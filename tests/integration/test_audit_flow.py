@@ -402,3 +402,31 @@ def test_cancel_a_running_audit_stops_at_the_next_checkpoint(embedded_stack, dig
         assert ended["status"] == "cancelled", ended
         assert time.monotonic() - started < 30  # stopped at an epoch checkpoint, not after 1000 epochs
         assert client.get(f"/v1/audits/{audit['id']}/report").status_code == 409
+
+
+@pytest.mark.services
+def test_metrics_and_readiness_on_postgres_and_redis(services_stack, postgres_url):
+    """/metrics reads PostgreSQL (its own spelling of a run's duration) and /readyz PINGs the real Redis."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import create_engine, text
+
+    assert httpx.get(f"{services_stack.url}/readyz", timeout=30).status_code == 200
+    scraped = httpx.get(f"{services_stack.url}/metrics", timeout=30)
+    assert scraped.status_code == 200, scraped.text
+    families = {family.name: family.samples for family in text_string_to_metric_families(scraped.text)}
+    engine = create_engine(postgres_url)
+    with engine.connect() as connection:
+        statuses = dict(connection.execute(text("SELECT status, count(*) FROM audits GROUP BY status")).all())
+        runs, seconds = connection.execute(
+            text(
+                "SELECT count(*), coalesce(sum(extract(epoch FROM finished_at - started_at)), 0) FROM runs "
+                "WHERE status = 'succeeded' AND method = 'magnitude'"
+            )
+        ).one()
+    engine.dispose()
+    assert {s.labels["status"]: s.value for s in families["pruneaudit_audits"] if s.value} == statuses
+    durations = {s.name: s.value for s in families["pruneaudit_run_duration_seconds"]}
+    assert durations.get("pruneaudit_run_duration_seconds_count", 0) == runs
+    assert durations.get("pruneaudit_run_duration_seconds_sum", 0) == pytest.approx(float(seconds))
+    assert [s.value for s in families["pruneaudit_database_up"]] == [1]

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -151,14 +152,19 @@ def fake_proxy():
 
 
 def test_errors_exit_2_without_a_traceback(fake_proxy, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "GITHUB_ACTIONS": "true"}
-    outcomes = {
-        "proxy 502": gate(env, "some-audit", "--url", fake_proxy),
-        "unreachable": gate(env, "some-audit", "--url", f"http://127.0.0.1:{free_port()}"),
-        "timeout": gate(env, "stuck", "--url", fake_proxy, "--wait", "--timeout", "0.5", "--poll-interval", "0.1"),
-        "failed audit": gate(env, "broken", "--url", fake_proxy, "--wait"),
-        "bad spec": gate(env, "--spec", str(tmp_path / "missing.json"), "--url", fake_proxy),
+    # No API key, no stack: only the gate and whatever answers at --url.
+    env = {"PATH": "/usr/bin:/bin", "GITHUB_ACTIONS": "true", "PRUNEAUDIT_VAR_DIR": str(tmp_path / "var")}
+    invocations = {
+        "proxy 502": ["some-audit", "--url", fake_proxy],
+        "unreachable": ["some-audit", "--url", f"http://127.0.0.1:{free_port()}"],
+        "timeout": ["stuck", "--url", fake_proxy, "--wait", "--timeout", "0.5", "--poll-interval", "0.1"],
+        "failed audit": ["broken", "--url", fake_proxy, "--wait"],
+        "bad spec": ["--spec", str(tmp_path / "missing.json"), "--url", fake_proxy],
     }
+    # At once: each is a CLI process start, and they are independent.
+    with ThreadPoolExecutor(len(invocations)) as pool:
+        futures = {what: pool.submit(gate, env, *args) for what, args in invocations.items()}
+        outcomes = {what: future.result() for what, future in futures.items()}
     for what, done in outcomes.items():
         assert done.returncode == 2, (what, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr and done.stderr.startswith("gate: error: "), (what, done.stderr)
