@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from service.openapi import install_openapi, operation_id
 from service.problems import install_error_handlers
 from service.ratelimit import install_rate_limit
 from service.routes import audits, catalog, compare, health
@@ -26,6 +27,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         docs_url=None,  # served from local assets by service/routes/docs.py
         redoc_url=None,
         title="pruneaudit",
@@ -44,4 +46,5 @@ def create_app() -> FastAPI:
     app.include_router(audits.router)
     app.include_router(compare.router)
     install_docs(app)
+    install_openapi(app)
     return app

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
@@ -13,7 +13,7 @@ from service.models import Audit, AuditStatus
 from service.queue import enqueue_audit
 from service.schemas.audits import AuditOut, AuditPage, AuditSpec
 from service.schemas.common import PROBLEM_RESPONSES
-from service.schemas.reports import AuditReport
+from service.schemas.reports import AuditReport, RunRecipe
 from service.tenancy import authenticate, shared_audit
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,21 @@ def audit_out(audit: Audit, request: Request) -> AuditOut:
     return out
 
 
-@router.post("", status_code=202, response_model=AuditOut)
+LOCATION: dict[str, Any] = {
+    "Location": {"description": "URL of the audit", "schema": {"type": "string", "format": "uri"}}
+}
+ETAG = {
+    "ETag": {
+        "description": "Entity tag of the immutable report: send it as If-None-Match",
+        "schema": {"type": "string"},
+    }
+}
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified (If-None-Match matched)", "headers": ETAG}
+}
+
+
+@router.post("", status_code=202, response_model=AuditOut, responses={202: {"headers": LOCATION}})
 @releases_connection
 def create_audit(
     spec: AuditSpec,
@@ -101,7 +115,7 @@ def not_modified(request: Request, etag: str) -> Response | None:
     return None
 
 
-@router.get("/{audit_id}/report", response_model=AuditReport, responses={304: {"description": "Not modified"}})
+@router.get("/{audit_id}/report", response_model=AuditReport, responses={200: {"headers": ETAG}, **NOT_MODIFIED})
 @releases_connection
 def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request, response: Response):
     """The fairness report with the policy verdict; 409 until the audit has succeeded. Immutable once
@@ -119,7 +133,7 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
 @router.get(
     "/{audit_id}/report.csv",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}},
+    responses={200: {"content": {"text/csv": {}}, "headers": ETAG}, **NOT_MODIFIED},
 )
 @releases_connection
 def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
@@ -138,7 +152,7 @@ def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, reque
 @router.get(
     "/{audit_id}/report.html",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}},
+    responses={200: {"content": {"text/html": {}}, "headers": ETAG}, **NOT_MODIFIED},
 )
 @releases_connection
 def read_report_html(
@@ -202,7 +216,7 @@ def download_run_onnx(
     return FileResponse(store.blob_path(run.onnx_sha256), media_type="application/octet-stream", filename=name)
 
 
-@router.get("/{audit_id}/runs/{run_id}/recipe")
+@router.get("/{audit_id}/runs/{run_id}/recipe", response_model=RunRecipe)
 @releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""

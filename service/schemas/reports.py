@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from results.attributes import AttributeResult
 from results.base import Interval
@@ -99,3 +99,17 @@ class AuditReport(BaseModel):
     runs: list[RunReport] = Field(
         description="Per method, per ratio (increasing): the unmitigated run, then one run per mitigation."
     )
+
+
+class RunRecipe(BaseModel):
+    """How a run was made, enough to redo it: the method (its spec and label), the ratio, the layers kept dense,
+    the seed, the mitigation (null when none) and the architecture JSON to upload its weights with."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: dict
+    ratio: float
+    ignored_layers: list[str]
+    seed: int
+    architecture: dict
+    mitigation: dict | None = None
