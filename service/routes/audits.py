@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from service import audits
+from service.conditional import IMMUTABLE_REPORT, none_match
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, api_key_header, releases_connection
 from service.errors import NotFound
 from service.models import Audit, AuditStatus
@@ -110,9 +111,13 @@ def read_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: R
 
 
 def not_modified(request: Request, etag: str) -> Response | None:
-    if request.headers.get("if-none-match") in (etag, "*"):
-        return Response(status_code=304, headers={"ETag": etag})
+    if none_match(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=report_headers(etag))
     return None
+
+
+def report_headers(etag: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": IMMUTABLE_REPORT}
 
 
 @router.get("/{audit_id}/report", response_model=AuditReport, responses={200: {"headers": ETAG}, **NOT_MODIFIED})
@@ -124,7 +129,7 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
     etag = audits.report_etag(audit)
     if cached := not_modified(request, etag):
         return cached
-    response.headers["ETag"] = etag
+    response.headers.update(report_headers(etag))
     return audits.assemble_report(
         audit, lambda run: str(request.url_for("download_run_weights", audit_id=audit_id, run_id=run.id))
     )
@@ -145,7 +150,7 @@ def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, reque
     return Response(
         audits.report_csv(audits.assemble_report(audit)),
         media_type="text/csv",
-        headers={"ETag": etag, "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'},
+        headers={**report_headers(etag), "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'},
     )
 
 
@@ -176,7 +181,7 @@ def read_report_html(
     if cached := not_modified(request, etag):
         return cached
     return FileResponse(
-        store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8", headers={"ETag": etag}
+        store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8", headers=report_headers(etag)
     )
 
 
