@@ -21,6 +21,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes (stored in UTC), PostgreSQL aware ones: both as aware UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -220,6 +225,9 @@ class ScheduleFiring(Base):
     scheduled_for: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     fired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     late_by_s: Mapped[float] = mapped_column(Float, default=0.0)
+    late: Mapped[bool] = mapped_column(
+        Boolean, default=False
+    )  # fired after downtime (PRUNEAUDIT_SCHEDULE_LATE_AFTER_S)
     missed_ticks: Mapped[int] = mapped_column(Integer, default=0)  # ticks passed in downtime, fired as this one
     audit_id: Mapped[str | None] = mapped_column(ForeignKey("audits.id", ondelete="SET NULL"))
     skipped_reason: Mapped[str | None] = mapped_column(Text)

@@ -63,6 +63,7 @@ def upgrade() -> None:
         sa.Column("scheduled_for", sa.DateTime(timezone=True), nullable=False),
         sa.Column("fired_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("late_by_s", sa.Float(), nullable=False),
+        sa.Column("late", sa.Boolean(), nullable=False),
         sa.Column("missed_ticks", sa.Integer(), nullable=False),
         sa.Column("audit_id", sa.String(length=32), sa.ForeignKey("audits.id", ondelete="SET NULL"), nullable=True),
         sa.Column("skipped_reason", sa.Text(), nullable=True),
