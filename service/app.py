@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from service.problems import install_error_handlers
 from service.ratelimit import install_rate_limit
-from service.routes import audits, catalog, compare, health
+from service.routes import audits, catalog, compare, health, schedules, webhooks
 from service.settings import get_settings
 from service.upload_limits import BodyLimitMiddleware
 
@@ -40,4 +40,6 @@ def create_app() -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(audits.router)
     app.include_router(compare.router)
+    app.include_router(schedules.router)
+    app.include_router(webhooks.router)
     return app

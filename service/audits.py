@@ -310,6 +310,7 @@ def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
         environment=audit.environment or {},
         policy=policy.model_dump(),
         verdict=audit_verdict(pruned),
+        changes=audit.changes,
         dense=dense,
         runs=pruned,
     )

@@ -114,3 +114,7 @@ def list_deliveries(
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     items = session.scalars(query.order_by(WebhookDelivery.created_at.desc()).limit(limit).offset(offset))
     return list(items), total
+
+
+def delivery(session: Session, delivery_id: str) -> WebhookDelivery:
+    return session.get_one(WebhookDelivery, delivery_id)
