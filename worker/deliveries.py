@@ -39,7 +39,7 @@ def backoff_s(attempts: int, settings: Settings) -> float:
 
 def claim(delivery_id: str, settings: Settings) -> tuple[WebhookDelivery, Webhook, int] | None:
     now = utcnow()
-    lease = timedelta(seconds=settings.webhook_timeout_s + 30)
+    lease = timedelta(seconds=settings.webhook_timeout_s + 5)  # an attempt ends within its timeout
     with session_scope() as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         if delivery is None or delivery.status != DeliveryStatus.pending:
