@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -42,7 +43,9 @@ def announce_ended_audits(settings: Settings, outcome: OutboxOutcome) -> None:
             send_after_commit(enqueue_delivery, delivery_id)
 
 
-def resend_lost_deliveries(settings: Settings, outcome: OutboxOutcome) -> None:
+def resend_lost_deliveries(settings: Settings, outcome: OutboxOutcome, carried: Callable[[], set[str]]) -> None:
+    """`carried()`: the delivery ids that messages in the broker carry; those are waiting, not lost (a busy worker
+    has not taken them yet)."""
     now = utcnow()
     overdue = (
         WebhookDelivery.status == DeliveryStatus.pending,
@@ -50,7 +53,8 @@ def resend_lost_deliveries(settings: Settings, outcome: OutboxOutcome) -> None:
     )
     with session_scope() as session:
         lost = session.scalars(select(WebhookDelivery.id).where(*overdue).limit(500)).all()
-    for delivery_id in lost:
+    waiting = carried() if lost else set()
+    for delivery_id in (d for d in lost if d not in waiting):
         # Due now: the claim of whichever message arrives first matches; another sweeper's UPDATE matches nothing.
         with session_scope() as session:
             if (
@@ -58,7 +62,9 @@ def resend_lost_deliveries(settings: Settings, outcome: OutboxOutcome) -> None:
                     session,
                     update(WebhookDelivery)
                     .where(WebhookDelivery.id == delivery_id, *overdue)
-                    .values(next_attempt_at=now),
+                    .values(next_attempt_at=now)
+                    # The loaded row holds SQLite's naive datetimes: no in-Python evaluation of the criteria.
+                    .execution_options(synchronize_session=False),
                 )
                 != 1
             ):
@@ -68,9 +74,9 @@ def resend_lost_deliveries(settings: Settings, outcome: OutboxOutcome) -> None:
         outcome.deliveries_resent.append(delivery_id)
 
 
-def sweep_outbox(settings: Settings) -> OutboxOutcome:
+def sweep_outbox(settings: Settings, carried: Callable[[], set[str]]) -> OutboxOutcome:
     outcome = OutboxOutcome()
     outcome.fired = fire_due_schedules(settings)
     announce_ended_audits(settings, outcome)
-    resend_lost_deliveries(settings, outcome)
+    resend_lost_deliveries(settings, outcome, carried)
     return outcome

@@ -32,7 +32,14 @@ from sqlalchemy.orm import aliased
 from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, Run, RunStatus, utcnow
 from service.outbox import OutboxOutcome, sweep_outbox
-from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_audit, enqueue_run, queue_names
+from service.queue import (
+    COMPUTE_RUN_TASK,
+    DELIVER_WEBHOOK_TASK,
+    RUN_AUDIT_TASK,
+    enqueue_audit,
+    enqueue_run,
+    queue_names,
+)
 from service.runs import end_audit, lock_running_audit, settle_cancellation
 from service.settings import Settings, get_settings
 from service.storage import get_store
@@ -321,7 +328,7 @@ def sweep(settings: Settings | None = None) -> SweepOutcome:
     recover_stale_runs(settings, outcome)
     recover_lost_messages(settings, outcome)
     remove_ended_work(outcome)
-    outcome.outbox = sweep_outbox(settings)
+    outcome.outbox = sweep_outbox(settings, lambda: ids_in(live_messages(settings) or [], DELIVER_WEBHOOK_TASK))
     return outcome
 
 

@@ -235,6 +235,7 @@ def fire_due_schedules(settings: Settings) -> list[str]:
                 update(Schedule)
                 .where(Schedule.id == schedule_id, Schedule.next_run_at == stored_tick, Schedule.paused.is_(False))
                 .values(next_run_at=following)
+                .execution_options(synchronize_session=False)
             )
             if rows_matched(session, claim) != 1:
                 continue  # another sweeper fired this tick, or the schedule changed meanwhile

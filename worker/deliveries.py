@@ -54,7 +54,9 @@ def claim(delivery_id: str, settings: Settings) -> tuple[WebhookDelivery, Webhoo
                 WebhookDelivery.attempts == delivery.attempts,
                 WebhookDelivery.next_attempt_at <= now + EARLY_SLACK,
             )
-            .values(attempts=attempt, next_attempt_at=now + lease),
+            .values(attempts=attempt, next_attempt_at=now + lease)
+            # The loaded row holds SQLite's naive datetimes: no in-Python evaluation of the criteria.
+            .execution_options(synchronize_session=False),
         )
         if claimed != 1:
             return None
@@ -117,7 +119,8 @@ def attempt_delivery(delivery_id: str) -> None:
         retry_in = delay
     with session_scope() as session:
         owned = (WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempt)
-        if rows_matched(session, update(WebhookDelivery).where(*owned).values(**values)) != 1:
+        outcome = update(WebhookDelivery).where(*owned).values(**values)
+        if rows_matched(session, outcome.execution_options(synchronize_session=False)) != 1:
             return
     log.info("delivery %s attempt %d to %s: %s", delivery_id, attempt, hook.url, error or code)
     if retry_in is not None:
