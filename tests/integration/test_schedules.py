@@ -4,13 +4,17 @@ itself, not from the API."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.integration.stack import Stack, assert_problem, start_process, start_stack
+from tests.integration.stack import REPO, Stack, assert_problem, start_process, start_stack
 
 # Sub-second ticks and sweeps, so ten ticks take seconds.
 SCHEDULE_SETTINGS = {
@@ -203,3 +207,37 @@ def test_paused_schedules_do_not_fire_and_bad_schedules_are_refused(sqlite_stack
         with sqlite_stack.client(other) as stranger:
             assert_problem(stranger.get(f"/v1/schedules/{schedule['id']}"), 404)
             assert stranger.get("/v1/schedules").json()["total"] == 0
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "schedules", *args],
+        env=stack.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_schedules_cli_creates_lists_pauses_and_resumes(sqlite_stack, digits_case, tmp_path):
+    with sqlite_stack.client() as client:
+        model_id = digits_case.upload_model(client).json()["id"]
+        dataset_id = digits_case.upload_dataset(client).json()["id"]
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(tiny_spec({"model_id": model_id}, dataset_id)))
+    created = cli(
+        sqlite_stack, "create", "--spec", str(spec_file), "--cron", "0 2 * * *", "--timezone", "Europe/Berlin"
+    )
+    assert created.returncode == 0, created.stderr
+    schedule_id = created.stdout.split()[0]
+    assert "cron '0 2 * * *' Europe/Berlin" in created.stdout
+    assert schedule_id in cli(sqlite_stack, "list").stdout
+    assert "paused" in cli(sqlite_stack, "pause", schedule_id).stdout
+    resumed = cli(sqlite_stack, "resume", schedule_id)
+    assert resumed.returncode == 0 and "next " in resumed.stdout
+    with sqlite_stack.client() as client:
+        next_run = datetime.fromisoformat(client.get(f"/v1/schedules/{schedule_id}").json()["next_run_at"])
+    assert next_run.astimezone(ZoneInfo("Europe/Berlin")).hour == 2  # 02:00 Berlin time, whatever UTC says
+    refused = cli(sqlite_stack, "create", "--spec", str(spec_file), "--cron", "61 * * * *")
+    assert refused.returncode == 1 and "not a valid cron expression" in refused.stderr
