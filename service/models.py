@@ -142,7 +142,7 @@ class Audit(Base):
     # the X-API-Key header): 192 random bits, checked in constant time.
     report_token: Mapped[str | None] = mapped_column(String(64), default=lambda: secrets.token_urlsafe(24))
     # Set when a schedule fired it (service/schedules.py): which schedule, for which tick.
-    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id", ondelete="SET NULL"), index=True)
+    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id"), index=True)
     scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # What moved since the previous audit of its schedule (service/changes.py), written with the report.
     changes: Mapped[dict | None] = mapped_column(JSON)

@@ -36,8 +36,13 @@ def announce_ended_audits(settings: Settings, outcome: OutboxOutcome) -> None:
     with session_scope() as session:
         audit_ids = events.unannounced_audits(session)
     for audit_id in audit_ids:
-        with session_scope() as session:
-            deliveries = events.record_audit_end(session, audit_id, settings)
+        try:
+            with session_scope() as session:
+                deliveries = events.record_audit_end(session, audit_id, settings)
+        except Exception:
+            # Rolled back, so it is tried again next sweep; the other audits go on.
+            log.exception("audit %s: could not record its end events", audit_id)
+            continue
         outcome.announced.append(audit_id)
         for delivery_id in deliveries:
             send_after_commit(enqueue_delivery, delivery_id)

@@ -128,7 +128,14 @@ def list_schedules(session: Session, tenant_id: str, limit: int, offset: int) ->
 
 def delete_schedule(session: Session, tenant_id: str, schedule_id: str) -> None:
     """The schedule and its history go; its audits stay (their schedule_id becomes null)."""
-    session.delete(get_schedule(session, tenant_id, schedule_id))
+    schedule = get_schedule(session, tenant_id, schedule_id)
+    session.execute(
+        update(Audit)
+        .where(Audit.schedule_id == schedule_id)
+        .values(schedule_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.delete(schedule)
 
 
 def history(

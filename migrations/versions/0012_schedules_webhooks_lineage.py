@@ -22,9 +22,8 @@ def _timestamps() -> list[sa.Column]:
 
 def upgrade() -> None:
     for table in ("models", "datasets"):
-        with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.add_column(sa.Column("version", sa.String(length=100), nullable=True))
-            batch_op.add_column(sa.Column("labels", sa.JSON(), nullable=True))
+        op.add_column(table, sa.Column("version", sa.String(length=100), nullable=True))
+        op.add_column(table, sa.Column("labels", sa.JSON(), nullable=True))
     op.create_table(
         "schedules",
         sa.Column("id", sa.String(length=32), primary_key=True),
@@ -43,15 +42,18 @@ def upgrade() -> None:
     )
     op.create_index("ix_schedules_tenant_id", "schedules", ["tenant_id"])
     op.create_index("ix_schedules_next_run_at", "schedules", ["next_run_at"])
-    with op.batch_alter_table("audits", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("schedule_id", sa.String(length=32), nullable=True))
-        batch_op.add_column(sa.Column("scheduled_for", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("changes", sa.JSON(), nullable=True))
-        batch_op.add_column(sa.Column("events_recorded_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.create_index("ix_audits_schedule_id", ["schedule_id"])
-        batch_op.create_foreign_key(
-            "fk_audits_schedule_id_schedules", "schedules", ["schedule_id"], ["id"], ondelete="SET NULL"
-        )
+    # No ON DELETE (SQLite does not reflect one added this way): deleting a schedule detaches its audits first.
+    # Plain ALTER TABLE ... ADD COLUMN, never a batch copy of `audits`: on SQLite a copy drops the old table, and
+    # with foreign keys on (service/db.py) that cascades to every run.
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute("ALTER TABLE audits ADD COLUMN schedule_id VARCHAR(32) REFERENCES schedules (id)")
+    else:
+        op.add_column("audits", sa.Column("schedule_id", sa.String(length=32), nullable=True))
+        op.create_foreign_key("fk_audits_schedule_id_schedules", "audits", "schedules", ["schedule_id"], ["id"])
+    op.add_column("audits", sa.Column("scheduled_for", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("audits", sa.Column("changes", sa.JSON(), nullable=True))
+    op.add_column("audits", sa.Column("events_recorded_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_index("ix_audits_schedule_id", "audits", ["schedule_id"])
     # Audits from before webhooks existed have nothing to announce.
     op.execute("UPDATE audits SET events_recorded_at = updated_at")
     op.create_table(
@@ -112,13 +114,13 @@ def downgrade() -> None:
     op.drop_table("webhook_deliveries")
     op.drop_table("webhooks")
     op.drop_table("schedule_firings")
-    with op.batch_alter_table("audits", schema=None) as batch_op:
-        batch_op.drop_constraint("fk_audits_schedule_id_schedules", type_="foreignkey")
-        batch_op.drop_index("ix_audits_schedule_id")
-        for column in ("events_recorded_at", "changes", "scheduled_for", "schedule_id"):
-            batch_op.drop_column(column)
+    op.drop_index("ix_audits_schedule_id", table_name="audits")
+    if op.get_bind().dialect.name != "sqlite":
+        op.drop_constraint("fk_audits_schedule_id_schedules", "audits", type_="foreignkey")
+    # SQLite ≥ 3.35 drops a column in place (no table copy, so no cascade to the runs).
+    for column in ("events_recorded_at", "changes", "scheduled_for", "schedule_id"):
+        op.drop_column("audits", column)
     op.drop_table("schedules")
     for table in ("datasets", "models"):
-        with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.drop_column("labels")
-            batch_op.drop_column("version")
+        op.drop_column(table, "labels")
+        op.drop_column(table, "version")
