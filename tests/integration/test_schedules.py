@@ -241,3 +241,45 @@ def test_the_schedules_cli_creates_lists_pauses_and_resumes(sqlite_stack, digits
     assert next_run.astimezone(ZoneInfo("Europe/Berlin")).hour == 2  # 02:00 Berlin time, whatever UTC says
     refused = cli(sqlite_stack, "create", "--spec", str(spec_file), "--cron", "61 * * * *")
     assert refused.returncode == 1 and "not a valid cron expression" in refused.stderr
+
+
+def test_models_and_datasets_list_by_name_version_and_label(sqlite_stack, digits_case):
+    def upload(version: str, commit: str) -> str:
+        form = {"architecture": json.dumps(digits_case.architecture), "name": "lineage", "version": version}
+        form["labels"] = json.dumps({"git_commit": commit})
+        uploaded = client.post("/v1/models", files={"weights": ("m.safetensors", digits_case.weights)}, data=form)
+        assert uploaded.status_code == 201, uploaded.text
+        return uploaded.json()["id"]
+
+    with sqlite_stack.client() as client:
+        older, newer = upload("1.0", "aaa111"), upload("1.1", "bbb222")
+        listed = client.get("/v1/models", params={"name": "lineage"}).json()
+        assert [m["id"] for m in listed["items"]] == [newer, older] and listed["total"] == 2
+        assert [
+            m["id"] for m in client.get("/v1/models", params={"name": "lineage", "version": "latest"}).json()["items"]
+        ] == [newer]
+        assert [m["id"] for m in client.get("/v1/models", params={"label": "git_commit:aaa111"}).json()["items"]] == [
+            older
+        ]
+        assert (
+            client.get("/v1/models", params={"name": "lineage", "limit": 1, "offset": 1}).json()["items"][0]["id"]
+            == older
+        )
+        assert_problem(client.get("/v1/models", params={"label": "no-colon"}), 422, "key:value")
+        refused = client.post(
+            "/v1/models",
+            files={"weights": ("m.safetensors", digits_case.weights)},
+            data={"architecture": json.dumps(digits_case.architecture), "name": "lineage", "labels": "[1, 2]"},
+        )
+        assert_problem(refused, 422, "labels")
+        assert client.get("/v1/models", params={"name": "lineage"}).json()["total"] == 2  # nothing stored
+        dataset = digits_case.upload_dataset(client, name="eval", version="v1").json()
+        assert (
+            client.get("/v1/datasets", params={"name": "eval", "version": "v1"}).json()["items"][0]["id"]
+            == dataset["id"]
+        )
+        spec = tiny_spec({"model": {"name": "lineage", "version": "1.0"}}, dataset["id"])
+        created = client.post("/v1/audits", json={**spec, "dataset_id": None, "dataset": {"name": "eval"}})
+        assert created.status_code == 202, created.text
+        assert (created.json()["model_id"], created.json()["dataset_id"]) == (older, dataset["id"])
+        assert client.get("/v1/audits", params={"model_name": "lineage"}).json()["total"] == 1
