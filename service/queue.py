@@ -12,6 +12,7 @@ from service.settings import Settings, get_settings
 
 RUN_AUDIT_TASK = "pruneaudit.run_audit"  # claims the audit, stores the dense baseline, queues the runs
 COMPUTE_RUN_TASK = "pruneaudit.compute_run"  # one run of an audit, on any worker
+DELIVER_WEBHOOK_TASK = "pruneaudit.deliver_webhook"  # one attempt of one webhook delivery (worker/deliveries.py)
 
 
 class SQLiteBrokerTransport(kombu_sqlalchemy.Transport):
@@ -94,3 +95,10 @@ def enqueue_audit(audit_id: str, queue: str | None = None) -> None:
 def enqueue_run(run_id: str, queue: str | None = None) -> None:
     """Send one run's task by name; call only after the run row is committed."""
     get_celery_client().send_task(COMPUTE_RUN_TASK, args=[run_id], queue=queue or get_settings().queue_name)
+
+
+def enqueue_delivery(delivery_id: str, countdown: float | None = None) -> None:
+    """Send one webhook delivery attempt by name; call only after the delivery row is committed."""
+    get_celery_client().send_task(
+        DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=get_settings().queue_name, countdown=countdown
+    )

@@ -7,5 +7,5 @@ from celery import Celery
 from service.queue import celery_config
 from service.settings import get_settings
 
-app = Celery("pruneaudit", include=["worker.tasks"])
+app = Celery("pruneaudit", include=["worker.tasks", "worker.deliveries"])
 app.conf.update(celery_config(get_settings()))

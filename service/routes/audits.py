@@ -89,10 +89,16 @@ def list_audits(
     tenant: TenantDep,
     request: Request,
     status: AuditStatus | None = None,
+    model_id: Annotated[str | None, Query(max_length=32)] = None,
+    dataset_id: Annotated[str | None, Query(max_length=32)] = None,
+    schedule_id: Annotated[str | None, Query(max_length=32)] = None,
+    model_name: Annotated[str | None, Query(max_length=200, description="Audits of any version of this model.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # bounded: SQLite integers are 64-bit
 ) -> AuditPage:
-    items, total = audits.list_audits(session, tenant, status=status, limit=limit, offset=offset)
+    """The tenant's audits, newest first, filtered by status, model, dataset, schedule or model name."""
+    filters = dict(model_id=model_id, dataset_id=dataset_id, schedule_id=schedule_id, model_name=model_name)
+    items, total = audits.list_audits(session, tenant, status=status, limit=limit, offset=offset, **filters)
     return AuditPage(items=[audit_out(a, request) for a in items], total=total, limit=limit, offset=offset)
 
 

@@ -95,6 +95,11 @@ class AuditReport(BaseModel):
     environment: dict
     policy: dict = Field(description="The thresholds the verdicts apply (the spec's policy).")
     verdict: AuditVerdict
+    changes: dict | None = Field(
+        None,
+        description="A scheduled audit: what moved since its schedule's previous audit (verdict, highest passing "
+        "sparsity, worst group's ψ or drop beyond the schedule's change_threshold, groups newly below min size).",
+    )
     dense: RunReport
     runs: list[RunReport] = Field(
         description="Per method, per ratio (increasing): the unmitigated run, then one run per mitigation."
