@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from service import metrics
 from service.logs import RequestIdMiddleware
 from service.metrics import MetricsMiddleware
+from service.openapi import install_openapi, operation_id
 from service.problems import install_error_handlers
 from service.ratelimit import install_rate_limit
-from service.routes import audits, catalog, compare, health
+from service.routes import audits, catalog, compare, health, schedules, webhooks
 from service.routes.docs import install_docs
 from service.settings import get_settings
 from service.upload_limits import BodyLimitMiddleware
@@ -29,6 +30,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         docs_url=None,  # served from local assets by service/routes/docs.py
         redoc_url=None,
         title="pruneaudit",
@@ -49,5 +51,8 @@ def create_app() -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(audits.router)
     app.include_router(compare.router)
+    app.include_router(schedules.router)
+    app.include_router(webhooks.router)
     install_docs(app)
+    install_openapi(app)
     return app

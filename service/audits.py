@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 
 from sqlalchemy import func, select, update
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, selectinload
 from arch.registry import architecture_adapter, expected_state_dict
 from arch.specs import OnnxSpec
 from results.groups import GroupDiagnostics, GroupResult
-from service import catalog
+from service import catalog, lineage
 from service.db import rows_matched
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Audit, AuditStatus, Dataset, Model, Run, utcnow
@@ -76,8 +77,27 @@ def check_methods(spec: AuditSpec, model: Model, train_dataset: Dataset | None) 
             )
 
 
+def stored_spec(spec: AuditSpec) -> dict:
+    """The spec as stored and served: references (model, dataset) only where the request used them."""
+    data = spec.model_dump(mode="json")
+    for ref in ("model", "dataset"):
+        if data.get(ref) is None:
+            data.pop(ref, None)
+    return data
+
+
 def spec_digest(spec: AuditSpec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    return hashlib.sha256(json.dumps(stored_spec(spec), sort_keys=True).encode()).hexdigest()
+
+
+def resolve_refs(session: Session, tenant_id: str, spec: AuditSpec) -> AuditSpec:
+    """The spec with model_id and dataset_id set to what its (name, version) references name now."""
+    updates = {}
+    if spec.model is not None:
+        updates["model_id"] = lineage.resolve(session, Model, tenant_id, spec.model).id
+    if spec.dataset is not None:
+        updates["dataset_id"] = lineage.resolve(session, Dataset, tenant_id, spec.dataset).id
+    return spec.model_copy(update=updates) if updates else spec
 
 
 def replayed_audit(session: Session, tenant_id: str, idempotency_key: str, spec: AuditSpec) -> Audit | None:
@@ -91,14 +111,16 @@ def replayed_audit(session: Session, tenant_id: str, idempotency_key: str, spec:
     return audit
 
 
-def create_audit(
-    session: Session, tenant_id: str, spec: AuditSpec, max_runs: int, idempotency_key: str | None = None
-) -> Audit:
+def checked_spec(session: Session, tenant_id: str, spec: AuditSpec, max_runs: int) -> AuditSpec:
+    """The spec with its references resolved, once it has been checked against the stored model and datasets;
+    422 (nothing stored) otherwise."""
     runs = spec.runs_requested
     if runs > max_runs:
         raise InvalidInput(
             f"at most {max_runs} runs (ratios × methods × (1 + mitigations)) per audit; this spec asks for {runs}"
         )
+    spec = resolve_refs(session, tenant_id, spec)
+    assert spec.model_id is not None and spec.dataset_id is not None, "resolve_refs sets both"
     try:
         model = catalog.get_model(session, tenant_id, spec.model_id)
         dataset = catalog.get_dataset(session, tenant_id, spec.dataset_id)
@@ -121,13 +143,28 @@ def create_audit(
                 f"mitigations constrain groups on the train dataset, which lacks group attribute(s) {missing}; "
                 f"it has {sorted(train_dataset.groups)}"
             )
+    return spec
+
+
+def create_audit(
+    session: Session,
+    tenant_id: str,
+    spec: AuditSpec,
+    max_runs: int,
+    idempotency_key: str | None = None,
+    **fields,
+) -> Audit:
+    """Check and record an audit (flushed, not committed); `fields`: more columns (a schedule's audits)."""
+    digest = spec_digest(spec)  # of the request as sent, before its references resolve: what a replay compares
+    spec = checked_spec(session, tenant_id, spec, max_runs)
     audit = Audit(
         tenant_id=tenant_id,
-        model_id=model.id,
-        dataset_id=dataset.id,
-        spec=spec.model_dump(mode="json"),
+        model_id=spec.model_id,
+        dataset_id=spec.dataset_id,
+        spec=stored_spec(spec),
         idempotency_key=idempotency_key,
-        request_digest=spec_digest(spec) if idempotency_key else None,
+        request_digest=digest if idempotency_key else None,
+        **fields,
     )
     session.add(audit)
     try:
@@ -181,11 +218,28 @@ def cancel_audit(session: Session, tenant_id: str, audit_id: str) -> Audit:
 
 
 def list_audits(
-    session: Session, tenant_id: str, *, status: AuditStatus | None, limit: int, offset: int
+    session: Session,
+    tenant_id: str,
+    *,
+    status: AuditStatus | None,
+    limit: int,
+    offset: int,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
+    schedule_id: str | None = None,
+    model_name: str | None = None,
 ) -> tuple[list[Audit], int]:
     query = select(Audit).where(Audit.tenant_id == tenant_id)
-    if status is not None:
-        query = query.where(Audit.status == status)
+    for column, value in (
+        (Audit.status, status),
+        (Audit.model_id, model_id),
+        (Audit.dataset_id, dataset_id),
+        (Audit.schedule_id, schedule_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if model_name is not None:
+        query = query.where(Audit.model_id.in_(select(Model.id).where(Model.name == model_name)))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     items = session.scalars(query.order_by(Audit.created_at.desc(), Audit.id).limit(limit).offset(offset)).all()
     return list(items), total
@@ -256,6 +310,7 @@ def assemble_report(audit: Audit, weights_url=weights_path_url) -> AuditReport:
         environment=audit.environment or {},
         policy=policy.model_dump(),
         verdict=audit_verdict(pruned),
+        changes=audit.changes,
         dense=dense,
         runs=pruned,
     )

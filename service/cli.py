@@ -14,6 +14,7 @@ import time
 import httpx
 
 from service import gate
+from service.cli_schedules import add_schedule_commands
 from service.db import session_scope
 from service.settings import get_settings
 
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_actions.add_parser("revoke", help="revoke a key by its id (the part after pa_, or the whole key)")
     revoke.add_argument("key_id")
     keys.set_defaults(func=cmd_keys)
+    add_schedule_commands(commands, f"http://{settings.host}:{settings.port}")
     return parser
 
 

@@ -21,6 +21,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes (stored in UTC), PostgreSQL aware ones: both as aware UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -73,6 +78,9 @@ class Model(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     name: Mapped[str | None] = mapped_column(String(200))
+    # Lineage: a spec may name a model by (name, version), "latest" being the newest upload of that name.
+    version: Mapped[str | None] = mapped_column(String(100))
+    labels: Mapped[dict | None] = mapped_column(JSON)  # free strings, e.g. {"git_commit": "…"}
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
     architecture: Mapped[dict] = mapped_column(JSON)
@@ -89,6 +97,8 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     name: Mapped[str | None] = mapped_column(String(200))
+    version: Mapped[str | None] = mapped_column(String(100))
+    labels: Mapped[dict | None] = mapped_column(JSON)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     format: Mapped[str] = mapped_column(String(8))
     size_bytes: Mapped[int] = mapped_column(Integer)
@@ -131,6 +141,14 @@ class Audit(Base):
     # A read-only capability for the HTML report alone (a link a person can open in a browser, which cannot send
     # the X-API-Key header): 192 random bits, checked in constant time.
     report_token: Mapped[str | None] = mapped_column(String(64), default=lambda: secrets.token_urlsafe(24))
+    # Set when a schedule fired it (service/schedules.py): which schedule, for which tick.
+    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id"), index=True)
+    scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What moved since the previous audit of its schedule (service/changes.py), written with the report.
+    changes: Mapped[dict | None] = mapped_column(JSON)
+    # When its end events (audit.succeeded|failed|cancelled) were recorded for webhooks (service/events.py):
+    # a conditional UPDATE of this column records them exactly once, whichever process sees the end first.
+    events_recorded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     model: Mapped[Model] = relationship()
     dataset: Mapped[Dataset] = relationship()
@@ -172,3 +190,91 @@ class Run(Base):
     result: Mapped[dict | None] = mapped_column(JSON)
 
     audit: Mapped[Audit] = relationship(back_populates="runs")
+
+
+class Schedule(Base):
+    """An audit spec template fired on a cron expression (in a time zone) or every `interval_s` by the sweeper."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    spec: Mapped[dict] = mapped_column(JSON)  # an AuditSpec, whose model/dataset may be (name, version) refs
+    cron: Mapped[str | None] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    interval_s: Mapped[float | None] = mapped_column(Float)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    skip_if_unchanged: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Change detection: the worst group's ψ or accuracy drop growing by more than this is a change.
+    change_threshold: Mapped[float] = mapped_column(Float, default=0.02)
+    # The tick to fire next; firing moves it with a conditional UPDATE (the claim that makes firing exactly once).
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ScheduleFiring(Base):
+    """One tick of a schedule: the audit it created, or why it created none; late when fired after downtime."""
+
+    __tablename__ = "schedule_firings"
+    __table_args__ = (UniqueConstraint("schedule_id", "scheduled_for", name="uq_schedule_firings_tick"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"), index=True)
+    scheduled_for: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    fired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    late_by_s: Mapped[float] = mapped_column(Float, default=0.0)
+    late: Mapped[bool] = mapped_column(
+        Boolean, default=False
+    )  # fired after downtime (PRUNEAUDIT_SCHEDULE_LATE_AFTER_S)
+    missed_ticks: Mapped[int] = mapped_column(Integer, default=0)  # ticks passed in downtime, fired as this one
+    audit_id: Mapped[str | None] = mapped_column(ForeignKey("audits.id", ondelete="SET NULL"))
+    skipped_reason: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(String(32))
+    dataset_id: Mapped[str | None] = mapped_column(String(32))
+    spec_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class Webhook(Base):
+    """A tenant's endpoint for events, signed per Standard Webhooks with `secret` (whsec_…, shown once)."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(100))  # the signing key itself: HMAC needs it, a hash would not do
+    # The secret replaced by the last rotation stays valid until then, so receivers can switch over.
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeliveryStatus(str, enum.Enum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"  # gave up: the retry window passed
+
+
+class WebhookDelivery(Base):
+    """One event to one webhook. Committed before its task is sent; its id is the `webhook-id` of every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"msg_{new_id()}")
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Enum(DeliveryStatus, native_enum=False, length=16), default=DeliveryStatus.pending, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt may start; an attempt claims the row by moving it one lease ahead.
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

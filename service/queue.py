@@ -15,6 +15,7 @@ RUN_AUDIT_TASK = "pruneaudit.run_audit"  # claims the audit, stores the dense ba
 COMPUTE_RUN_TASK = "pruneaudit.compute_run"  # one run of an audit, on any worker
 # The message header with the request id of the request that caused the task (worker/celery_app.py reads it).
 REQUEST_ID_TASK_HEADER = "pruneaudit_request_id"
+DELIVER_WEBHOOK_TASK = "pruneaudit.deliver_webhook"  # one attempt of one webhook delivery (worker/deliveries.py)
 
 
 class SQLiteBrokerTransport(kombu_sqlalchemy.Transport):
@@ -106,4 +107,11 @@ def enqueue_run(run_id: str, queue: str | None = None) -> None:
     """Send one run's task by name; call only after the run row is committed."""
     get_celery_client().send_task(
         COMPUTE_RUN_TASK, args=[run_id], queue=queue or get_settings().queue_name, headers=context_headers()
+    )
+
+
+def enqueue_delivery(delivery_id: str, countdown: float | None = None) -> None:
+    """Send one webhook delivery attempt by name; call only after the delivery row is committed."""
+    get_celery_client().send_task(
+        DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=get_settings().queue_name, countdown=countdown
     )

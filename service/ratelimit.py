@@ -142,45 +142,7 @@ class RateLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _document_429(app: FastAPI) -> None:
-    """Declare the 429 on every limited operation of the OpenAPI document, so clients (and schemathesis) know it."""
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        document = build()
-        problem_schema = (
-            {"$ref": "#/components/schemas/Problem"}
-            if "Problem" in document.get("components", {}).get("schemas", {})
-            else {"type": "object"}
-        )
-        for path, operations in document.get("paths", {}).items():
-            if is_exempt(path):
-                continue
-            for operation in operations.values():
-                if isinstance(operation, dict) and "responses" in operation:
-                    operation["responses"].setdefault(
-                        "429",
-                        {
-                            "description": "Too many requests: this API key's rate limit is exhausted",
-                            "headers": {
-                                "Retry-After": {
-                                    "description": "Seconds to wait before retrying",
-                                    "schema": {"type": "integer"},
-                                }
-                            },
-                            "content": {"application/problem+json": {"schema": problem_schema}},
-                        },
-                    )
-        app.openapi_schema = document
-        return document
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def install_rate_limit(app: FastAPI) -> None:
-    """Register the middleware (outermost of the app's own, so a limited request costs nothing more) and
-    document its 429 in the OpenAPI document."""
+    """Register the middleware (outermost of the app's own, so a limited request costs nothing more); its 429 is
+    declared in the OpenAPI document by service/openapi.py."""
     app.add_middleware(RateLimitMiddleware)
-    _document_429(app)

@@ -31,7 +31,15 @@ from sqlalchemy.orm import aliased
 
 from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, Run, RunStatus, utcnow
-from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_audit, enqueue_run, queue_names
+from service.outbox import OutboxOutcome, sweep_outbox
+from service.queue import (
+    COMPUTE_RUN_TASK,
+    DELIVER_WEBHOOK_TASK,
+    RUN_AUDIT_TASK,
+    enqueue_audit,
+    enqueue_run,
+    queue_names,
+)
 from service.runs import end_audit, lock_running_audit, settle_cancellation
 from service.settings import Settings, get_settings
 from service.storage import get_store
@@ -50,6 +58,7 @@ class SweepOutcome:
     runs_cancelled: list[str] = field(default_factory=list)  # stale running run of an audit asked to stop, or ended
     runs_resent: list[str] = field(default_factory=list)  # queued run with no broker message → sent again
     work_removed: list[str] = field(default_factory=list)  # work directories of ended audits
+    outbox: OutboxOutcome | None = None  # schedules fired, end events recorded, deliveries sent again
 
 
 def vanished_reason(attempts: int, subject: str = "audit") -> str:
@@ -319,6 +328,7 @@ def sweep(settings: Settings | None = None) -> SweepOutcome:
     recover_stale_runs(settings, outcome)
     recover_lost_messages(settings, outcome)
     remove_ended_work(outcome)
+    outcome.outbox = sweep_outbox(settings, lambda: ids_in(live_messages(settings) or [], DELIVER_WEBHOOK_TASK))
     return outcome
 
 

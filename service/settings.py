@@ -71,6 +71,29 @@ class Settings(BaseSettings):
         description="Request threads of an API process, and its database "
         "connection pool (one connection a thread; see service/db.py).",
     )
+    # Schedules (service/schedules.py), fired by the sweeper.
+    min_schedule_interval_s: float = Field(
+        60.0, gt=0, description="Shortest interval (or cron period) a schedule may have."
+    )
+    schedule_late_after_s: float = Field(
+        60.0, gt=0, description="A firing this long after its tick (the sweeper was down) is marked late."
+    )
+    # Webhooks (service/webhooks.py, worker/deliveries.py).
+    public_url: str | None = Field(
+        None, description="The API's address as clients reach it, for report links in webhook payloads."
+    )
+    webhook_refuse_private_urls: bool = Field(
+        True, description="Refuse webhook URLs that resolve to loopback, private, link-local or reserved addresses."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Time limit of one delivery attempt.")
+    webhook_backoff_base_s: float = Field(5.0, gt=0, description="Delay before the first retry; doubles per attempt.")
+    webhook_backoff_max_s: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
+    webhook_retry_window_s: float = Field(
+        86400.0, gt=0, description="A delivery not accepted within this long after its event is given up (failed)."
+    )
+    webhook_resend_after_s: float = Field(
+        60.0, gt=0, description="A pending delivery this far past its attempt time has lost its message: sent again."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     # Operations (service/logs.py, service/metrics.py, service/routes/health.py).
@@ -84,6 +107,9 @@ class Settings(BaseSettings):
         if self.heartbeat_interval_s * 2 > self.heartbeat_timeout_s:
             raise ValueError("heartbeat_interval_s must be at most half of heartbeat_timeout_s")
         return self
+
+    def resolved_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.var_dir / 'pruneaudit.sqlite').resolve()}"

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from results.runs import RunResult
 from service.audits import assemble_report
+from service.changes import detect_changes
 from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, Run, RunStatus, utcnow
 from service.runs import run_counts
@@ -44,6 +45,15 @@ def render_html(audit: Audit, store: BlobStore) -> str | None:
     ) as handle:
         handle.write(html)
     return store.add_file(Path(handle.name))
+
+
+def scheduled_changes(session: Session, audit: Audit) -> dict | None:
+    """What moved since the schedule's previous audit; a failure to compare is logged, never fails the audit."""
+    try:
+        return detect_changes(session, audit)
+    except Exception:
+        log.exception("audit %s: could not compare it with its schedule's previous audit", audit.id)
+        return None
 
 
 def _why_not_owned(session: Session, audit_id: str) -> Exception:
@@ -167,6 +177,7 @@ def assemble(session: Session, lease: RunLease, environment: dict, store: BlobSt
     audit.environment = environment
     finished_at = utcnow()
     audit.finished_at = finished_at  # the HTML shows the same finish time as the JSON
+    audit.changes = scheduled_changes(session, audit)
     audit.report_html_sha256 = render_html(audit, store)
     finished = rows_matched(
         session,

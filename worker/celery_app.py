@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from celery import Celery, Task
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
+from celery.signals import setup_logging, task_postrun, task_prerun
 
 from service.logs import audit_id_var, configure_logging, request_id_var
 from service.queue import REQUEST_ID_TASK_HEADER, RUN_AUDIT_TASK, celery_config
 from service.settings import get_settings
 
-app = Celery("pruneaudit", include=["worker.tasks"])
+app = Celery("pruneaudit", include=["worker.tasks", "worker.deliveries"])
 app.conf.update(celery_config(get_settings()))
 
 
@@ -36,17 +36,3 @@ def enter_log_context(task: Task | None = None, args: tuple | None = None, **_: 
 def leave_log_context(**_: object) -> None:
     request_id_var.set(None)
     audit_id_var.set(None)
-
-
-@worker_process_init.connect
-def load_the_pipeline(**_: object) -> None:
-    """Each pool child imports torch and the pipeline as it starts, before it takes a task, rather than inside its
-    first one: measured 5.6 s here (torch 1.4, torch._dynamo — which torch.func pulls in on first use — 1.2, the
-    pipeline and report modules 2.0, Torch-Pruning and scipy.stats 1.0) that an audit would otherwise wait for. The
-    worker's parent process still never imports torch."""
-    import scipy.stats  # noqa: F401
-    import torch._dynamo  # noqa: F401
-
-    import worker.pipeline.runner  # noqa: F401
-    import worker.placement  # noqa: F401
-    import worker.report_html  # noqa: F401

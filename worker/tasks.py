@@ -27,6 +27,7 @@ from service.settings import get_settings
 from service.storage import get_store
 from worker.assembly import queue_runs, store_run
 from worker.celery_app import app
+from worker.deliveries import announce_end
 from worker.engine.errors import EngineError
 from worker.inputs import AuditInputs, RunPlan, audit_inputs
 from worker.leases import AttemptSuperseded, AuditCancelled, AuditLease, RunLease, claim_audit, claim_run
@@ -83,6 +84,7 @@ def task_outcome(lease: AuditLease | RunLease, time_limit_s: int) -> Iterator[No
         ended = lease.fail(f"internal error: {type(exc).__name__}: {exc}")
     if ended:
         get_store().remove_work(lease.audit_id)
+        announce_end(lease.audit_id)
 
 
 def heartbeat(lease: AuditLease | RunLease):
@@ -184,3 +186,4 @@ def compute_run(self: Task, run_id: str) -> None:
         send_run(dependent, queues.run_queue(inputs.plan_at(position)))
     if stored.assembled:
         store.remove_work(lease.audit_id)
+        announce_end(lease.audit_id)

@@ -1,19 +1,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from service import audits
+from service.conditional import IMMUTABLE_REPORT, none_match
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, api_key_header, releases_connection
 from service.errors import NotFound
 from service.models import Audit, AuditStatus
 from service.queue import enqueue_audit
 from service.schemas.audits import AuditOut, AuditPage, AuditSpec
 from service.schemas.common import PROBLEM_RESPONSES
-from service.schemas.reports import AuditReport
+from service.schemas.reports import AuditReport, RunRecipe
 from service.tenancy import authenticate, shared_audit
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,21 @@ def audit_out(audit: Audit, request: Request) -> AuditOut:
     return out
 
 
-@router.post("", status_code=202, response_model=AuditOut)
+LOCATION: dict[str, Any] = {
+    "Location": {"description": "URL of the audit", "schema": {"type": "string", "format": "uri"}}
+}
+ETAG = {
+    "ETag": {
+        "description": "Entity tag of the immutable report: send it as If-None-Match",
+        "schema": {"type": "string"},
+    }
+}
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified (If-None-Match matched)", "headers": ETAG}
+}
+
+
+@router.post("", status_code=202, response_model=AuditOut, responses={202: {"headers": LOCATION}})
 @releases_connection
 def create_audit(
     spec: AuditSpec,
@@ -74,10 +89,16 @@ def list_audits(
     tenant: TenantDep,
     request: Request,
     status: AuditStatus | None = None,
+    model_id: Annotated[str | None, Query(max_length=32)] = None,
+    dataset_id: Annotated[str | None, Query(max_length=32)] = None,
+    schedule_id: Annotated[str | None, Query(max_length=32)] = None,
+    model_name: Annotated[str | None, Query(max_length=200, description="Audits of any version of this model.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # bounded: SQLite integers are 64-bit
 ) -> AuditPage:
-    items, total = audits.list_audits(session, tenant, status=status, limit=limit, offset=offset)
+    """The tenant's audits, newest first, filtered by status, model, dataset, schedule or model name."""
+    filters = dict(model_id=model_id, dataset_id=dataset_id, schedule_id=schedule_id, model_name=model_name)
+    items, total = audits.list_audits(session, tenant, status=status, limit=limit, offset=offset, **filters)
     return AuditPage(items=[audit_out(a, request) for a in items], total=total, limit=limit, offset=offset)
 
 
@@ -96,12 +117,16 @@ def read_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: R
 
 
 def not_modified(request: Request, etag: str) -> Response | None:
-    if request.headers.get("if-none-match") in (etag, "*"):
-        return Response(status_code=304, headers={"ETag": etag})
+    if none_match(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=report_headers(etag))
     return None
 
 
-@router.get("/{audit_id}/report", response_model=AuditReport, responses={304: {"description": "Not modified"}})
+def report_headers(etag: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": IMMUTABLE_REPORT}
+
+
+@router.get("/{audit_id}/report", response_model=AuditReport, responses={200: {"headers": ETAG}, **NOT_MODIFIED})
 @releases_connection
 def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request, response: Response):
     """The fairness report with the policy verdict; 409 until the audit has succeeded. Immutable once
@@ -110,7 +135,7 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
     etag = audits.report_etag(audit)
     if cached := not_modified(request, etag):
         return cached
-    response.headers["ETag"] = etag
+    response.headers.update(report_headers(etag))
     return audits.assemble_report(
         audit, lambda run: str(request.url_for("download_run_weights", audit_id=audit_id, run_id=run.id))
     )
@@ -119,7 +144,7 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
 @router.get(
     "/{audit_id}/report.csv",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/csv": {}}}, 304: {"description": "Not modified"}},
+    responses={200: {"content": {"text/csv": {}}, "headers": ETAG}, **NOT_MODIFIED},
 )
 @releases_connection
 def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
@@ -131,14 +156,14 @@ def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, reque
     return Response(
         audits.report_csv(audits.assemble_report(audit)),
         media_type="text/csv",
-        headers={"ETag": etag, "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'},
+        headers={**report_headers(etag), "Content-Disposition": f'attachment; filename="audit-{audit_id}.csv"'},
     )
 
 
 @router.get(
     "/{audit_id}/report.html",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}}, 304: {"description": "Not modified"}},
+    responses={200: {"content": {"text/html": {}}, "headers": ETAG}, **NOT_MODIFIED},
 )
 @releases_connection
 def read_report_html(
@@ -162,7 +187,7 @@ def read_report_html(
     if cached := not_modified(request, etag):
         return cached
     return FileResponse(
-        store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8", headers={"ETag": etag}
+        store.blob_path(audit.report_html_sha256), media_type="text/html; charset=utf-8", headers=report_headers(etag)
     )
 
 
@@ -202,7 +227,7 @@ def download_run_onnx(
     return FileResponse(store.blob_path(run.onnx_sha256), media_type="application/octet-stream", filename=name)
 
 
-@router.get("/{audit_id}/runs/{run_id}/recipe")
+@router.get("/{audit_id}/runs/{run_id}/recipe", response_model=RunRecipe)
 @releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""

@@ -2,15 +2,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import BaseModel, ValidationError
 
 from arch.registry import REGISTRY, input_shape
 from arch.specs import OnnxUpload
-from service import catalog
+from service import catalog, lineage
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
+from service.models import Dataset, Model
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
 from service.schemas.common import PROBLEM_RESPONSES, Problem
+from service.schemas.lineage import DatasetPage, ModelPage
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 # Starlette answers a body that is not valid multipart/form-data with 400 before a handler runs.
@@ -53,9 +55,12 @@ def upload_model(
         ),
     ],
     name: Annotated[str | None, Form(max_length=200)] = None,
+    version: Annotated[str | None, Form(max_length=100, description=VERSION_HELP)] = None,
+    labels: Annotated[str | None, Form(max_length=20000, description=LABELS_HELP)] = None,
 ) -> ModelOut:
     """Upload model weights for a registry architecture: safetensors, or a weights-only .pt state dict that is
     converted to safetensors. Uploads are data, never code."""
+    parsed_labels = lineage.parse_labels(labels)  # refused before the upload is read
     model = catalog.register_model(
         session,
         tenant,
@@ -66,7 +71,51 @@ def upload_model(
         max_bytes=settings.max_upload_bytes,
         max_parameters=settings.max_parameters,
     )
+    model.version, model.labels = version, parsed_labels
     return ModelOut.model_validate(model)
+
+
+VERSION_HELP = 'Free version string; a spec may name this upload {"name": …, "version": …} ("latest": the newest).'
+LABELS_HELP = 'JSON object of strings, e.g. {"git_commit": "3f2a9c1"}; filter lists with label=key:value.'
+Limit = Annotated[int, Query(ge=1, le=200)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]
+LabelFilter = Annotated[str | None, Query(max_length=700, description="key:value")]
+NameFilter = Annotated[str | None, Query(max_length=200)]
+VersionFilter = Annotated[str | None, Query(max_length=100, description='A version, or "latest" (the newest only).')]
+
+
+@router.get("/models", response_model=ModelPage, tags=["models"])
+@releases_connection
+def list_models(
+    session: SessionDep,
+    tenant: TenantDep,
+    name: NameFilter = None,
+    version: VersionFilter = None,
+    label: LabelFilter = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> ModelPage:
+    """The tenant's models, newest first, filtered by name, version and label."""
+    filters = dict(name=name, version=version, label=lineage.parse_label_filter(label), limit=limit, offset=offset)
+    items, total = lineage.list_catalogued(session, Model, tenant, **filters)  # type: ignore[arg-type]
+    return ModelPage(items=[ModelOut.model_validate(m) for m in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/datasets", response_model=DatasetPage, tags=["datasets"])
+@releases_connection
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    name: NameFilter = None,
+    version: VersionFilter = None,
+    label: LabelFilter = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> DatasetPage:
+    """The tenant's datasets, newest first, filtered by name, version and label."""
+    filters = dict(name=name, version=version, label=lineage.parse_label_filter(label), limit=limit, offset=offset)
+    items, total = lineage.list_catalogued(session, Dataset, tenant, **filters)  # type: ignore[arg-type]
+    return DatasetPage(items=[DatasetOut.model_validate(d) for d in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
@@ -93,8 +142,11 @@ def upload_dataset(
         str | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])
     ] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
+    version: Annotated[str | None, Form(max_length=100, description=VERSION_HELP)] = None,
+    labels: Annotated[str | None, Form(max_length=20000, description=LABELS_HELP)] = None,
 ) -> DatasetOut:
     """Upload a labelled dataset with group attributes (npz or csv)."""
+    parsed_labels = lineage.parse_labels(labels)
     dataset = catalog.register_dataset(
         session,
         tenant,
@@ -107,6 +159,7 @@ def upload_dataset(
         groups=groups,
         max_bytes=settings.max_upload_bytes,
     )
+    dataset.version, dataset.labels = version, parsed_labels
     return DatasetOut.model_validate(dataset)
 
 

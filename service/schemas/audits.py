@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.models import AuditStatus
+from service.schemas.lineage import ResourceRef
 
 
 class FineTuningSpec(BaseModel):
@@ -272,8 +273,10 @@ class AuditSpec(BaseModel):
         },
     )
 
-    model_id: str = Field(description="Id returned by POST /v1/models.")
-    dataset_id: str = Field(description="Evaluation dataset id returned by POST /v1/datasets.")
+    model_id: str | None = Field(None, description="Id returned by POST /v1/models (or name it by `model`).")
+    model: ResourceRef | None = Field(None, description="Instead of model_id: the model by name and version.")
+    dataset_id: str | None = Field(None, description="Evaluation dataset id returned by POST /v1/datasets.")
+    dataset: ResourceRef | None = Field(None, description="Instead of dataset_id: the dataset by name and version.")
     train_dataset_id: str | None = Field(
         None, description="Train dataset for fine-tuning and gradual pruning; without it only one-shot pruning runs."
     )
@@ -305,6 +308,15 @@ class AuditSpec(BaseModel):
         if not isinstance(mitigations, list):
             return mitigations
         return [{"name": m} if isinstance(m, str) else m for m in mitigations if m != "none"]
+
+    @model_validator(mode="after")
+    def _model_and_dataset_named(self) -> AuditSpec:
+        # Both may be set on a stored spec: the reference, and the id it resolved to when the audit was created.
+        if self.model_id is None and self.model is None:
+            raise ValueError("name the model: model_id, or model {name, version}")
+        if self.dataset_id is None and self.dataset is None:
+            raise ValueError("name the evaluation dataset: dataset_id, or dataset {name, version}")
+        return self
 
     @model_validator(mode="after")
     def _mitigations_consistent(self) -> AuditSpec:
@@ -353,6 +365,13 @@ class AuditOut(BaseModel):
     error: str | None = Field(description="Why the audit failed, in words.")
     cancel_requested: bool = Field(description="A cancel was asked while running; it stops at the next checkpoint.")
     spec: AuditSpec
+    model_id: str = Field(description="The model audited (what a spec's model reference resolved to).")
+    dataset_id: str
+    schedule_id: str | None = Field(None, description="The schedule that fired this audit, if one did.")
+    scheduled_for: datetime | None = None
+    changes: dict | None = Field(
+        None, description="What moved since the previous audit of its schedule (set once it has succeeded)."
+    )
     report_url: str | None = None
     report_html_url: str | None = Field(
         None,

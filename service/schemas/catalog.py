@@ -11,6 +11,8 @@ class ModelOut(BaseModel):
     id: str
     created_at: datetime
     name: str | None
+    version: str | None = None
+    labels: dict[str, str] | None = None
     sha256: str = Field(
         description="sha256 of the stored safetensors file (for a .pt upload, the safetensors "
         "converted from it); the file is stored under it."
@@ -34,6 +36,8 @@ class DatasetOut(BaseModel):
     id: str
     created_at: datetime
     name: str | None
+    version: str | None = None
+    labels: dict[str, str] | None = None
     sha256: str = Field(description="sha256 of the uploaded file.")
     format: str
     size_bytes: int

@@ -16,8 +16,9 @@ class Problem(BaseModel):
     errors: list[dict] = Field(default_factory=list)
 
 
+# Their content (problem+json with the Problem schema) is set for every error response by service/openapi.py.
 PROBLEM_RESPONSES: dict[int | str, dict] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
+    code: {"model": Problem, "description": description}
     for code, description in {
         400: "Malformed request body",
         401: "Missing, unknown or revoked API key (X-API-Key)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from results.attributes import AttributeResult
 from results.base import Interval
@@ -95,7 +95,26 @@ class AuditReport(BaseModel):
     environment: dict
     policy: dict = Field(description="The thresholds the verdicts apply (the spec's policy).")
     verdict: AuditVerdict
+    changes: dict | None = Field(
+        None,
+        description="A scheduled audit: what moved since its schedule's previous audit (verdict, highest passing "
+        "sparsity, worst group's ψ or drop beyond the schedule's change_threshold, groups newly below min size).",
+    )
     dense: RunReport
     runs: list[RunReport] = Field(
         description="Per method, per ratio (increasing): the unmitigated run, then one run per mitigation."
     )
+
+
+class RunRecipe(BaseModel):
+    """How a run was made, enough to redo it: the method (its spec and label), the ratio, the layers kept dense,
+    the seed, the mitigation (null when none) and the architecture JSON to upload its weights with."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: dict
+    ratio: float
+    ignored_layers: list[str]
+    seed: int
+    architecture: dict
+    mitigation: dict | None = None

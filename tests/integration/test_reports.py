@@ -105,8 +105,12 @@ def test_reports_are_immutable_with_etags(stack, audits):
             first = client.get(f"/v1/audits/{audits['strict']}/{path}")
             assert first.status_code == 200, (path, first.text)
             etag = first.headers["etag"]
+            assert first.headers["cache-control"] == "private, max-age=31536000, immutable"
             again = client.get(f"/v1/audits/{audits['strict']}/{path}", headers={"If-None-Match": etag})
-            assert again.status_code == 304 and again.content == b""
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+            # a list, and the weak form of the tag: both match (RFC 9110's weak comparison)
+            listed = client.get(f"/v1/audits/{audits['strict']}/{path}", headers={"If-None-Match": f'"x", W/{etag}'})
+            assert listed.status_code == 304 and listed.headers["cache-control"] == first.headers["cache-control"]
             assert (
                 client.get(f"/v1/audits/{audits['strict']}/{path}", headers={"If-None-Match": '"other"'}).status_code
                 == 200

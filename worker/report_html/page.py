@@ -157,6 +157,28 @@ def _notes(index: ReportIndex) -> list[str]:
     return list(seen)
 
 
+def _changes_section(changes: dict | None) -> dict | None:
+    """What moved since the schedule's previous audit (service/changes.py), in sentences."""
+    if not changes:
+        return None
+    verdict = changes["verdict"]
+    sentences = [
+        f"The verdict changed: {'passes' if verdict['before'] else 'fails'} before, "
+        f"{'passes' if verdict['now'] else 'fails'} now."
+        if changes["verdict_changed"]
+        else "The verdict is unchanged."
+    ]
+    for label, moved in changes["highest_passing_ratio_moved"].items():
+        sentences.append(f"{label}: the highest passing sparsity moved from {moved['before']} to {moved['now']}.")
+    for item in changes["worst_group_grew"]:
+        sentences.append(
+            f"{item['run']}, {item['attribute']}: {item['metric']} grew from {item['before']:.4f} to {item['now']:.4f}."
+        )
+    for item in changes["newly_small_groups"]:
+        sentences.append(f"Group {item['group']} of {item['attribute']} is newly below the minimum group size.")
+    return {"previous": changes["previous_audit_id"], "threshold": changes["threshold"], "sentences": sentences}
+
+
 def render_report_html(report: AuditReport) -> str:
     """The report page: self-contained (inline CSS, plots as inline SVG, no script, nothing outside the page)."""
     index = ReportIndex(report)
@@ -177,6 +199,7 @@ def render_report_html(report: AuditReport) -> str:
             (str(k), str(v)) for k, v in report.environment.items() if not isinstance(v, (dict, list)) and v is not None
         ],
         "verdict": verdict_table(index),
+        "changes": _changes_section(report.changes),
         "explanation": explanation(index),
         "attributes": [_attribute_section(index, plots, name) for name in index.attributes],
         "run_checks": run_checks(index),
