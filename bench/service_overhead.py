@@ -33,6 +33,12 @@ REPEATS, SMOKE_REPEATS = 3, 1
 TARGET = 1.15
 GROUP_BY = ["race", "sex"]
 
+# What explains a miss (measured 2026-12-01: 3.67, API 7.2–8.0 s against 2.1 s in-process).
+WHY_MISSED = (
+    "the HTML report, rendered by the API path only (details.html_render_s: most of the difference); each task "
+    "hand-off (claim, stored inputs and baseline, SQLite commits, 0.1 s broker polling) adds 0.2–0.4 s"
+)
+
 
 def in_process_inputs(workdir: Path, arrays: dict, spec: dict, weights: Path) -> AuditInputs:
     """AuditInputs without the service: the stored dataset layout written from the arrays, group codes
@@ -114,4 +120,6 @@ def main() -> None:
         **peaks,
     }
     ok = all(s == "succeeded" for s in statuses) and ratio <= TARGET
+    if not ok:
+        details["why_missed"] = WHY_MISSED
     emit("service_overhead", ratio, "ratio", f"<= {TARGET:g}", ok, details)

@@ -227,7 +227,8 @@ def download_run_onnx(
     return FileResponse(store.blob_path(run.onnx_sha256), media_type="application/octet-stream", filename=name)
 
 
-@router.get("/{audit_id}/runs/{run_id}/recipe", response_model=RunRecipe)
+# exclude_unset: the recipe is served as stored (an unmitigated run's has no `mitigation` key), as in the report.
+@router.get("/{audit_id}/runs/{run_id}/recipe", response_model=RunRecipe, response_model_exclude_unset=True)
 @releases_connection
 def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""
