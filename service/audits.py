@@ -56,12 +56,6 @@ def check_dataset_fits(model: Model, dataset: Dataset, role: str) -> None:
 def check_methods(spec: AuditSpec, model: Model, train_dataset: Dataset | None) -> None:
     layers = prunable_layers(model)
     for method in spec.pruning.methods:
-        if method.method == "channel" and model.architecture_name == "onnx":
-            # The rebuilt pruned module would need a rewritten graph (its Reshape constants fix the widths).
-            raise InvalidInput(
-                f"method {method.label}: channel pruning of an imported ONNX model is not supported (a pruned "
-                "graph's shape constants would have to be rewritten); use magnitude or random pruning"
-            )
         named = [*(method.ignored_layers or []), *method.layer_ratios]
         unknown_layers = [layer for layer in named if layer not in layers]
         if unknown_layers:

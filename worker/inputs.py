@@ -109,10 +109,11 @@ def audit_inputs(
         train=_dataset_input(store, train_dataset, spec.group_by) if train_dataset is not None else None,
         output_dir=output_dir,
         device=device,
-        graph_path=_graph_path(store, audit.model.architecture),
+        graph_path=graph_path(store, audit.model.architecture),
     )
 
 
-def _graph_path(store: BlobStore, architecture: dict) -> Path | None:
+def graph_path(store: BlobStore, architecture: dict) -> Path | None:
+    """The stored graph of an imported ONNX architecture (None for a registry one)."""
     digest = architecture.get("graph_sha256") if architecture.get("name") == "onnx" else None
     return store.blob_path(digest) if isinstance(digest, str) else None

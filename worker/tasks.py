@@ -12,6 +12,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from worker.assembly import queue_runs, store_run
 from worker.celery_app import app
 from worker.deliveries import announce_end
 from worker.engine.errors import EngineError
-from worker.inputs import AuditInputs, RunPlan, audit_inputs
+from worker.inputs import AuditInputs, RunPlan, audit_inputs, graph_path
 from worker.leases import AttemptSuperseded, AuditCancelled, AuditLease, RunLease, claim_audit, claim_run
 from worker.placement import forwarded, placement
 
@@ -141,10 +142,14 @@ def starts_from(
         )
     ).one()
     assert weights_sha256 is not None, "an unmitigated run stores its weights when it succeeds"
-    weights_path = get_store().blob_path(weights_sha256)
+    store = get_store()
     position = plan.starts_from
-    # Loaded on the run's device, which the runner picks.
-    return lambda device: load_unmitigated(work_dir, position, attempt, weights_path, device)
+
+    def load(device: torch.device) -> SavedRun:  # on the run's device, which the runner picks
+        saved = load_unmitigated(work_dir, position, attempt, store.blob_path(weights_sha256), device)
+        return replace(saved, graph_path=graph_path(store, saved.recipe["architecture"]))
+
+    return load
 
 
 @app.task(name=COMPUTE_RUN_TASK, bind=True)

@@ -18,7 +18,7 @@ from tests.onnx_models import MODELS, export, exported, seeded_model
 from worker.convert_checkpoint import Refused
 from worker.engine.onnx_allowlist import SUPPORTED_OPS
 from worker.engine.onnx_graph import OPS, build_onnx_module
-from worker.engine.onnx_model import write_onnx
+from worker.engine.onnx_model import graph_with_weights
 from worker.engine.onnx_reference import compare_with_onnxruntime, reference_logits
 from worker.engine.pruning import default_dense_layers, prunable_layers
 from worker.import_onnx import import_model
@@ -91,21 +91,17 @@ def test_weights_are_named_parameters_from_the_graph():
     np.testing.assert_array_equal(module.state_dict()["fc.weight"].numpy(), initializers["fc.weight"])
 
 
-def test_vit_matmul_weights_are_linear_layers_written_back_transposed(tmp_path):
+def test_vit_matmul_weights_are_linear_layers_written_back_transposed():
     data = exported("vit_style", 21)
     module = build_onnx_module(onnx.load_model_from_string(data))
     layers = prunable_layers(module)
     assert {"patch", "encoder.self_attn.out_proj", "head"} <= set(layers)
     transposed = module.imported.transposed
     assert transposed, "the exporter writes the feed-forward weights as MatMul initializers"
-    source = tmp_path / "graph.onnx"
-    source.write_bytes(data)
     with torch.no_grad():
         for layer in layers.values():
             layer.weight.mul_((torch.rand_like(layer.weight) > 0.5).float())  # half the weights pruned
-    out = tmp_path / "pruned.onnx"
-    write_onnx(module, source, out)
-    written = out.read_bytes()
+    written = graph_with_weights(module, data)
     onnx.checker.check_model(onnx.load_model_from_string(written), full_check=True)
     agreement = compare_with_onnxruntime(module, written, rows("vit_style", 5))
     assert agreement.agrees and agreement.max_abs_difference < 1e-5, agreement.describe()

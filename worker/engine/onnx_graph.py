@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from torch import nn
@@ -24,6 +25,7 @@ from worker.engine.errors import EngineError
 from worker.engine.onnx_allowlist import unsupported
 from worker.engine.onnx_layers import LAYER_OPS
 from worker.engine.onnx_ops import ELEMENTWISE_OPS, SHAPE_OPS, Kernel, OpSupport
+from worker.engine.onnx_reshape import RESHAPE_OPS, Dim, MergeSite
 
 
 def _no_kernel(node: NodeProto, ctx: Any) -> Kernel:
@@ -31,7 +33,13 @@ def _no_kernel(node: NodeProto, ctx: Any) -> Kernel:
 
 
 # The converters by op type; `worker.engine.onnx_allowlist.SUPPORTED_OPS` names the same ops with their opsets.
-OPS: dict[str, OpSupport] = {**ELEMENTWISE_OPS, **SHAPE_OPS, **LAYER_OPS, "Constant": OpSupport(_no_kernel)}
+OPS: dict[str, OpSupport] = {
+    **ELEMENTWISE_OPS,
+    **SHAPE_OPS,
+    **RESHAPE_OPS,
+    **LAYER_OPS,
+    "Constant": OpSupport(_no_kernel),
+}
 CONSTANTS = "onnx_constants"  # the container module of the constants (non-persistent buffers)
 ACTIVATIONS = "onnx_activations"  # the container of the activation modules
 
@@ -54,6 +62,9 @@ class ImportedGraph:
     sources: dict[str, str] = field(default_factory=dict)  # graph value → state key of the tensor that holds it
     initializers: dict[str, str] = field(default_factory=dict)  # state key (parameter/buffer) → initializer
     transposed: set[str] = field(default_factory=set)  # state keys held transposed (MatMul weights as Linear)
+    # What a pruned graph rewrites: the Conv node of each conv module (its `group`), the merge-only Reshapes.
+    conv_nodes: dict[str, int] = field(default_factory=dict)
+    merges: list[MergeSite] = field(default_factory=list)
 
 
 def _part(text: str) -> str:
@@ -80,16 +91,29 @@ class OnnxModule(nn.Module):
         return value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, {})
+
+    def value_shapes(self, x: torch.Tensor, names: list[str]) -> dict[str, list[int]]:
+        """The shapes the graph values `names` take in a forward of `x` (no gradients)."""
+        shapes: dict[str, list[int]] = dict.fromkeys(names, [])
+        with torch.no_grad():
+            self._run(x, shapes)
+        return shapes
+
+    def _run(self, x: torch.Tensor, shapes: dict[str, list[int]]) -> torch.Tensor:
         graph = self.imported
         values: dict[str, Any] = {graph.input_name: x}
+        if graph.input_name in shapes:
+            shapes[graph.input_name] = list(x.shape)
         for name, key in graph.sources.items():
             values[name] = self.tensor(key)
         for step in graph.steps:
             out = step.kernel(self, [values[name] if name else None for name in step.inputs])
-            if isinstance(out, tuple):
-                values.update(zip(step.outputs, out, strict=False))
-            else:
-                values[step.outputs[0]] = out
+            outputs = out if isinstance(out, tuple) else (out,)
+            for name, value in zip(step.outputs, outputs, strict=False):
+                values[name] = value
+                if name in shapes:
+                    shapes[name] = list(value.shape)
             for name in step.release:
                 values.pop(name, None)
         return values[graph.output_name]
@@ -100,6 +124,9 @@ class _Builder:
 
     def __init__(self, model: ModelProto) -> None:
         graph = model.graph
+        self.shapes = _inferred_shapes(model)
+        self.constant_values: dict[str, torch.Tensor] = {}
+        self.node_index = 0
         self.root = OnnxModule()
         self.arrays: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.use_counts = Counter(name for node in graph.node for name in node.input if name)
@@ -122,6 +149,24 @@ class _Builder:
 
     def shape_of(self, name: str) -> list[int] | None:
         return list(self.arrays[name].shape) if name in self.arrays else None
+
+    def inferred_shape(self, name: str) -> list[Dim] | None:
+        return self.shapes.get(name)
+
+    def constant_ints(self, name: str) -> list[int] | None:
+        """The values of an integer initializer or Constant output, else None."""
+        value = self.constant_values.get(name)
+        if value is None and name in self.arrays:
+            value = self._torch(name)
+        if value is None or value.is_floating_point() or value.dim() > 1:
+            return None
+        return [int(v) for v in value.reshape(-1).tolist()]
+
+    def merge_site(self, site: MergeSite) -> None:
+        self.graph.merges.append(site)
+
+    def conv_node(self, path: str) -> None:
+        self.graph.conv_nodes[path] = self.node_index
 
     def array_of(self, tensor: TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
@@ -200,6 +245,7 @@ class _Builder:
         return f"{ACTIVATIONS}.{key}"
 
     def constant(self, name: str, value: torch.Tensor) -> None:
+        self.constant_values[name] = value
         key = f"c{len(self.constants._buffers)}"
         self.constants.register_buffer(key, value, persistent=False)
         self.graph.sources[name] = f"{CONSTANTS}.{key}"
@@ -213,7 +259,8 @@ def build_onnx_module(model: ModelProto) -> OnnxModule:
     builder = _Builder(model)
     nodes = list(model.graph.node)
     kernels: list[tuple[NodeProto, Kernel]] = []
-    for node in nodes:
+    for index, node in enumerate(nodes):
+        builder.node_index = index
         if node.op_type == "Constant":
             builder.constant(node.output[0], _constant_value(node))
             continue
@@ -233,6 +280,19 @@ def build_onnx_module(model: ModelProto) -> OnnxModule:
     builder.graph.steps = _steps(kernels, builder.graph.output_name, owned)
     builder.root.__dict__["graph"] = builder.graph
     return builder.root.eval()
+
+
+def _inferred_shapes(model: ModelProto) -> dict[str, list[Dim]]:
+    """Every value's shape by ONNX shape inference: sizes, symbols (the batch) and None where unknown."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, list[Dim]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            ]
+    return shapes
 
 
 def _constant_value(node: NodeProto) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """The ONNX operators that consume weights (Conv, ConvTranspose, Gemm, MatMul, BatchNormalization,
 LayerNormalization) and the pooling ops, as kernels for `worker.engine.onnx_graph`.
 
-A Conv, or a Gemm/MatMul whose weight is an initializer used by that node alone, becomes a real `nn.Conv*d` /
-`nn.Linear` module placed at the weight's name (``features.0.weight`` → module ``features.0``), so unstructured
-pruning, the dense-layer defaults and MAC counting see the layers they see in a registry model. A MatMul's
+A Conv, Gemm/MatMul, BatchNormalization or last-axis LayerNormalization whose weights are initializers used by
+that node alone becomes a real module (`nn.Conv*d`, `nn.Linear`, `OnnxBatchNorm`, `OnnxLayerNorm`) placed at the
+weight's name (``features.0.weight`` → module ``features.0``), so unstructured pruning, the dense-layer defaults,
+MAC counting and Torch-Pruning's channel pruning see the layers they see in a registry model. A MatMul's
 ``[in, out]`` initializer is held transposed as the Linear's ``[out, in]`` weight (and written back transposed).
-Every other weight slot (a shared initializer, a BatchNorm's statistics) becomes a parameter or buffer at its own
-name, read by a functional kernel."""
+Every other weight slot (a shared initializer) becomes a parameter or buffer at its own name, read by a
+functional kernel."""
 
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def _conv_factory(node: NodeProto, ctx: Any) -> Kernel:
         conv: Any = _CONV_CLASSES[spatial]  # Conv1d/2d/3d take tuples of their rank
         module = conv(shape[1] * groups, shape[0], tuple(shape[2:]), stride, padding, dilation, groups, has_bias)
         path = ctx.own_module(module, {"weight": weight_name, **({"bias": node.input[2]} if has_bias else {})})
+        ctx.conv_node(path)
         return functools.partial(_module_call, path=path, pad=None if _symmetric(pads) else _torch_pad(pads))
     for name in node.input[1:3]:
         if name:
@@ -194,6 +196,24 @@ def _matmul(root: nn.Module, xs: Inputs) -> Tensor:
 # ---------------------------------------------------------------------------------------------- normalisation
 
 
+class OnnxBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """An inference BatchNormalization over axis 1 of an input of any rank (nn.BatchNorm1d/2d/3d each demand
+    one), a `_BatchNorm` so that Torch-Pruning prunes its statistics with the channels it normalises. ONNX keeps
+    no batch counter: the module has none (its state dict holds exactly the node's four initializers)."""
+
+    def __init__(self, num_features: int, eps: float, momentum: float) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.register_buffer("num_batches_tracked", None)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"BatchNormalization expects an input of rank 2 or more, not {input.dim()}")
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # nn.Module's: _NormBase's adds a batch counter to a state dict without a version (a safetensors file's).
+        nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
 def _batch_norm_factory(node: NodeProto, ctx: Any) -> Kernel:
     attrs = attributes(node)
     if int(attrs.get("training_mode", 0)) or len(node.output) > 1:
@@ -203,11 +223,16 @@ def _batch_norm_factory(node: NodeProto, ctx: Any) -> Kernel:
     for slot, name in enumerate(node.input[1:5], start=1):
         if not ctx.is_initializer(name):
             raise EngineError(f"node {node.name or 'BatchNormalization'}: input {slot} must be an initializer")
-        ctx.parameter(name) if slot <= 2 else ctx.buffer(name)
     # ONNX's momentum weighs the running value (0.9); torch's weighs the batch (0.1).
-    return functools.partial(
-        _batch_norm, epsilon=float(attrs.get("epsilon", 1e-5)), momentum=1.0 - float(attrs.get("momentum", 0.9))
-    )
+    epsilon, momentum = float(attrs.get("epsilon", 1e-5)), 1.0 - float(attrs.get("momentum", 0.9))
+    scale_shape = ctx.shape_of(node.input[1])
+    if _owned(ctx, node, (1, 2, 3, 4)) and scale_shape is not None and len(scale_shape) == 1:
+        tensors = dict(zip(("weight", "bias", "running_mean", "running_var"), node.input[1:5], strict=True))
+        path = ctx.own_module(OnnxBatchNorm(scale_shape[0], epsilon, momentum), tensors)
+        return functools.partial(_module_call, path=path, pad=None)
+    for slot, name in enumerate(node.input[1:5], start=1):
+        ctx.parameter(name) if slot <= 2 else ctx.buffer(name)
+    return functools.partial(_batch_norm, epsilon=epsilon, momentum=momentum)
 
 
 def _batch_norm(root: nn.Module, xs: Inputs, epsilon: float, momentum: float) -> Tensor:
@@ -215,27 +240,45 @@ def _batch_norm(root: nn.Module, xs: Inputs, epsilon: float, momentum: float) ->
     return F.batch_norm(x, mean, var, scale, bias, training=root.training, momentum=momentum, eps=epsilon)
 
 
+class OnnxLayerNorm(nn.LayerNorm):
+    """A LayerNormalization over the last axis, an `nn.LayerNorm` so that Torch-Pruning prunes its scale and bias
+    with the channels it normalises, computed by `_normalise`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _normalise(input, -1, self.eps, self.weight, self.bias)
+
+
 def _layer_norm_factory(node: NodeProto, ctx: Any) -> Kernel:
     attrs = attributes(node)
     if len([o for o in node.output if o]) > 1:
         raise EngineError(f"node {node.name or 'LayerNormalization'}: the mean/inv_std outputs are not supported")
+    axis, epsilon = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    scale_shape = ctx.shape_of(node.input[1])
+    if axis == -1 and scale_shape is not None and len(scale_shape) == 1 and _owned(ctx, node, (1, 2)):
+        module = OnnxLayerNorm(scale_shape[0], eps=epsilon, bias=has_bias)
+        path = ctx.own_module(module, {"weight": node.input[1], **({"bias": node.input[2]} if has_bias else {})})
+        return functools.partial(_module_call, path=path, pad=None)
     for name in node.input[1:3]:
         if name and ctx.is_initializer(name):
             ctx.parameter(name)
-    return functools.partial(_layer_norm, axis=int(attrs.get("axis", -1)), epsilon=float(attrs.get("epsilon", 1e-5)))
+    return functools.partial(_layer_norm, axis=axis, epsilon=epsilon)
 
 
 def _layer_norm(root: nn.Module, xs: Inputs, axis: int, epsilon: float) -> Tensor:
+    return _normalise(xs[0], axis, epsilon, xs[1], xs[2] if len(xs) > 2 else None)
+
+
+def _normalise(x: Tensor, axis: int, epsilon: float, scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """Written out in primitives: torch 2.13's F.layer_norm gives wrong second derivatives under nested
     forward-mode AD (a jvp of a jvp, which the directional diagnostics take); these are exact."""
-    x = xs[0]
     dims = tuple(range(axis % x.dim(), x.dim()))
     centred = x - x.mean(dims, keepdim=True)
     out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + epsilon)
-    if xs[1] is not None:
-        out = out * xs[1]
-    if len(xs) > 2 and xs[2] is not None:
-        out = out + xs[2]
+    if scale is not None:
+        out = out * scale
+    if bias is not None:
+        out = out + bias
     return out
 
 

@@ -146,7 +146,7 @@ def _shape(_root, xs: Inputs, start: int, end: int | None) -> Tensor:
     return torch.tensor(list(xs[0].shape)[start:end], dtype=torch.int64)
 
 
-def _reshape(_root, xs: Inputs, allowzero: int) -> Tensor:
+def reshape(_root, xs: Inputs, allowzero: int) -> Tensor:
     data, target = xs[0], _ints(xs[1])
     if not allowzero:  # 0 copies the input's dimension; with allowzero it is a zero-size dimension
         target = [data.shape[i] if size == 0 else size for i, size in enumerate(target)]
@@ -364,7 +364,6 @@ ELEMENTWISE_OPS: dict[str, OpSupport] = {
 
 SHAPE_OPS: dict[str, OpSupport] = {
     "Shape": _with(_shape, start=0, end=None),
-    "Reshape": _with(_reshape, allowzero=0),
     "Transpose": _with(_transpose, perm=None),
     "Flatten": _with(_flatten, axis=1),
     "Squeeze": _with(_squeeze, axes=None),

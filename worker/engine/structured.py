@@ -35,6 +35,7 @@ from torch import nn
 from arch.registry import PrunedSpec, architecture_adapter, input_shape
 from worker.engine.architectures import build_model, layer_widths, model_spec, shrink_layers
 from worker.engine.errors import EngineError
+from worker.engine.onnx_graph import OnnxModule
 from worker.engine.pruning import Scope, check_layer_names, check_ratio, prunable_layers
 
 Norm = Literal["l1", "l2"]
@@ -44,7 +45,9 @@ _NORMS = {"l1": 1, "l2": 2}
 
 class PrunedModel(NamedTuple):
     model: nn.Module  # a pruned copy, in eval mode; the dense model is left as it was
-    architecture: dict[str, Any]  # JSON-able: rebuild_structured(spec, architecture) builds the same module
+    # JSON-able: rebuild_structured(spec, architecture) builds the same module. None for an imported ONNX graph,
+    # whose structure is the pruned graph the run writes (`worker.engine.onnx_model.graph_with_weights`).
+    architecture: dict[str, Any] | None
     removed_channels: dict[str, list[int]]  # Torch-Pruning's history: root layer → removed output channels
 
 
@@ -75,7 +78,8 @@ class ChannelPruner:
             check_ratio(ratio, f"pruning ratio of layer {name}")
 
     def prune(self, model: nn.Module, ratio: float) -> PrunedModel:
-        """A physically smaller copy of `model` (a registry architecture, from `build_model`)."""
+        """A physically smaller copy of `model` (from `build_model`: a registry architecture, or an imported ONNX
+        graph, refused with the reason where Torch-Pruning cannot follow its channels)."""
         check_ratio(ratio)
         spec = _spec_of(model)
         layers = prunable_layers(model)
@@ -95,15 +99,45 @@ class ChannelPruner:
             pruning_ratio_dict={modules[name]: _floor_safe(r) for name, r in self.layer_ratios.items()} or None,
             ignored_layers=ignored,
         )
-        pruner.step()
+        imported = isinstance(pruned, OnnxModule)
+        if isinstance(pruned, OnnxModule):
+            _step_imported(pruner, pruned, input_shape(spec), spec.num_classes)
+        else:
+            pruner.step()
         removed: dict[str, list[int]] = {}
         for name, out_channels, indices in pruner.pruning_history():
             if out_channels:
                 removed.setdefault(name, []).extend(int(i) for i in indices)
         return PrunedModel(
             pruned.eval(),
-            pruned_architecture(pruned, spec),
+            None if imported else pruned_architecture(pruned, spec),
             {name: sorted(indices) for name, indices in removed.items()},
+        )
+
+
+# What Torch-Pruning raises on a converted graph whose channels it cannot follow (attention heads, a Reshape or
+# Split to fixed widths, a weight shared by several nodes), and what the pruned module then raises on a forward.
+_UNPRUNABLE = (RuntimeError, IndexError, ValueError, KeyError, TypeError, AssertionError, EngineError)
+
+
+def _step_imported(pruner: tp.pruner.BasePruner, model: OnnxModule, shape: Sequence[int], classes: int) -> None:
+    """Torch-Pruning's step on an imported graph, which must still run and give one row of logits per example."""
+    try:
+        pruner.step()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            logits = model(torch.zeros(2, *shape, device=device))
+    except _UNPRUNABLE as error:
+        raise EngineError(
+            "channel pruning cannot remove channels from this imported graph consistently (Torch-Pruning on the "
+            f"converted module: {type(error).__name__}: {str(error)[:300]}); use magnitude or random pruning, "
+            "or ignored_layers for the layers whose channels are coupled through such ops"
+        ) from None
+    if tuple(logits.shape) != (2, classes):
+        raise EngineError(
+            f"channel pruning changed what this imported graph computes: its logits have shape "
+            f"{list(logits.shape)} for 2 examples, not [2, {classes}] (a reshape to fixed widths); use "
+            "magnitude or random pruning"
         )
 
 

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from results.attributes import AttributeMetrics, AttributeResult
 from results.runs import MitigationDetails, RunResult, SplitResult
 from worker.engine.metrics import attribute_metrics, overall_metrics
-from worker.engine.onnx_model import write_onnx
 from worker.engine.outcomes import Outcomes, evaluate
 from worker.engine.pruning import Masks
 from worker.engine.structured import compare_models, model_cost
@@ -31,6 +30,7 @@ from worker.pipeline.diagnose import (
     mechanism,
     with_diagnostics,
 )
+from worker.pipeline.imported import write_run_graph
 
 PRUNED_NOTE = (
     "the pruned model's own gradient norms and curvature were not computed (diagnostics.pruned_models = false); "
@@ -148,10 +148,13 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
         )
         pruned, along = run_diagnostics(baseline, candidate, notes)
     attributes = evaluation_attributes(baseline, outcomes, pruned, along)
+    recipe = candidate.recipe
     if weights_path is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
         if inputs.graph_path is not None:  # an imported ONNX model: its pruned graph too, downloadable as ONNX
-            write_onnx(model, inputs.graph_path, weights_path.with_suffix(".onnx"))
+            recipe = write_run_graph(
+                inputs, model, recipe, candidate.masks is None, baseline.evaluation.x, weights_path.with_suffix(".onnx")
+            )
     train = train_figures(baseline, model) if inputs.spec.mitigations else None
     compression = {"dense": baseline.cost} if is_dense else compression_report(baseline, model, candidate.masks is None)
     return RunResult(
@@ -164,7 +167,7 @@ def measure(baseline: Baseline, candidate: Candidate, started: float, weights_pa
         seconds=time.perf_counter() - started,
         delta_norm=along.norm if along is not None else None,
         compression=compression,
-        recipe=candidate.recipe,
+        recipe=recipe,
         notes=notes,
         estimators=estimators(inputs.spec.diagnostics, baseline.with_curvature),
         overall=overall_metrics(baseline.evaluation.dense_outcomes, outcomes),

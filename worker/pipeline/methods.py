@@ -129,7 +129,9 @@ class ChannelMethod:
             norm=method.norm, scope=method.scope, ignored_layers=ignored, layer_ratios=method.layer_ratios
         )
         pruned = pruner.prune(dense_model, ratio)
-        recipe = {**_recipe(method, ratio, ignored, job), "architecture": {"name": "pruned", **pruned.architecture}}
+        recipe = _recipe(method, ratio, ignored, job)
+        if pruned.architecture is not None:  # an imported graph's is the pruned graph its run writes (measure)
+            recipe["architecture"] = {"name": "pruned", **pruned.architecture}
         if method.fine_tuning:
             finetune(
                 pruned.model,

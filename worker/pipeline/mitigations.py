@@ -27,6 +27,7 @@ class SavedRun:
     recipe: dict
     layer_report: dict
     weights_path: Path
+    graph_path: Path | None = None  # an imported model's: the graph of the recipe's architecture
 
 
 def constrained_grouping(baseline: Baseline, mitigation: MitigationSpec) -> Grouping:
@@ -99,7 +100,7 @@ def mitigated_model(
     phases = []
     if mitigation.placement == "after":
         assert unmitigated is not None, "a mitigation placed 'after' starts from its unmitigated run (starts_from)"
-        model = build_model(unmitigated.recipe["architecture"], baseline.inputs.graph_path)
+        model = build_model(unmitigated.recipe["architecture"], unmitigated.graph_path)
         load_weights(model, unmitigated.weights_path)
         model.to(baseline.device)
         run = PrunedModel(model, unmitigated.masks, unmitigated.recipe, unmitigated.layer_report)

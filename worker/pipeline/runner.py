@@ -21,21 +21,19 @@ import torch
 from arch.registry import architecture_adapter, input_shape
 from results.runs import RunResult
 from worker.engine.architectures import build_model, load_weights
-from worker.engine.errors import EngineError
-from worker.engine.onnx_reference import compare_with_onnxruntime
 from worker.engine.outcomes import evaluate
 from worker.engine.pruning import sparsity
 from worker.engine.structured import model_cost, multiply_accumulates
 from worker.inputs import AuditInputs, RunPlan
 from worker.pipeline.data import load_evaluation, load_train
 from worker.pipeline.diagnose import curvature_decision, diagnose_model
+from worker.pipeline.imported import check_against_reference
 from worker.pipeline.measure import Baseline, Candidate, measure
 from worker.pipeline.methods import PruningJob, prune_model
 from worker.pipeline.mitigations import SavedRun, mitigated_model
 from worker.pipeline.work_files import load_baseline, save_baseline
 
 SINGLE_THREAD_MAX_BATCH_MACS = 1_000_000_000
-REFERENCE_ROWS = 64  # the evaluation rows an imported ONNX model is checked on against onnxruntime
 
 Progress = Callable[[float, str], None]
 
@@ -109,17 +107,6 @@ def dense_baseline(inputs: AuditInputs, model: torch.nn.Module, device: torch.de
     )
 
 
-def check_against_reference(inputs: AuditInputs, model: torch.nn.Module, x) -> None:
-    """An imported model agrees with onnxruntime on the first rows of the evaluation data, or the audit stops."""
-    assert inputs.graph_path is not None, "an imported ONNX model has its stored graph"
-    rows = np.asarray(x[:REFERENCE_ROWS], dtype=np.float32).reshape(
-        -1, *input_shape(architecture_adapter.validate_python(inputs.architecture))
-    )
-    agreement = compare_with_onnxruntime(model, inputs.graph_path.read_bytes(), rows)
-    if not agreement.agrees:
-        raise EngineError(f"the imported ONNX model does not match onnxruntime on this dataset: {agreement.describe()}")
-
-
 def dense_result(baseline: Baseline, started: float) -> RunResult:
     """The dense baseline's own run (position 0), measured like every other run."""
     dense = Candidate(baseline.model, {}, "dense", "dense", None, 0.0, {}, sparsity(baseline.model, {}))
@@ -153,7 +140,7 @@ def run_step(
     weights_path = baseline.inputs.weights_of(plan.position)
     output = RunOutput(measure(baseline, candidate, started, weights_path), weights_path)
     # The worker holds the dense model and one working copy at a time; mitigated runs reload the saved weights.
-    return output, SavedRun(pruned.masks, pruned.recipe, pruned.layer_report, weights_path)
+    return output, SavedRun(pruned.masks, output.result.recipe, pruned.layer_report, weights_path)
 
 
 def dense_model(inputs: AuditInputs) -> tuple[torch.nn.Module, torch.device]:
