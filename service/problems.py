@@ -4,6 +4,7 @@ validation, Starlette's HTTP errors, database outages (503) and anything unexpec
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from service.errors import PruneauditError
 
@@ -46,6 +48,26 @@ def _validation_detail(errors: list[dict]) -> str:
     return f"{where}: {first.get('msg')}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
 
 
+def _path_names_nothing(errors: Sequence[dict]) -> str | None:
+    """'audit <value>' when a path id is malformed: such a URL names no resource, so it answers 404 exactly as a
+    missing id does (the path parameters are all ids; see service.schemas.common.PathId)."""
+    for error in errors:
+        location = error.get("loc", ())
+        if len(location) == 2 and location[0] == "path":
+            return f"{str(location[1]).removesuffix('_id')} {error.get('input')}"
+    return None
+
+
+def allowed_methods(request: Request) -> str:
+    """The Allow header of a 405 (RFC 9110 §15.5.6): the methods of every route matching the path. Starlette's
+    own names only the first route that matched, though GET, PATCH and DELETE of one path are separate routes."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PruneauditError)
     async def _pruneaudit_error(request: Request, exc: PruneauditError) -> JSONResponse:
@@ -53,12 +75,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if missing := _path_names_nothing(exc.errors()):
+            return problem(request, 404, "Not found", f"{missing} does not exist", "not-found")
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return problem(request, 422, "Invalid input", _validation_detail(errors), "invalid-input", errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(request, exc.status_code, str(exc.detail), str(exc.detail), f"http-{exc.status_code}")
+        response = problem(request, exc.status_code, str(exc.detail), str(exc.detail), f"http-{exc.status_code}")
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request)
+        return response
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeoutError)

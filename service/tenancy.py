@@ -26,6 +26,12 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _same_text(stored: str, presented: str) -> bool:
+    """Constant-time equality of any two texts: hmac.compare_digest refuses str with non-ASCII characters
+    (a TypeError, so a 500), bytes never."""
+    return hmac.compare_digest(stored.encode(), presented.encode())
+
+
 def create_key(session: Session, tenant_name: str, key_name: str | None = None) -> tuple[ApiKey, str]:
     """A new key for `tenant_name` (the tenant is created if it does not exist); the plain key is returned once."""
     if not tenant_name.strip():
@@ -56,7 +62,7 @@ def authenticate(session: Session, presented: str | None) -> str:
         raise Unauthorized("send an API key in the X-API-Key header (create one with `pruneaudit keys create`)")
     key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
     key = session.get(ApiKey, key_id) if presented.startswith(KEY_PREFIX) and secret else None
-    if key is None or not hmac.compare_digest(key.secret_sha256, _digest(secret)) or key.revoked_at is not None:
+    if key is None or not _same_text(key.secret_sha256, _digest(secret)) or key.revoked_at is not None:
         raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
     return key.tenant_id
 
@@ -72,6 +78,6 @@ def owned(session: Session, kind: type[Owned], entity_id: str, tenant_id: str) -
 def shared_audit(session: Session, audit_id: str, token: str) -> Audit:
     """The audit whose HTML-report share token this is; 404 otherwise, as for a missing audit."""
     audit = session.get(Audit, audit_id)
-    if audit is None or audit.report_token is None or not hmac.compare_digest(audit.report_token, token):
+    if audit is None or audit.report_token is None or not _same_text(audit.report_token, token):
         raise NotFound(f"audit {audit_id} does not exist")
     return audit
