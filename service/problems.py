@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from service.errors import PruneauditError
+from service.errors import DatabaseNotMigrated, PruneauditError
 
 log = logging.getLogger(__name__)
 PROBLEM_BASE = "https://pruneaudit.dev/problems/"
@@ -58,6 +58,12 @@ def _path_names_nothing(errors: Sequence[dict]) -> str | None:
     return None
 
 
+def _schema_missing(exc: Exception) -> bool:
+    """A table is missing: the database was never migrated (PostgreSQL's undefined_table, SQLite's message)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig)
+
+
 def allowed_methods(request: Request) -> str:
     """The Allow header of a 405 (RFC 9110 §15.5.6): the methods of every route matching the path. Starlette's
     own names only the first route that matched, though GET, PATCH and DELETE of one path are separate routes."""
@@ -71,7 +77,10 @@ def allowed_methods(request: Request) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PruneauditError)
     async def _pruneaudit_error(request: Request, exc: PruneauditError) -> JSONResponse:
-        return problem(request, exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+        response = problem(request, exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,8 +99,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeoutError)
     async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-        # Connection-level failures (database down, connection dropped, pool exhausted) are the service's
-        # state, not the request's fault: 503 + Retry-After, so clients and load balancers retry.
+        # Connection-level failures (database down, connection dropped, pool exhausted, a connect or statement
+        # timeout: service/db.py) and a schema not yet migrated are the service's state, not the request's fault:
+        # 503 + Retry-After, so clients and load balancers retry.
+        if _schema_missing(exc):
+            not_migrated = DatabaseNotMigrated("the database has no schema yet; run `pruneaudit migrate`")
+            return await _pruneaudit_error(request, not_migrated)
         unavailable = isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)) or getattr(
             exc, "connection_invalidated", False
         )
@@ -102,7 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
             request,
             503,
             "Database unavailable",
-            "the database cannot be reached right now; retry shortly (with an Idempotency-Key, "
+            "the database cannot be reached or did not answer in time; retry shortly (with an Idempotency-Key, "
             "retrying POST /v1/audits never makes a second audit)",
             "database-unavailable",
         )

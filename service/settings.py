@@ -100,6 +100,17 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or one JSON object each.")
     metrics_token: str = Field("", description="When set, GET /metrics needs Authorization: Bearer <token>.")
     readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the broker to answer.")
+    # Timeouts and other limits (README "Security and reliability"): a stuck peer costs a 503 or a closed
+    # connection, never a held request thread.
+    database_connect_timeout_s: int = Field(
+        5, ge=2, description="Longest wait for a PostgreSQL connection to open (libpq's connect_timeout; 2 at least)."
+    )
+    database_statement_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a statement may run (PostgreSQL statement_timeout) or wait for a lock (SQLite busy "
+        "timeout); past it the request answers 503. Migrations have none.",
+    )
 
     @model_validator(mode="after")
     def _heartbeats_beat_the_timeout(self) -> Settings:

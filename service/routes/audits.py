@@ -92,7 +92,7 @@ def list_audits(
     model_id: ResourceId | None = None,
     dataset_id: ResourceId | None = None,
     schedule_id: ResourceId | None = None,
-    model_name: Annotated[Text | None, Query(max_length=200, description="Audits of any version of this model.")] = None,
+    model_name: Annotated[Text | None, Query(max_length=200, description="Audits of any version of this model")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # bounded: SQLite integers are 64-bit
 ) -> AuditPage:

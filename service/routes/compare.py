@@ -19,7 +19,7 @@ def compare(
     session: SessionDep,
     tenant: TenantDep,
     audits: Annotated[
-        str, Query(max_length=100, description="Two audit ids: first,second (422 unless both are ids the service makes)")
+        str, Query(max_length=100, description="Two audit ids: first,second (422 unless both are ids the service made)")
     ],
 ) -> Comparison:
     """Two succeeded audits of the same dataset side by side, per method, ratio, attribute and group."""

@@ -12,7 +12,7 @@ RESOURCE_ID_PATTERN = r"^[0-9a-f]{32}$"
 ResourceId = Annotated[str, StringConstraints(pattern=RESOURCE_ID_PATTERN)]
 PathId = Annotated[
     ResourceId,
-    Path(description="An id the service returned: 32 lowercase hex digits. Any other value answers 404, as a missing id."),
+    Path(description="An id the service made: 32 lowercase hex digits. Any other value answers 404, as a missing id."),
 ]
 
 
