@@ -41,6 +41,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.http_server import server_options
     from service.logs import configure_logging
 
     settings = get_settings()
@@ -60,6 +61,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         log_level="info",
         log_config=log_config,
         access_log=False,  # service/metrics.py logs each request with its route, duration and request id
+        **server_options(settings),
     )
     return 0
 
