@@ -4,6 +4,7 @@ validation, Starlette's HTTP errors, database outages (503) and anything unexpec
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
@@ -12,13 +13,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
 
 from service.errors import DatabaseNotMigrated, PruneauditError
 
 log = logging.getLogger(__name__)
 PROBLEM_BASE = "https://pruneaudit.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
 def problem_body(status: int, title: str, detail: str, slug: str, instance: str, errors: list | None = None) -> dict:
@@ -64,14 +65,28 @@ def _schema_missing(exc: Exception) -> bool:
     return getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig)
 
 
-def allowed_methods(request: Request) -> str:
-    """The Allow header of a 405 (RFC 9110 §15.5.6): the methods of every route matching the path. Starlette's
-    own names only the first route that matched, though GET, PATCH and DELETE of one path are separate routes."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
+def allowed_methods(request: Request, exc: StarletteHTTPException) -> str:
+    """The Allow header of a 405 (RFC 9110 §15.5.6): the methods of every operation on the path. Starlette's own
+    (kept, for routes outside the OpenAPI document) names only the first route that matched, though GET, PATCH and
+    DELETE of one path are separate routes."""
+    methods = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()}
+    for template, verbs in _operations(request.app):
+        if template.fullmatch(request.url.path):
+            methods |= verbs
     return ", ".join(sorted(methods))
+
+
+def _operations(app: FastAPI) -> list[tuple[re.Pattern, set[str]]]:
+    """Each path of the OpenAPI document as a pattern, with its methods; made once per app."""
+    if not hasattr(app.state, "operations"):
+        app.state.operations = [
+            (
+                re.compile("[^/]+".join(re.escape(part) for part in re.split(r"\{[^}/]+\}", path))),
+                {method.upper() for method in item if method in HTTP_METHODS},
+            )
+            for path, item in app.openapi()["paths"].items()
+        ]
+    return app.state.operations
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -93,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         response = problem(request, exc.status_code, str(exc.detail), str(exc.detail), f"http-{exc.status_code}")
         if exc.status_code == 405:
-            response.headers["Allow"] = allowed_methods(request)
+            response.headers["Allow"] = allowed_methods(request, exc)
         return response
 
     @app.exception_handler(DBAPIError)

@@ -19,6 +19,7 @@ from service.errors import InvalidInput, NotFound, Unauthorized
 from service.models import ApiKey, Audit, Dataset, Model, Tenant, utcnow
 
 KEY_PREFIX = "pa_"
+KEY_ID_LENGTH = 16  # secrets.token_hex(8)
 Owned = TypeVar("Owned", Model, Dataset, Audit)
 
 
@@ -41,7 +42,7 @@ def create_key(session: Session, tenant_name: str, key_name: str | None = None) 
         tenant = Tenant(name=tenant_name)
         session.add(tenant)
         session.flush()
-    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    key_id, secret = secrets.token_hex(KEY_ID_LENGTH // 2), secrets.token_urlsafe(32)
     key = ApiKey(id=key_id, tenant_id=tenant.id, name=key_name, secret_sha256=_digest(secret))
     session.add(key)
     session.flush()
@@ -56,12 +57,18 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return key
 
 
+def _is_key_id(text: str) -> bool:
+    """Only an id of the form keys are made with is looked up (a header can carry any Latin-1 text)."""
+    return len(text) == KEY_ID_LENGTH and all(c in "0123456789abcdef" for c in text)
+
+
 def authenticate(session: Session, presented: str | None) -> str:
     """The tenant id of a valid, unrevoked key; 401 otherwise (the same answer for every kind of bad key)."""
     if not presented:
         raise Unauthorized("send an API key in the X-API-Key header (create one with `pruneaudit keys create`)")
     key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
-    key = session.get(ApiKey, key_id) if presented.startswith(KEY_PREFIX) and secret else None
+    well_formed = presented.startswith(KEY_PREFIX) and secret and _is_key_id(key_id)
+    key = session.get(ApiKey, key_id) if well_formed else None
     if key is None or not _same_text(key.secret_sha256, _digest(secret)) or key.revoked_at is not None:
         raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
     return key.tenant_id
