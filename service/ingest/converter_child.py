@@ -35,9 +35,9 @@ _CONVERSION_SLOTS = threading.BoundedSemaphore(2)
 class ConversionLimits:
     timeout_s: float = 120.0
     cpu_seconds: int = 60
-    # The interpreter with torch imported, converting a small file: peak resident 278 MiB for a checkpoint and
-    # 449 MiB for an ONNX import (with onnx and onnxruntime), measured with the CPU build of torch 2.13 (address
-    # space 584 and 790 MiB).
+    # The interpreter with torch imported, converting a small file, measured: peak resident 278 MiB for a checkpoint
+    # and 449 MiB for an ONNX import (with onnx and onnxruntime) with the CPU build of torch 2.13 (address space 584
+    # and 790 MiB); 637 MiB for a checkpoint with the CUDA build 2.14.1+cu130 (address space 3141 MiB).
     base_rss_bytes: int = 1024**3
     memory_per_file_byte: int = 3  # the loaded tensors, their serialised copy and slack
 
