@@ -47,7 +47,7 @@ def in_process_inputs(workdir: Path, arrays: dict, spec: dict, weights: Path) ->
     write_dataset_files(workdir / "eval", arrays["x"], arrays["y"], groups)
     names = {a: [str(v) for v in range(int(codes.max()) + 1)] for a, codes in groups.items()}
     return AuditInputs(
-        spec=AuditSpec(model_id="-", dataset_id="-", **spec),
+        spec=AuditSpec(model_id="0" * 32, dataset_id="0" * 32, **spec),
         architecture=ARCHITECTURE,
         weights_path=weights,
         evaluation=DatasetInput(workdir / "eval", names),

@@ -19,7 +19,9 @@ def run_migrations() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = make_engine(url, pool_size=1)
+    # A migration may rewrite a large table: no statement timeout.
+    connect_timeout_s = get_settings().database_connect_timeout_s
+    engine = make_engine(url, pool_size=1, connect_timeout_s=connect_timeout_s, statement_timeout_s=None)
     with engine.connect() as connection:
         # Batch mode lets later migrations alter columns on SQLite, which has no ALTER COLUMN.
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)

@@ -342,6 +342,19 @@ CSV_COLUMNS = (
 # The CSV's per-group figures, each named once: by its field in results.groups.
 GROUP_COLUMNS = set(CSV_COLUMNS) & set(GroupResult.model_fields)
 DIAGNOSTIC_COLUMNS = set(CSV_COLUMNS) & set(GroupDiagnostics.model_fields)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: object) -> object:
+    """A cell as written: floats by repr; text that a spreadsheet would run as a formula (a group value such as
+    `=cmd|' /C calc'!A0`) prefixed with ' (OWASP CSV injection). Numbers stay numbers, negative ones too."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def report_csv(report: AuditReport) -> str:
@@ -368,10 +381,5 @@ def report_csv(report: AuditReport) -> str:
                     "run_passed": None if run.verdict is None else run.verdict.passed,
                     "attribute": attribute.attribute,
                 }
-                writer.writerow(
-                    [
-                        "" if values[c] is None else repr(values[c]) if isinstance(values[c], float) else values[c]
-                        for c in CSV_COLUMNS
-                    ]
-                )
+                writer.writerow([_csv_cell(values[c]) for c in CSV_COLUMNS])
     return buffer.getvalue()

@@ -41,15 +41,16 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.http_server import server_options
     from service.logs import configure_logging
-    from service.migrate import upgrade_to_head
 
     settings = get_settings()
     # Before prometheus_client is imported: request counters go to files every API process of this host adds up.
     metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str((settings.var_dir / "prometheus").resolve()))
     os.makedirs(metrics_dir, exist_ok=True)
     configure_logging(settings.log_format)
-    upgrade_to_head()
+    # No migration here (that is `pruneaudit migrate`, a one-shot job): the API starts while the database is down
+    # or not yet migrated, and answers 503 (/readyz and /v1) until it is there.
     # JSON: uvicorn's loggers propagate to the root's JSON handler; text: uvicorn keeps its own format.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(
@@ -60,6 +61,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         log_level="info",
         log_config=log_config,
         access_log=False,  # service/metrics.py logs each request with its route, duration and request id
+        **server_options(settings),
     )
     return 0
 
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_migrate
     )
 
-    api = commands.add_parser("api", help="run the HTTP API (migrates first)")
+    api = commands.add_parser("api", help="run the HTTP API (run `migrate` first; until then it answers 503)")
     api.add_argument("--host", default=settings.host)
     api.add_argument("--port", type=int, default=settings.port)
     api.set_defaults(func=cmd_api)

@@ -8,6 +8,7 @@ class PruneauditError(Exception):
     status: int = 500
     title: str = "Internal error"
     slug: str = "internal"
+    retry_after_s: int | None = None  # sent as Retry-After: the condition is the service's, and passes
 
     def __init__(self, detail: str, *, errors: list[dict] | None = None) -> None:
         super().__init__(detail)
@@ -47,3 +48,25 @@ class PayloadTooLarge(PruneauditError):
     status = 413
     title = "Payload too large"
     slug = "payload-too-large"
+
+
+class ServiceUnavailable(PruneauditError):
+    """A store the service needs is down or not ready; the client should retry."""
+
+    status = 503
+    title = "Service unavailable"
+    slug = "unavailable"
+    retry_after_s = 5
+
+
+class DatabaseNotMigrated(ServiceUnavailable):
+    title = "Database not migrated"
+    slug = "database-not-migrated"
+
+
+class RequestTimeout(PruneauditError):
+    """The client sent its request body too slowly."""
+
+    status = 408
+    title = "Request timeout"
+    slug = "request-timeout"

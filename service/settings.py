@@ -100,6 +100,30 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or one JSON object each.")
     metrics_token: str = Field("", description="When set, GET /metrics needs Authorization: Bearer <token>.")
     readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the broker to answer.")
+    # Timeouts and other limits (README "Security and reliability"): a stuck peer costs a 503 or a closed
+    # connection, never a held request thread.
+    database_connect_timeout_s: int = Field(
+        5, ge=2, description="Longest wait for a PostgreSQL connection to open (libpq's connect_timeout; 2 at least)."
+    )
+    database_statement_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a statement may run (PostgreSQL statement_timeout) or wait for a lock (SQLite busy "
+        "timeout); past it the request answers 503. Migrations have none.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection's request line and headers must arrive within this long, or it is closed."
+    )
+    http_keep_alive_timeout_s: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this.")
+    http_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest request line + headers (h11); larger ones are refused with 400."
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the next chunk of a request body; then 408 and the connection closes."
+    )
+    body_total_timeout_s: float = Field(
+        900.0, gt=0, description="A whole request body must arrive within this long (a 512 MiB upload at ~0.6 MB/s)."
+    )
 
     @model_validator(mode="after")
     def _heartbeats_beat_the_timeout(self) -> Settings:

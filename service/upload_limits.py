@@ -1,19 +1,25 @@
-"""Request-body cap for the whole app, applied before any byte of the body is read.
+"""Request-body cap and deadlines for the whole app, applied before any byte of the body is read.
 
 Starlette spools a multipart body to a temporary file before a handler runs, so the cap in
 ``BlobStore.stage`` alone would let a client fill the disk first. Here a declared Content-Length over
 the cap is answered 413 at once, unread; a chunked (or lying) body is counted as it streams and cut
 off at the cap. The file part itself is still capped exactly by ``BlobStore.stage``.
+
+A body that stalls (no chunk for ``body_read_timeout_s``) or trickles (not all in within
+``body_total_timeout_s``) is answered 408 and its connection closed: a slow client would otherwise hold a
+request, and a thread waiting for the form, as long as it likes.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, PruneauditError, RequestTimeout
 from service.problems import PROBLEM_MEDIA_TYPE, problem_body
 from service.settings import get_settings
 
@@ -22,17 +28,15 @@ from service.settings import get_settings
 ENVELOPE_BYTES = 1024 * 1024
 
 
-class _BodyTooLarge(Exception):
+class _BodyRefused(Exception):
     pass
 
 
-def _problem(scope: Scope, detail: str) -> tuple[dict, bytes]:
-    body = json.dumps(
-        problem_body(PayloadTooLarge.status, PayloadTooLarge.title, detail, PayloadTooLarge.slug, scope.get("path", ""))
-    ).encode()
+def _problem(scope: Scope, error: PruneauditError) -> tuple[dict, bytes]:
+    body = json.dumps(problem_body(error.status, error.title, error.detail, error.slug, scope.get("path", ""))).encode()
     start = {
         "type": "http.response.start",
-        "status": PayloadTooLarge.status,
+        "status": error.status,
         # The unread rest of the body cannot be skipped cheaply: end the connection after this answer.
         "headers": [
             (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
@@ -56,30 +60,42 @@ class BodyLimitMiddleware:
         limit = file_limit + ENVELOPE_BYTES
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_problem(
-                scope,
-                send,
-                f"the request body is {declared} bytes (Content-Length); uploads are limited to {file_limit} bytes",
+            too_large = (
+                f"the request body is {declared} bytes (Content-Length); uploads are limited to {file_limit} bytes"
             )
+            await _send_problem(scope, send, PayloadTooLarge(too_large))
             return
 
+        settings = get_settings()
+        deadline = time.monotonic() + settings.body_total_timeout_s
         received = 0
-        exceeded = False
+        body_done = False
+        refused: PruneauditError | None = None
         response_started = False
 
         async def counted_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, body_done, refused
+            if body_done:  # after the body only http.disconnect comes, whenever it does: no deadline
+                return await receive()
+            wait_s = min(settings.body_read_timeout_s, deadline - time.monotonic())
+            with anyio.move_on_after(max(wait_s, 0)) as waiting:
+                message = await receive()
+            if waiting.cancelled_caught:
+                refused = RequestTimeout(_too_slow(settings.body_read_timeout_s, settings.body_total_timeout_s))
+                raise _BodyRefused()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
-                    exceeded = True
-                    raise _BodyTooLarge()
+                    refused = PayloadTooLarge(
+                        f"the request body exceeds the limit: uploads are limited to {file_limit} bytes"
+                    )
+                    raise _BodyRefused()
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal response_started
-            if exceeded and not response_started:
+            if refused and not response_started:
                 return  # the app's answer to the aborted body (FastAPI makes it a 400) is replaced below
             if message["type"] == "http.response.start":
                 response_started = True
@@ -87,19 +103,24 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counted_receive, guarded_send)
-        except _BodyTooLarge:
+        except _BodyRefused:
             pass
         except Exception:
-            if not exceeded:
+            if not refused:
                 raise
-        if exceeded and not response_started:
-            await _send_problem(
-                scope, send, f"the request body exceeds the limit: uploads are limited to {file_limit} bytes"
-            )
+        if refused and not response_started:
+            await _send_problem(scope, send, refused)
 
 
-async def _send_problem(scope: Scope, send: Send, detail: str) -> None:
-    start, body = _problem(scope, detail)
+def _too_slow(read_timeout_s: float, total_timeout_s: float) -> str:
+    return (
+        f"the request body arrived too slowly: each chunk must follow within {read_timeout_s:g} s and the whole "
+        f"body within {total_timeout_s:g} s"
+    )
+
+
+async def _send_problem(scope: Scope, send: Send, error: PruneauditError) -> None:
+    start, body = _problem(scope, error)
     await send(start)
     await send({"type": "http.response.body", "body": body})
 

@@ -1,41 +1,22 @@
 """Convert an uploaded weights-only PyTorch checkpoint (.pt/.pth state dict) to safetensors.
 
-    python -m worker.convert_checkpoint IN OUT --max-memory-bytes N --max-cpu-seconds S --max-output-bytes B
+    python -m worker.convert_checkpoint IN OUT --max-cpu-seconds S --max-output-bytes B
 
 Run by the web process (which never imports torch) as a short-lived child with its own resource
-limits. The only loader is ``torch.load(weights_only=True)``: its unpickler admits tensors and plain
-containers and refuses every other global, so a pickle whose loading would run code is rejected
-before any of it runs. The child exits 0 after writing OUT; 2 with one JSON line ``{"error": "..."}``
-on stdout when the file is not a usable state dict; 3 when it ran out of its memory allowance; a
-signal when it hit the CPU or output-size limit.
+limits (worker/child_limits.py; the parent caps its resident memory). The only loader is
+``torch.load(weights_only=True)``: its unpickler admits tensors and plain containers and refuses
+every other global, so a pickle whose loading would run code is rejected before any of it runs.
+The child exits 0 after writing OUT; 2 with one JSON line ``{"error": "..."}`` on stdout when the
+file is not a usable state dict; 3 on MemoryError; a signal when it hit the CPU or output-size
+limit or its parent killed it for memory.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import resource
-import signal
 import sys
 
-REFUSED = 2
-OUT_OF_MEMORY = 3
-
-
-class Refused(Exception):
-    """The file is not a weights-only state dict; the message says why, for the client."""
-
-
-def limit_self(max_memory_bytes: int, max_cpu_seconds: int, max_output_bytes: int) -> None:
-    # Set before torch is imported, so the unpickler and every allocation run under the limits.
-    resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (max_cpu_seconds, max_cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_output_bytes, max_output_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # Python ignores SIGXFSZ (a write past the limit would only raise); let the kernel end the child,
-    # so the parent sees the signal and reports the size.
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+from worker.child_limits import Refused, child_main
 
 
 def _why_unpickling_failed(message: str) -> str:
@@ -152,26 +133,12 @@ def write_safetensors(state: dict, out: str) -> int:
     return len(tensors)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.convert_checkpoint", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source")
-    parser.add_argument("target")
-    parser.add_argument("--max-memory-bytes", type=int, required=True)
-    parser.add_argument("--max-cpu-seconds", type=int, required=True)
-    parser.add_argument("--max-output-bytes", type=int, required=True)
-    args = parser.parse_args(argv)
-    limit_self(args.max_memory_bytes, args.max_cpu_seconds, args.max_output_bytes)
+def convert(source: str, target: str) -> dict:
+    return {"tensors": write_safetensors(load_state_dict(source), target)}
 
-    try:
-        state = load_state_dict(args.source)
-        count = write_safetensors(state, args.target)
-    except Refused as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
-        return REFUSED
-    except MemoryError:
-        return OUT_OF_MEMORY
-    print(json.dumps({"tensors": count}), flush=True)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return child_main("python -m worker.convert_checkpoint", __doc__.split("\n\n")[0], convert, argv)
 
 
 if __name__ == "__main__":

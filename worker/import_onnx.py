@@ -1,6 +1,6 @@
 """Import an uploaded ONNX model: validate it as data, convert it, check it against onnxruntime, write its weights.
 
-    python -m worker.import_onnx IN OUT --max-memory-bytes N --max-cpu-seconds S --max-output-bytes B
+    python -m worker.import_onnx IN OUT --max-cpu-seconds S --max-output-bytes B
 
 Run by the web process (which imports neither onnx nor torch) as a short-lived child under its own resource
 limits, like `worker.convert_checkpoint`. The file is parsed with `onnx.load_model_from_string` (which never
@@ -13,17 +13,15 @@ libraries) runs the same allow-listed default-domain graph as the reference.
 
 Exits 0 after writing OUT (the weights as safetensors, under the module's parameter names) with one JSON line on
 stdout: input_shape, num_classes, opset, ops, parameter_count, prunable_layers, reference; 2 with one JSON line
-``{"error": "..."}`` when the file is refused; 3 when it ran out of memory."""
+``{"error": "..."}`` when the file is refused; 3 on MemoryError (worker/child_limits.py)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from worker.convert_checkpoint import OUT_OF_MEMORY, REFUSED, Refused, limit_self
+from worker.child_limits import Refused, child_main
 
 MAX_NODES = 20_000
 MAX_INITIALIZERS = 10_000
@@ -199,23 +197,7 @@ def import_model(source: str, out: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.import_onnx", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source")
-    parser.add_argument("target")
-    parser.add_argument("--max-memory-bytes", type=int, required=True)
-    parser.add_argument("--max-cpu-seconds", type=int, required=True)
-    parser.add_argument("--max-output-bytes", type=int, required=True)
-    args = parser.parse_args(argv)
-    limit_self(args.max_memory_bytes, args.max_cpu_seconds, args.max_output_bytes)
-    try:
-        summary = import_model(args.source, args.target)
-    except Refused as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
-        return REFUSED
-    except MemoryError:
-        return OUT_OF_MEMORY
-    print(json.dumps(summary), flush=True)
-    return 0
+    return child_main("python -m worker.import_onnx", __doc__.split("\n\n")[0], import_model, argv)
 
 
 if __name__ == "__main__":

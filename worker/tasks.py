@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
 from service.db import session_scope
+from service.logs import current_request_id
 from service.models import Audit, Dataset, Run, RunStatus, utcnow
 from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_run
 from service.settings import get_settings
@@ -80,12 +81,21 @@ def task_outcome(lease: AuditLease | RunLease, time_limit_s: int) -> Iterator[No
         ended = lease.fail(f"{lease.subject} exceeded the time limit of {time_limit_s} s")
     except MemoryError:
         ended = lease.fail("the worker ran out of memory; use a smaller model, dataset or batch_size")
-    except Exception as exc:
-        log.exception("%s failed", lease)
-        ended = lease.fail(f"internal error: {type(exc).__name__}: {exc}")
+    except Exception:
+        # The exception (SQL, parameters, paths) is for the operator's log, never for the client.
+        log.exception("%s of audit %s failed", lease, lease.audit_id)
+        ended = lease.fail(internal_error_message(lease.audit_id))
     if ended:
         get_store().remove_work(lease.audit_id)
         announce_end(lease.audit_id)
+
+
+def internal_error_message(audit_id: str) -> str:
+    request = f", request {request_id}" if (request_id := current_request_id()) else ""
+    return (
+        f"an internal error stopped it (audit {audit_id}{request}); the details are in the worker's log, "
+        "under these ids: report them to the operator"
+    )
 
 
 def heartbeat(lease: AuditLease | RunLease):

@@ -37,11 +37,20 @@ def check_attribute_name(attr: str, fix: str) -> None:
         )
 
 
+def check_no_nul(texts: list[str], what: str) -> None:
+    """Label and group texts are stored and reported as text, which cannot hold NUL (PostgreSQL refuses it)."""
+    if bad := next((text for text in texts if "\x00" in text), None):
+        raise InvalidInput(f"{what} contains a NUL character ({bad!r}); remove NUL bytes from the file's text cells")
+
+
 def save_dataset(ds: ParsedDataset, directory: Path) -> dict:
     """Store ``ds`` under ``directory``; return its summary (rows, feature shape, classes, and per group
     attribute the value names, their sizes and the number of rows without a value)."""
     for attr in ds.groups:
         check_attribute_name(attr, "rename the attribute")
+    check_no_nul(ds.classes, "a label")
+    for attr, col in ds.groups.items():
+        check_no_nul(col.names, f"a value of group attribute {attr!r}")
     write_dataset_files(Path(directory), ds.x, ds.y, {attr: col.codes for attr, col in ds.groups.items()})
     return {
         "rows": int(ds.x.shape[0]),

@@ -5,24 +5,16 @@ safetensors by a resource-limited child process that loads it only with
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import shutil
-import signal
 import struct
-import subprocess
-import sys
 import tempfile
-import threading
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput
+from service.ingest.converter_child import ChildTask, ConversionLimits, child_failure, run_child
 from service.ingest.safetensors import EXPORT_HINT, read_safetensors_header
-
-_log = logging.getLogger(__name__)
 
 MAX_ZIP_ENTRIES = 100_000  # a torch.save checkpoint has ~2 entries per tensor
 MAX_ZIP_DIRECTORY_BYTES = 32 * 1024 * 1024  # zipfile reads the central directory into memory at once
@@ -151,126 +143,37 @@ def _zip_names(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConversionLimits:
-    timeout_s: float = 120.0
-    cpu_seconds: int = 60
-    base_memory_bytes: int = 2 * 1024**3  # the interpreter and torch itself (address space, not RSS)
-    memory_per_file_byte: int = 3  # the loaded tensors, their serialised copy and slack
-
-
-_CONVERTER_MODULE = "worker.convert_checkpoint"
-_REFUSED, _OUT_OF_MEMORY = 2, 3  # its exit codes (worker.convert_checkpoint.REFUSED, OUT_OF_MEMORY)
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# Each child may map gigabytes; a few at once is plenty for uploads.
-_CONVERSION_SLOTS = threading.BoundedSemaphore(2)
-
-
-def child_environment() -> dict[str, str]:
-    """A minimal environment for a conversion child: no secrets (database URLs), one thread, this tree's code."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": str(_PROJECT_ROOT),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONHASHSEED": "0",
-        "LC_ALL": "C.UTF-8",
-    }
-
-
-def conversion_slot() -> threading.BoundedSemaphore:
-    """Held while a conversion child runs (PyTorch checkpoints and ONNX imports share the slots)."""
-    return _CONVERSION_SLOTS
+_LIMITS = ConversionLimits()
+_CONVERTER = ChildTask(
+    module="worker.convert_checkpoint",
+    doing="reading the PyTorch checkpoint",
+    subject="the PyTorch checkpoint",
+    output_too_large="the safetensors file converted from the checkpoint exceeds the limit of {limit} bytes",
+    unreadable="torch.load(weights_only=True) could not read the PyTorch checkpoint (it is corrupt or not a state "
+    "dict)",
+    hint=_CHECKPOINT_HINT,
+)
 
 
 def convert_torch_checkpoint(
-    source: Path, target: Path, *, max_output_bytes: int, limits: ConversionLimits = ConversionLimits()
+    source: Path, target: Path, *, max_output_bytes: int, limits: ConversionLimits = _LIMITS
 ) -> None:
     """Turn a weights-only PyTorch checkpoint into safetensors at ``target`` in a child process that
     loads it with ``torch.load(weights_only=True)`` under memory, CPU and wall-clock limits (this
     process never imports torch). Raises InvalidInput when the file is not a usable state dict."""
     source, target = Path(source), Path(target)
-    max_memory = limits.base_memory_bytes + limits.memory_per_file_byte * source.stat().st_size
+    max_rss = limits.max_rss_bytes(source.stat().st_size)
     # The child writes in a directory of its own (safetensors writes via a temporary file, which a
     # killed child would leave behind); it is removed whatever happens.
     workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix="convert-"))
     try:
-        result = _run_converter(source, workdir / "out.safetensors", workdir, max_memory, max_output_bytes, limits)
-        if result.returncode == 0 and (workdir / "out.safetensors").is_file():
-            os.replace(workdir / "out.safetensors", target)
+        output = workdir / "out.safetensors"
+        outcome = run_child(
+            _CONVERTER, source, output, workdir, max_rss=max_rss, max_output_bytes=max_output_bytes, limits=limits
+        )
+        if outcome.returncode == 0 and output.is_file():
+            os.replace(output, target)
             return
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    raise _conversion_failure(result, max_memory, max_output_bytes, limits)
-
-
-def _run_converter(
-    source: Path, output: Path, workdir: Path, max_memory: int, max_output_bytes: int, limits: ConversionLimits
-) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        _CONVERTER_MODULE,
-        str(source),
-        str(output),
-        "--max-memory-bytes",
-        str(max_memory),
-        "--max-cpu-seconds",
-        str(limits.cpu_seconds),
-        "--max-output-bytes",
-        str(max_output_bytes),
-    ]
-    with conversion_slot():
-        try:
-            return subprocess.run(
-                command,
-                env=child_environment(),
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=limits.timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise InvalidInput(
-                f"reading the PyTorch checkpoint took longer than {limits.timeout_s:g} s, the server's limit. "
-                + _CHECKPOINT_HINT
-                + "."
-            ) from None
-
-
-def _conversion_failure(
-    result: subprocess.CompletedProcess, max_memory: int, max_output_bytes: int, limits: ConversionLimits
-) -> Exception:
-    """What a failed conversion means, from the child's exit status and output."""
-    stdout = result.stdout.decode("utf-8", "replace").strip().splitlines()
-    stderr = result.stderr.decode("utf-8", "replace")
-    if result.returncode == _REFUSED and stdout:
-        try:
-            reason = json.loads(stdout[-1])["error"]
-        except (ValueError, KeyError, TypeError):
-            reason = None
-        if reason:
-            return InvalidInput(f"the PyTorch checkpoint cannot be used: {reason}. {_CHECKPOINT_HINT}.")
-    if result.returncode == -signal.SIGXFSZ:
-        return PayloadTooLarge(
-            f"the safetensors file converted from the checkpoint exceeds the limit of {max_output_bytes} bytes"
-        )
-    if (
-        result.returncode in (_OUT_OF_MEMORY, -signal.SIGXCPU, -signal.SIGKILL)
-        or "MemoryError" in stderr
-        or "std::bad_alloc" in stderr
-    ):
-        return InvalidInput(
-            f"reading the PyTorch checkpoint exceeded the server's limits ({limits.cpu_seconds} CPU seconds, "
-            f"{max_memory // 2**20} MiB of memory). " + _CHECKPOINT_HINT + "."
-        )
-    # torch missing or unable to start under the limits: the server's fault, not the file's
-    if "ModuleNotFoundError" in stderr or "ImportError" in stderr:
-        return RuntimeError(f"the checkpoint converter cannot start: {stderr[-2000:]}")
-    _log.warning("checkpoint conversion failed (exit %s): %s", result.returncode, stderr[-2000:])
-    return InvalidInput(
-        "torch.load(weights_only=True) could not read the PyTorch checkpoint (it is corrupt or not a state "
-        "dict). " + _CHECKPOINT_HINT + "."
-    )
+    raise child_failure(_CONVERTER, outcome, max_rss, max_output_bytes, limits)

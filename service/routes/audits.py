@@ -13,7 +13,7 @@ from service.errors import NotFound
 from service.models import Audit, AuditStatus
 from service.queue import enqueue_audit
 from service.schemas.audits import AuditOut, AuditPage, AuditSpec
-from service.schemas.common import PROBLEM_RESPONSES
+from service.schemas.common import PROBLEM_RESPONSES, PathId, ResourceId, Text
 from service.schemas.reports import AuditReport, RunRecipe
 from service.tenancy import authenticate, shared_audit
 
@@ -89,10 +89,10 @@ def list_audits(
     tenant: TenantDep,
     request: Request,
     status: AuditStatus | None = None,
-    model_id: Annotated[str | None, Query(max_length=32)] = None,
-    dataset_id: Annotated[str | None, Query(max_length=32)] = None,
-    schedule_id: Annotated[str | None, Query(max_length=32)] = None,
-    model_name: Annotated[str | None, Query(max_length=200, description="Audits of any version of this model.")] = None,
+    model_id: ResourceId | None = None,
+    dataset_id: ResourceId | None = None,
+    schedule_id: ResourceId | None = None,
+    model_name: Annotated[Text | None, Query(max_length=200, description="Audits of any version of this model")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # bounded: SQLite integers are 64-bit
 ) -> AuditPage:
@@ -104,7 +104,7 @@ def list_audits(
 
 @router.post("/{audit_id}/cancel", response_model=AuditOut)
 @releases_connection
-def cancel_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
+def cancel_audit(audit_id: PathId, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
     """Cancel an audit: queued → cancelled at once; running → stops at its next checkpoint (between runs and
     epochs) and ends cancelled. 409 when it has already ended."""
     return audit_out(audits.cancel_audit(session, tenant, audit_id), request)
@@ -112,7 +112,7 @@ def cancel_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request:
 
 @router.get("/{audit_id}", response_model=AuditOut)
 @releases_connection
-def read_audit(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
+def read_audit(audit_id: PathId, session: SessionDep, tenant: TenantDep, request: Request) -> AuditOut:
     return audit_out(audits.get_audit(session, tenant, audit_id), request)
 
 
@@ -128,7 +128,7 @@ def report_headers(etag: str) -> dict[str, str]:
 
 @router.get("/{audit_id}/report", response_model=AuditReport, responses={200: {"headers": ETAG}, **NOT_MODIFIED})
 @releases_connection
-def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request, response: Response):
+def read_report(audit_id: PathId, session: SessionDep, tenant: TenantDep, request: Request, response: Response):
     """The fairness report with the policy verdict; 409 until the audit has succeeded. Immutable once
     written: send `If-None-Match` with the ETag to get 304."""
     audit = audits.succeeded_audit(session, tenant, audit_id)
@@ -147,7 +147,7 @@ def read_report(audit_id: str, session: SessionDep, tenant: TenantDep, request: 
     responses={200: {"content": {"text/csv": {}}, "headers": ETAG}, **NOT_MODIFIED},
 )
 @releases_connection
-def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
+def read_report_csv(audit_id: PathId, session: SessionDep, tenant: TenantDep, request: Request) -> Response:
     """The per-group table, one row per run × attribute × group, numbers exactly as in the JSON."""
     audit = audits.succeeded_audit(session, tenant, audit_id)
     etag = audits.report_etag(audit)
@@ -167,7 +167,7 @@ def read_report_csv(audit_id: str, session: SessionDep, tenant: TenantDep, reque
 )
 @releases_connection
 def read_report_html(
-    audit_id: str,
+    audit_id: PathId,
     session: SessionDep,
     store: StoreDep,
     request: Request,
@@ -198,7 +198,7 @@ def read_report_html(
 )
 @releases_connection
 def download_run_weights(
-    audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep
+    audit_id: PathId, run_id: PathId, session: SessionDep, tenant: TenantDep, store: StoreDep
 ) -> FileResponse:
     """The run's pruned (and fine-tuned) weights as safetensors; re-upload them with the run's
     recipe.architecture to evaluate the same model again."""
@@ -216,7 +216,7 @@ def download_run_weights(
 )
 @releases_connection
 def download_run_onnx(
-    audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep
+    audit_id: PathId, run_id: PathId, session: SessionDep, tenant: TenantDep, store: StoreDep
 ) -> FileResponse:
     """An imported ONNX model's run as ONNX: the uploaded graph with the run's pruned (and fine-tuned) weights
     written back; onnxruntime loads it as it loaded the upload."""
@@ -230,7 +230,7 @@ def download_run_onnx(
 # exclude_unset: the recipe is served as stored (an unmitigated run's has no `mitigation` key), as in the report.
 @router.get("/{audit_id}/runs/{run_id}/recipe", response_model=RunRecipe, response_model_exclude_unset=True)
 @releases_connection
-def read_run_recipe(audit_id: str, run_id: str, session: SessionDep, tenant: TenantDep) -> dict:
+def read_run_recipe(audit_id: PathId, run_id: PathId, session: SessionDep, tenant: TenantDep) -> dict:
     """How the run was made: method, ratio, dense layers, seed, and the architecture JSON to upload its weights with."""
     run = audits.get_run(session, tenant, audit_id, run_id)
     if run.result is None:

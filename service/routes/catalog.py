@@ -11,7 +11,7 @@ from service import catalog, lineage
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.models import Dataset, Model
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
-from service.schemas.common import PROBLEM_RESPONSES, Problem
+from service.schemas.common import PROBLEM_RESPONSES, PathId, Problem, Text
 from service.schemas.lineage import DatasetPage, ModelPage
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
@@ -48,15 +48,15 @@ def upload_model(
         ),
     ],
     architecture: Annotated[
-        str,
+        Text,
         Form(
             description=ARCHITECTURE_HELP,
             examples=['{"name": "mlp", "in_features": 64, "hidden": [128, 64], "num_classes": 10}'],
         ),
     ],
-    name: Annotated[str | None, Form(max_length=200)] = None,
-    version: Annotated[str | None, Form(max_length=100, description=VERSION_HELP)] = None,
-    labels: Annotated[str | None, Form(max_length=20000, description=LABELS_HELP)] = None,
+    name: Annotated[Text | None, Form(max_length=200)] = None,
+    version: Annotated[Text | None, Form(max_length=100, description=VERSION_HELP)] = None,
+    labels: Annotated[Text | None, Form(max_length=20000, description=LABELS_HELP)] = None,
 ) -> ModelOut:
     """Upload model weights for a registry architecture: safetensors, or a weights-only .pt state dict that is
     converted to safetensors. Uploads are data, never code."""
@@ -79,9 +79,9 @@ VERSION_HELP = 'Free version string; a spec may name this upload {"name": …, "
 LABELS_HELP = 'JSON object of strings, e.g. {"git_commit": "3f2a9c1"}; filter lists with label=key:value.'
 Limit = Annotated[int, Query(ge=1, le=200)]
 Offset = Annotated[int, Query(ge=0, le=2**62)]
-LabelFilter = Annotated[str | None, Query(max_length=700, description="key:value")]
-NameFilter = Annotated[str | None, Query(max_length=200)]
-VersionFilter = Annotated[str | None, Query(max_length=100, description='A version, or "latest" (the newest only).')]
+LabelFilter = Annotated[Text | None, Query(max_length=700, description="key:value")]
+NameFilter = Annotated[Text | None, Query(max_length=200)]
+VersionFilter = Annotated[Text | None, Query(max_length=100, description='A version, or "latest" (the newest only).')]
 
 
 @router.get("/models", response_model=ModelPage, tags=["models"])
@@ -120,7 +120,7 @@ def list_datasets(
 
 @router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
 @releases_connection
-def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
+def read_model(model_id: PathId, session: SessionDep, tenant: TenantDep) -> ModelOut:
     return ModelOut.model_validate(catalog.get_model(session, tenant, model_id))
 
 
@@ -134,16 +134,16 @@ def upload_dataset(
     file: Annotated[
         UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")
     ],
-    label: Annotated[str | None, Form(description="CSV: the label column")] = None,
+    label: Annotated[Text | None, Form(description="CSV: the label column")] = None,
     features: Annotated[
-        str | None, Form(description="CSV: comma-separated feature columns (default: all others)")
+        Text | None, Form(description="CSV: comma-separated feature columns (default: all others)")
     ] = None,
     groups: Annotated[
-        str | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])
+        Text | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])
     ] = None,
-    name: Annotated[str | None, Form(max_length=200)] = None,
-    version: Annotated[str | None, Form(max_length=100, description=VERSION_HELP)] = None,
-    labels: Annotated[str | None, Form(max_length=20000, description=LABELS_HELP)] = None,
+    name: Annotated[Text | None, Form(max_length=200)] = None,
+    version: Annotated[Text | None, Form(max_length=100, description=VERSION_HELP)] = None,
+    labels: Annotated[Text | None, Form(max_length=20000, description=LABELS_HELP)] = None,
 ) -> DatasetOut:
     """Upload a labelled dataset with group attributes (npz or csv)."""
     parsed_labels = lineage.parse_labels(labels)
@@ -165,7 +165,7 @@ def upload_dataset(
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
 @releases_connection
-def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+def read_dataset(dataset_id: PathId, session: SessionDep, tenant: TenantDep) -> DatasetOut:
     return DatasetOut.model_validate(catalog.get_dataset(session, tenant, dataset_id))
 
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from kombu.utils.url import maybe_sanitize_url
-from sqlalchemy import text
 
 from service.dependencies import SessionDep, SettingsDep, StoreDep, releases_connection
-from service.errors import PruneauditError
+from service.errors import ServiceUnavailable
+from service.migrate import check_schema_at_head
 from service.queue import get_celery_client
 from service.schemas.common import Problem
 from service.settings import Settings
@@ -13,14 +13,12 @@ from service.settings import Settings
 router = APIRouter(tags=["health"])
 
 
-class BlobStoreUnavailable(PruneauditError):
-    status = 503
+class BlobStoreUnavailable(ServiceUnavailable):
     title = "Blob store unavailable"
     slug = "blob-store-unavailable"
 
 
-class BrokerUnavailable(PruneauditError):
-    status = 503
+class BrokerUnavailable(ServiceUnavailable):
     title = "Broker unavailable"
     slug = "broker-unavailable"
 
@@ -59,15 +57,17 @@ def healthz() -> dict:
         503: {
             "model": Problem,
             "content": {"application/problem+json": {}},
-            "description": "Not ready: the database, the broker or the blob store is unavailable (named)",
+            "description": "Not ready: the database (down, too slow or not migrated), the broker or the blob store "
+            "is unavailable (named)",
         }
     },
 )
 @releases_connection
 def readyz(session: SessionDep, store: StoreDep, settings: SettingsDep) -> dict:
-    """Readiness: the database answers, the broker answers and the blob store is there; 503 problem+json naming the
-    one that is not otherwise (a database error becomes 503 in service.problems, like on every other endpoint)."""
-    session.execute(text("SELECT 1"))
+    """Readiness: the database answers with this release's schema, the broker answers and the blob store is there;
+    503 problem+json naming the one that is not otherwise (a database error becomes 503 in service.problems, like on
+    every other endpoint)."""
+    check_schema_at_head(session)
     if not store.root.is_dir():
         raise BlobStoreUnavailable(f"blob store {store.root} is missing")
     check_broker(settings)

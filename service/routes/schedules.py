@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Response
 
 from service import schedules
 from service.dependencies import SessionDep, SettingsDep, TenantDep, releases_connection
-from service.schemas.common import PROBLEM_RESPONSES
+from service.schemas.common import PROBLEM_RESPONSES, PathId
 from service.schemas.schedules import FiringOut, FiringPage, ScheduleIn, ScheduleOut, SchedulePage, SchedulePatch
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"], responses=PROBLEM_RESPONSES)
@@ -31,14 +31,14 @@ def list_schedules(session: SessionDep, tenant: TenantDep, limit: Limit = 50, of
 
 @router.get("/{schedule_id}", response_model=ScheduleOut)
 @releases_connection
-def read_schedule(schedule_id: str, session: SessionDep, tenant: TenantDep) -> ScheduleOut:
+def read_schedule(schedule_id: PathId, session: SessionDep, tenant: TenantDep) -> ScheduleOut:
     return ScheduleOut.model_validate(schedules.get_schedule(session, tenant, schedule_id))
 
 
 @router.patch("/{schedule_id}", response_model=ScheduleOut)
 @releases_connection
 def update_schedule(
-    schedule_id: str, patch: SchedulePatch, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+    schedule_id: PathId, patch: SchedulePatch, session: SessionDep, tenant: TenantDep, settings: SettingsDep
 ) -> ScheduleOut:
     """Change a schedule; `{"paused": true}` pauses it, `{"paused": false}` resumes it from the next tick."""
     return ScheduleOut.model_validate(schedules.update_schedule(session, tenant, schedule_id, patch, settings))
@@ -46,7 +46,7 @@ def update_schedule(
 
 @router.delete("/{schedule_id}", status_code=204, response_class=Response)
 @releases_connection
-def delete_schedule(schedule_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+def delete_schedule(schedule_id: PathId, session: SessionDep, tenant: TenantDep) -> Response:
     """The schedule and its history; the audits it created stay."""
     schedules.delete_schedule(session, tenant, schedule_id)
     return Response(status_code=204)
@@ -55,7 +55,7 @@ def delete_schedule(schedule_id: str, session: SessionDep, tenant: TenantDep) ->
 @router.get("/{schedule_id}/audits", response_model=FiringPage)
 @releases_connection
 def schedule_history(
-    schedule_id: str, session: SessionDep, tenant: TenantDep, limit: Limit = 50, offset: Offset = 0
+    schedule_id: PathId, session: SessionDep, tenant: TenantDep, limit: Limit = 50, offset: Offset = 0
 ) -> FiringPage:
     """Every tick, newest first: its audit and that audit's status, or why none was created; late ones flagged."""
     rows, total = schedules.history(session, tenant, schedule_id, limit, offset)

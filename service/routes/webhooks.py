@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 from service import webhooks
 from service.dependencies import SessionDep, SettingsDep, TenantDep, releases_connection
 from service.queue import enqueue_delivery
-from service.schemas.common import PROBLEM_RESPONSES
+from service.schemas.common import PROBLEM_RESPONSES, PathId
 from service.schemas.webhooks import DeliveryOut, DeliveryPage, WebhookCreated, WebhookIn, WebhookOut
 
 log = logging.getLogger(__name__)
@@ -31,27 +31,27 @@ def list_webhooks(session: SessionDep, tenant: TenantDep) -> list[WebhookOut]:
 
 @router.get("/{webhook_id}", response_model=WebhookOut)
 @releases_connection
-def read_webhook(webhook_id: str, session: SessionDep, tenant: TenantDep) -> WebhookOut:
+def read_webhook(webhook_id: PathId, session: SessionDep, tenant: TenantDep) -> WebhookOut:
     return WebhookOut.model_validate(webhooks.get_webhook(session, tenant, webhook_id))
 
 
 @router.delete("/{webhook_id}", status_code=204, response_class=Response)
 @releases_connection
-def delete_webhook(webhook_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+def delete_webhook(webhook_id: PathId, session: SessionDep, tenant: TenantDep) -> Response:
     webhooks.delete_webhook(session, tenant, webhook_id)
     return Response(status_code=204)
 
 
 @router.post("/{webhook_id}/rotate-secret", response_model=WebhookCreated)
 @releases_connection
-def rotate_secret(webhook_id: str, session: SessionDep, tenant: TenantDep) -> WebhookCreated:
+def rotate_secret(webhook_id: PathId, session: SessionDep, tenant: TenantDep) -> WebhookCreated:
     """A new secret (shown once); for 24 hours deliveries carry signatures by the old and the new one."""
     return WebhookCreated.model_validate(webhooks.rotate_secret(session, tenant, webhook_id))
 
 
 @router.post("/{webhook_id}/test", status_code=202, response_model=DeliveryOut)
 @releases_connection
-def send_test_event(webhook_id: str, session: SessionDep, tenant: TenantDep) -> DeliveryOut:
+def send_test_event(webhook_id: PathId, session: SessionDep, tenant: TenantDep) -> DeliveryOut:
     """Send a `webhook.test` event to this webhook; follow it in the delivery log."""
     delivery_id = webhooks.send_test_event(session, tenant, webhook_id)
     session.commit()  # the row first, then its task
@@ -65,7 +65,7 @@ def send_test_event(webhook_id: str, session: SessionDep, tenant: TenantDep) -> 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveryPage)
 @releases_connection
 def list_deliveries(
-    webhook_id: str,
+    webhook_id: PathId,
     session: SessionDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,

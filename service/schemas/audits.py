@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.models import AuditStatus
+from service.schemas.common import ResourceId
 from service.schemas.lineage import ResourceRef
 
 
@@ -273,11 +274,11 @@ class AuditSpec(BaseModel):
         },
     )
 
-    model_id: str | None = Field(None, description="Id returned by POST /v1/models (or name it by `model`).")
+    model_id: ResourceId | None = Field(None, description="Id returned by POST /v1/models (or name it by `model`).")
     model: ResourceRef | None = Field(None, description="Instead of model_id: the model by name and version.")
-    dataset_id: str | None = Field(None, description="Evaluation dataset id returned by POST /v1/datasets.")
+    dataset_id: ResourceId | None = Field(None, description="Evaluation dataset id returned by POST /v1/datasets.")
     dataset: ResourceRef | None = Field(None, description="Instead of dataset_id: the dataset by name and version.")
-    train_dataset_id: str | None = Field(
+    train_dataset_id: ResourceId | None = Field(
         None, description="Train dataset for fine-tuning and gradual pruning; without it only one-shot pruning runs."
     )
     group_by: list[str] = Field(

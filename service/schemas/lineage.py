@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.schemas.catalog import DatasetOut, ModelOut
+from service.schemas.common import Text
 
 LATEST = "latest"
 
@@ -15,8 +16,8 @@ class ResourceRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, examples=["fraud-scorer"])
-    version: str = Field(LATEST, min_length=1, max_length=100, examples=["latest", "2026.12.01"])
+    name: Text = Field(min_length=1, max_length=200, examples=["fraud-scorer"])
+    version: Text = Field(LATEST, min_length=1, max_length=100, examples=["latest", "2026.12.01"])
 
 
 class ModelPage(BaseModel):

@@ -7,18 +7,19 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.schemas.audits import AuditSpec
+from service.schemas.common import Text
 
 
 class ScheduleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200, examples=["nightly fraud-scorer"])
+    name: Text | None = Field(None, max_length=200, examples=["nightly fraud-scorer"])
     spec: AuditSpec = Field(
         description='The audit to create at each tick; name the model {"name": …, "version": "latest"} to audit '
         "the newest upload then."
     )
-    cron: str | None = Field(None, max_length=200, examples=["0 2 * * *"], description="Cron expression (5 fields).")
-    timezone: str = Field("UTC", max_length=64, examples=["Europe/Berlin"], description="IANA zone of `cron`.")
+    cron: Text | None = Field(None, max_length=200, examples=["0 2 * * *"], description="Cron expression (5 fields).")
+    timezone: Text = Field("UTC", max_length=64, examples=["Europe/Berlin"], description="IANA zone of `cron`.")
     interval_s: float | None = Field(None, gt=0, le=366 * 86400, description="Instead of cron: every this many s.")
     paused: bool = False
     skip_if_unchanged: bool = Field(
@@ -40,10 +41,10 @@ class SchedulePatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200)
+    name: Text | None = Field(None, max_length=200)
     spec: AuditSpec | None = None
-    cron: str | None = Field(None, max_length=200)
-    timezone: str | None = Field(None, max_length=64)
+    cron: Text | None = Field(None, max_length=200)
+    timezone: Text | None = Field(None, max_length=64)
     interval_s: float | None = Field(None, gt=0, le=366 * 86400)
     paused: bool | None = None
     skip_if_unchanged: bool | None = None

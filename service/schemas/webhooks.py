@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.models import DeliveryStatus
+from service.schemas.common import Text
 
 EventName = Literal["audit.succeeded", "audit.failed", "audit.cancelled", "audit.verdict_changed", "schedule.fired"]
 
@@ -15,7 +16,7 @@ EventName = Literal["audit.succeeded", "audit.failed", "audit.cancelled", "audit
 class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=2000, examples=["https://ci.example.com/hooks/pruneaudit"])
+    url: Text = Field(max_length=2000, examples=["https://ci.example.com/hooks/pruneaudit"])
     events: list[EventName] = Field(min_length=1, examples=[["audit.succeeded", "audit.verdict_changed"]])
 
 

@@ -92,7 +92,8 @@ def test_spec_errors(api, digits_case):
     gradual = {"methods": [{"method": "channel", "schedule": "gradual", "fine_tuning": {}}]}
     assert_problem(client.post("/v1/audits", json=dict(base, pruning=gradual)), 422, "magnitude")
     assert_problem(client.post("/v1/audits", json=dict(base, colour="red")), 422, "colour")
-    assert_problem(client.post("/v1/audits", json=dict(base, model_id="nope")), 422, "model nope does not exist")
+    assert_problem(client.post("/v1/audits", json=dict(base, model_id="nope")), 422, "model_id", "pattern")
+    assert_problem(client.post("/v1/audits", json=dict(base, model_id="0" * 32)), 422, "does not exist")
     assert_problem(
         client.post("/v1/audits", json=dict(base, pruning={"methods": [{"ignored_layers": ["layers.9"]}]})),
         422,

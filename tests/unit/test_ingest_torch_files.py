@@ -160,3 +160,14 @@ def test_convert_limits(tmp_path):
     err = invalid(_convert, path, tmp_path, limits=ConversionLimits(timeout_s=0.05))
     assert "took longer than" in err.detail
     assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("convert-*"))
+
+
+def test_convert_memory_cap_counts_resident_memory_not_address_space(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"w": torch.zeros(64, 64)}, path)
+    # The child maps ~584 MiB (torch's libraries) but keeps ~280 MiB resident: a 400 MiB cap on resident memory
+    # lets it convert, as a cap on address space would not (nor, at 3.2 GB mapped, with a CUDA build of torch).
+    assert set(_convert(path, tmp_path, limits=ConversionLimits(base_rss_bytes=400 * 2**20))) == {"w"}
+    err = invalid(_convert, path, tmp_path, limits=ConversionLimits(base_rss_bytes=64 * 2**20))
+    assert "exceeded the server's limits" in err.detail and "64 MiB of memory" in err.detail
+    assert not list(tmp_path.glob("convert-*"))
