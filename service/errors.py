@@ -47,3 +47,11 @@ class PayloadTooLarge(PruneauditError):
     status = 413
     title = "Payload too large"
     slug = "payload-too-large"
+
+
+class ServiceBusy(PruneauditError):
+    """The server has no room for the request right now (it is not the request's fault): retry."""
+
+    status = 503
+    title = "Service busy"
+    slug = "service-busy"

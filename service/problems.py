@@ -49,7 +49,10 @@ def _validation_detail(errors: list[dict]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PruneauditError)
     async def _pruneaudit_error(request: Request, exc: PruneauditError) -> JSONResponse:
-        return problem(request, exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+        response = problem(request, exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+        if exc.status == 503:
+            response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
