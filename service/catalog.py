@@ -77,7 +77,7 @@ def register_model(
         raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
     staged = store.stage(weights, max_bytes)
     try:
-        if identify_model_file(staged.path) == "torch-checkpoint":
+        if identify_model_file(staged.path, limits) == "torch-checkpoint":
             # What is stored is the safetensors written from the loaded tensors, never the pickle.
             converted = store.temp_path(".safetensors")
             try:

@@ -20,3 +20,8 @@ def listing(names: Sequence[str], limit: int = LISTED) -> str:
     """The first `limit` names, quoted, and how many more there are."""
     shown = ", ".join(quoted(name) for name in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` cut to its first `limit` characters (marked with …)."""
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -85,3 +85,6 @@ class DecodeBudget:
 def decode_budget(capacity: int, wait_s: float) -> DecodeBudget:
     """The process's budget (one per setting values, so a process has one)."""
     return DecodeBudget(capacity, wait_s)
+
+
+DEFAULT_LIMITS = IngestLimits()  # the settings' defaults, for callers without settings (tests, tools)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidInput, PayloadTooLarge
+from service.ingest.limits import DEFAULT_LIMITS, IngestLimits
 from service.ingest.safetensors import EXPORT_HINT, read_safetensors_header
 
 _log = logging.getLogger(__name__)
@@ -48,13 +49,13 @@ _CHECKPOINT_HINT = (
 )
 
 
-def identify_model_file(path: Path) -> str:
+def identify_model_file(path: Path, limits: IngestLimits = DEFAULT_LIMITS) -> str:
     """ "safetensors" or "torch-checkpoint" (a torch.save zip or a raw pickle, to be converted by
     :func:`convert_torch_checkpoint`). Raises InvalidInput for TorchScript and torch.export
     archives, other zips and anything else, saying what was found and how to export."""
     path = Path(path)
     try:
-        read_safetensors_header(path)
+        read_safetensors_header(path, limits)
         return "safetensors"
     except InvalidInput:
         with open(path, "rb") as handle:
