@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from service.errors import PayloadTooLarge
 from service.settings import get_settings
+from service.temp_names import temp_prefix
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -40,7 +41,7 @@ class BlobStore:
         """Copy a stream to a temporary file under the store, hashing it; nothing is kept beyond the cap."""
         digest = hashlib.sha256()
         size = 0
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp")
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=temp_prefix("upload"))
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -55,9 +56,9 @@ class BlobStore:
             raise
         return StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=size)
 
-    def temp_path(self, suffix: str = "") -> Path:
+    def temp_path(self, suffix: str = "", kind: str = "weights") -> Path:
         """A new empty file under the store's tmp/ (same filesystem as the blobs, so commit is a rename)."""
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix, prefix=temp_prefix(kind))
         os.close(fd)
         return Path(name)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.ingest.torch_files import ConversionLimits, child_environment, conversion_slot
+from service.temp_names import temp_prefix
 
 _log = logging.getLogger(__name__)
 _IMPORTER_MODULE = "worker.import_onnx"
@@ -36,7 +37,7 @@ def import_onnx(
     source, target = Path(source), Path(target)
     # onnx's protobuf parse holds the file and its message; torch the converted copy and its gradients' slack.
     max_memory = limits.base_memory_bytes + 6 * source.stat().st_size
-    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix="onnx-"))
+    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix("onnx")))
     try:
         output = workdir / "out.safetensors"
         result = _run(source, output, workdir, max_memory, max_output_bytes, limits)

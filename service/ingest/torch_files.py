@@ -22,6 +22,7 @@ from pathlib import Path
 from service.errors import InvalidInput, PayloadTooLarge
 from service.ingest.limits import DEFAULT_LIMITS, IngestLimits
 from service.ingest.safetensors import EXPORT_HINT, read_safetensors_header
+from service.temp_names import temp_prefix
 
 _log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def convert_torch_checkpoint(
     max_memory = limits.base_memory_bytes + limits.memory_per_file_byte * source.stat().st_size
     # The child writes in a directory of its own (safetensors writes via a temporary file, which a
     # killed child would leave behind); it is removed whatever happens.
-    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix="convert-"))
+    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix("convert")))
     try:
         result = _run_converter(source, workdir / "out.safetensors", workdir, max_memory, max_output_bytes, limits)
         if result.returncode == 0 and (workdir / "out.safetensors").is_file():
