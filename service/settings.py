@@ -77,10 +77,11 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(30.0, gt=0, description="How often `pruneaudit sweeper` looks for audits.")
     leftover_age_s: float = Field(
-        3600.0,
+        6 * 3600.0,
         gt=0,
-        description="A temporary file, or a dataset directory without its row, this old is a crash's leftover: "
-        "the sweeper removes it (sooner when the process that made it is gone, see service/janitor.py).",
+        description="A temporary file, or a dataset directory without its row, unchanged this long is a crash's "
+        "leftover: the sweeper removes it (at once when the process of this host that made it is gone; see "
+        "service/janitor.py). Keep it above the longest task (run_time_limit_s, audit_time_limit_s).",
     )
     requeue_queued_after_s: float = Field(
         60.0, gt=0, description="A queued audit this old with no message in the broker (lost) is enqueued again."
