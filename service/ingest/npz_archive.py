@@ -36,6 +36,7 @@ _READ_ERRORS = (
     EOFError,
     OSError,
     ValueError,  # numpy's header and data checks, a filename that is not UTF-8
+    SyntaxError,  # numpy parses a dtype string's repeat count, "(2,3)f4", with ast.literal_eval
     zlib.error,
     lzma.LZMAError,
     struct.error,
