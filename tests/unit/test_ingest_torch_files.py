@@ -159,4 +159,4 @@ def test_convert_limits(tmp_path):
         _convert(path, tmp_path, max_output_bytes=1000)
     err = invalid(_convert, path, tmp_path, limits=ConversionLimits(timeout_s=0.05))
     assert "took longer than" in err.detail
-    assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("convert-*"))
+    assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("convert~*"))
