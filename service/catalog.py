@@ -188,8 +188,9 @@ def register_dataset(
     try:
         fmt = dataset_format(filename, staged.path)
         decoded, read = _dataset_reader(fmt, staged.path, label, features, groups, limits)
-        # Held until the files are written: the parsed arrays live that long.
-        with budget.reserve(decoded):
+        # Twice the decoded bytes: the arrays as read and the copies converting them makes (float32 features,
+        # coded labels and groups, a CSV's blocks joined). Held until the files are written.
+        with budget.reserve(2 * decoded):
             return _add_dataset(session, tenant_id, store, read(), name, fmt, staged)
     finally:
         store.discard(staged)

@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     max_decoding_bytes: int = Field(
         limits.MAX_DECODING_BYTES,
         ge=1,
-        description="Most bytes the datasets being decoded at once in one API process may take; an upload waits "
-        "decode_wait_s for room, then gets 503.",
+        description="Most bytes the datasets being decoded at once in one API process may take (each reserves twice "
+        "its decoded bytes); an upload waits decode_wait_s for room, then gets 503.",
     )
     decode_wait_s: float = Field(limits.DECODE_WAIT_S, ge=0, description="How long an upload waits for room to decode.")
     max_columns: int = Field(

@@ -24,6 +24,8 @@ SAVE_HINT = "save the dataset with np.savez(path, x=x, y=y, group_<attribute>=..
 # x, y and one array per group attribute: far more than any dataset has; the zip's directory is read
 # only once its entry count is known to be under this.
 MAX_ARRAYS = 1_000
+# A directory entry is 46 bytes, its name and its extra fields: an array's name is short.
+_DIRECTORY_BYTES_PER_ARRAY = 1024
 # numpy's own default: a header longer than this is refused before it is parsed.
 _MAX_NPY_HEADER_BYTES = 10_000
 # What reading a corrupt or hostile archive can raise: the zip layer (a bad directory, a CRC or
@@ -76,7 +78,7 @@ def read_arrays(path: Path, max_decoded_bytes: int, check_names: Callable[[list[
 def _members(path: Path, max_decoded_bytes: int) -> list[_Member]:
     _check_is_archive(path)
     with _corrupt_is_invalid():
-        _check_entry_count(path)
+        _check_directory(path)
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             _check_names(infos)
@@ -114,16 +116,21 @@ def _check_is_archive(path: Path) -> None:
         raise InvalidInput(f"not an .npz archive{hint}; {SAVE_HINT}")
 
 
-def _check_entry_count(path: Path) -> None:
-    # The standard library's reader of the end-of-directory record (zip64 included): the count it
-    # holds is checked before ZipFile builds an object for every entry.
+def _check_directory(path: Path) -> None:
+    # The standard library's reader of the end-of-directory record (zip64 included): the count and the
+    # directory's size it holds are checked before ZipFile reads the directory and builds an object for
+    # every entry in it (it reads as many bytes as the record says, whatever the count).
     with open(path, "rb") as handle:
         end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
     if end is None:
         raise zipfile.BadZipFile("no end of central directory record")
     entries = end[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
-    if entries > MAX_ARRAYS:
-        raise InvalidInput(f"the .npz archive has {entries} entries; at most {MAX_ARRAYS} arrays are accepted")
+    directory_bytes = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if entries > MAX_ARRAYS or directory_bytes > MAX_ARRAYS * _DIRECTORY_BYTES_PER_ARRAY:
+        raise InvalidInput(
+            f"the .npz archive has {entries} entries in a {directory_bytes}-byte directory; at most {MAX_ARRAYS} "
+            "arrays are accepted"
+        )
 
 
 def _check_names(infos: list[zipfile.ZipInfo]) -> None:

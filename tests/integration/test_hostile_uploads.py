@@ -4,6 +4,7 @@ bounded, its error body small, and nothing stored (no row, no blob, no temporary
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import struct
@@ -12,6 +13,7 @@ import time
 import zlib
 from collections.abc import Callable
 
+import numpy as np
 import psutil
 import pytest
 
@@ -142,6 +144,29 @@ def test_npz_headers_that_declare_terabytes_are_413(api, shape):
         f"array 'x' declares shape {list(shape)} of float32",
         "(setting max_decoded_bytes)",
     )
+
+
+def small_npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.ones((100, 4), dtype=np.float32), y=np.arange(100) % 2, group_g=np.arange(100) % 3)
+    return buffer.getvalue()
+
+
+def test_the_decode_budget_of_the_process_is_its_setting(tmp_path_factory):
+    # Item 1's second half: two bombs at once took 9.2 GB; all decoding in one process now shares one budget.
+    stack = start_stack(
+        tmp_path_factory.mktemp("budget"), with_worker=False, settings={"PRUNEAUDIT_MAX_DECODING_BYTES": "1000"}
+    )
+    try:
+        with stack.client() as client:
+            refused_within_bounds(
+                stack,
+                lambda: upload_dataset(client, small_npz()),
+                413,
+                "more than the 1000 bytes this server decodes at once (setting max_decoding_bytes)",
+            )
+    finally:
+        stack.stop()
 
 
 # -- safetensors ---------------------------------------------------------------------------------------

@@ -260,6 +260,10 @@ def test_npz_entries_that_are_not_arrays(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         for i in range(MAX_ARRAYS + 1):
             archive.writestr(f"group_{i}.npy", b"")
-    assert f"has {MAX_ARRAYS + 1} entries; at most {MAX_ARRAYS}" in invalid(read_npz_dataset, path).detail
+    assert f"has {MAX_ARRAYS + 1} entries in a " in invalid(read_npz_dataset, path).detail
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(20):  # few entries, but a directory of 1.2 MB: names of 60 kB
+            archive.writestr(f"{i}" + "n" * 60_000 + ".npy", b"")
+    assert "20 entries in a 1201030-byte directory" in invalid(read_npz_dataset, path).detail
     path = npz_with_header(tmp_path / "o.npz", "x.npy", {"descr": "|O", "fortran_order": False, "shape": (3,)})
     assert "object array" in invalid(read_npz_dataset, path).detail
