@@ -107,7 +107,7 @@ def _labels(y: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
     if kind == "f":
         return labels_from_class_indices(_whole_float_labels(y), "y")
     if kind in "US":
-        text = np.char.strip(y.astype(str) if kind == "S" else y)
+        text = np.char.strip(_text(y, "y"))
         empty = np.flatnonzero(text == "")
         if len(empty):
             raise InvalidInput(
@@ -118,6 +118,17 @@ def _labels(y: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
             raise InvalidInput(f"y has {len(uniq)} distinct labels, more than the {MAX_CLASSES} classes supported")
         return inverse.astype(np.int64).reshape(-1), [str(u) for u in uniq]
     raise InvalidInput(f"y has dtype {y.dtype}; labels must be non-negative integers or strings")
+
+
+def _text(values: np.ndarray, what: str) -> np.ndarray:
+    """A string array as str; numpy decodes a bytes array (dtype S) as ASCII."""
+    try:
+        return values.astype(str)
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{what} holds bytes that are not ASCII text; store text as str (numpy dtype U), e.g. "
+            "np.asarray(values, dtype=str)"
+        ) from None
 
 
 def _whole_float_labels(y: np.ndarray) -> np.ndarray:
@@ -141,7 +152,7 @@ def _group_column(arr: np.ndarray, what: str) -> GroupColumn:
     in sorted order of their values."""
     kind = arr.dtype.kind
     if kind in "US":
-        stripped = np.char.strip(arr.astype(str) if kind == "S" else arr)
+        stripped = np.char.strip(_text(arr, what))
         missing = np.isin(np.char.lower(stripped), list(MISSING_TOKENS))
         return _coded(stripped, missing, str, what)
     if kind == "b":

@@ -151,10 +151,25 @@ def valid_npz(draw) -> bytes:
     x = draw(st.sampled_from([np.float32, np.float64, np.int64, np.uint8, np.float16, np.bool_]))
     labels = draw(
         st.sampled_from(
-            [np.arange(rows) % 2, np.array(["a", "b", " ", "c", "a"][:rows]), np.arange(rows) + 0.5, -np.arange(rows)]
+            [
+                np.arange(rows) % 2,
+                np.array(["a", "b", " ", "c", "a"][:rows]),
+                np.array([b"\xff", b"a", b"", b"b", b"c"][:rows]),  # found by a review: bytes that are not ASCII
+                np.arange(rows) + 0.5,
+                -np.arange(rows),
+            ]
         )
     )
-    group = draw(st.sampled_from([np.arange(rows), np.array(["f", "NA", "m", "", "f"][:rows]), np.full(rows, np.nan)]))
+    group = draw(
+        st.sampled_from(
+            [
+                np.arange(rows),
+                np.array(["f", "NA", "m", "", "f"][:rows]),
+                np.array([b"f", b"\xe9", b"m", b"", b"f"][:rows]),
+                np.full(rows, np.nan),
+            ]
+        )
+    )
     arrays = {"x": np.ones((rows, 3), dtype=x), "y": labels, "group_g": group}
     buffer = io.BytesIO()
     (np.savez_compressed if draw(st.booleans()) else np.savez)(buffer, **arrays)

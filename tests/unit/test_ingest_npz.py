@@ -267,3 +267,11 @@ def test_npz_entries_that_are_not_arrays(tmp_path):
     assert "20 entries in a 1201030-byte directory" in invalid(read_npz_dataset, path).detail
     path = npz_with_header(tmp_path / "o.npz", "x.npy", {"descr": "|O", "fortran_order": False, "shape": (3,)})
     assert "object array" in invalid(read_npz_dataset, path).detail
+
+
+def test_npz_bytes_that_are_not_ascii(tmp_path):
+    text = np.array([b"\xff", b"a"])
+    path = write_npz(tmp_path / "d.npz", x=np.ones((2, 1)), y=text, group_g=np.arange(2))
+    assert "y holds bytes that are not ASCII text" in invalid(read_npz_dataset, path).detail
+    path = write_npz(tmp_path / "d.npz", x=np.ones((2, 1)), y=np.arange(2), group_g=text)
+    assert "group_g holds bytes that are not ASCII text" in invalid(read_npz_dataset, path).detail
