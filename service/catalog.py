@@ -239,7 +239,10 @@ def _add_dataset(
     )
     session.add(dataset)
     session.flush()
-    summary = save_dataset(parsed, store.dataset_dir(dataset.id))
+    # Written under tmp/ in a directory named after this process, then renamed into place: a crash while
+    # writing leaves only what the janitor removes once this process is gone (service/janitor.py).
+    with store.staged_dataset_dir(dataset.id) as directory:
+        summary = save_dataset(parsed, directory)
     dataset.rows = summary["rows"]
     dataset.feature_shape = summary["feature_shape"]
     dataset.classes = summary["classes"]

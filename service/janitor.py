@@ -1,10 +1,12 @@
 """What a killed process leaves in the blob store, removed by the sweeper (service/recovery.py):
 
-- entries of tmp/ (staged uploads, converted weights, a run's output directory, ...): at once when their owner,
-  named in the entry (service/temp_names.py), is a process of this host that no longer exists; else once
-  nothing in them changed for `leftover_age_s` (an owner on another host, a name without an owner);
-- dataset directories without a dataset row (the API died while writing them, before its commit), and
-  half-written ``*.tmp`` arrays in any dataset directory, once `leftover_age_s` old.
+- entries of tmp/ (staged uploads, converted weights, datasets being written, a run's output directory, ...):
+  at once when their owner, named in the entry (service/temp_names.py), is a process of this host that no
+  longer exists; else once nothing in them changed for `leftover_age_s` (an owner on another host, a name
+  without an owner);
+- dataset directories without a dataset row (the API died after moving one into place, before its commit),
+  and half-written ``*.tmp`` arrays in any dataset directory (as older versions wrote them in place), once
+  `leftover_age_s` old.
 
 An entry whose owner is alive on this host is kept, however old: a long run writes its output directory late."""
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -88,6 +91,21 @@ class BlobStore:
 
     def discard(self, staged: StagedUpload) -> None:
         staged.path.unlink(missing_ok=True)
+
+    @contextmanager
+    def staged_dataset_dir(self, dataset_id: str) -> Iterator[Path]:
+        """A new directory under tmp/ to write a dataset's files in, renamed to its place when the block ends
+        (removed if it raises)."""
+        # Not mkdtemp, whose 0700 would stay on the renamed directory: workers may run as another user.
+        staging = self.root / "tmp" / (temp_prefix("dataset") + secrets.token_hex(8))
+        staging.mkdir()
+        try:
+            yield staging
+            self.dataset_dir(dataset_id).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, self.dataset_dir(dataset_id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def remove_dataset_dir(self, dataset_id: str) -> None:
         shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)

@@ -13,7 +13,7 @@ _SEPARATOR = "~"  # never part of a host name
 
 @dataclass(frozen=True)
 class Owner:
-    kind: str  # upload, weights, convert, onnx, run, report
+    kind: str  # upload, weights, convert, onnx, dataset, run, report
     host: str
     pid: int
 
