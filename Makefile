@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run lint test bench reproduce clean
+.PHONY: install run lint test fuzz bench reproduce clean
 
 # Re-installs only when pyproject.toml changes; torch==2.13.0 is the CPU wheel already on these machines.
 $(STAMP): pyproject.toml
@@ -44,6 +44,11 @@ lint: $(STAMP)
 # lint first: its prerequisites and recipe finish before pytest starts.
 test: lint $(CHROMIUM) $(DOCKER_COMPOSE)
 	$(BIN)/python -m pytest -q
+
+# The upload readers fuzzed at length (tests/unit/test_ingest_fuzz.py: 20,000 examples each, a few minutes;
+# `make test` runs 300 of each). Failing examples are kept in .hypothesis/ and replayed first.
+fuzz: $(STAMP)
+	PRUNEAUDIT_FUZZ_PROFILE=ingest-fuzz $(BIN)/python -m pytest -q tests/unit/test_ingest_fuzz.py
 
 # Every figure, each in its own process; NAME=<figure> runs one alone (python -m bench --list names them);
 # SMOKE=1: tiny sizes, a check that the figures run (numbers meaningless).

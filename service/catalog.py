@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -12,14 +13,16 @@ from sqlalchemy.orm import Session
 from arch.registry import REGISTRY, AnySpec, architecture_adapter, expected_state_dict, input_shape, parameter_count
 from arch.specs import OnnxReference, OnnxSpec, OnnxUpload
 from service.errors import InvalidInput
-from service.ingest.csv import read_csv_dataset
-from service.ingest.dataset import save_dataset
+from service.ingest.csv import csv_decoded_bytes, read_csv_dataset
+from service.ingest.dataset import ParsedDataset, save_dataset
+from service.ingest.limits import DecodeBudget, IngestLimits
 from service.ingest.npz import read_npz_dataset
+from service.ingest.npz_archive import decoded_bytes as npz_decoded_bytes
 from service.ingest.onnx_files import import_onnx
 from service.ingest.safetensors import check_weights_fit, read_safetensors_header
 from service.ingest.torch_files import convert_torch_checkpoint, identify_model_file
 from service.models import Dataset, Model
-from service.storage import BlobStore
+from service.storage import BlobStore, StagedUpload
 from service.tenancy import owned
 
 
@@ -62,6 +65,7 @@ def register_model(
     *,
     max_bytes: int,
     max_parameters: int,
+    limits: IngestLimits,
 ) -> Model:
     spec = parse_architecture(architecture_json)
     if isinstance(spec, OnnxUpload):
@@ -73,7 +77,7 @@ def register_model(
         raise InvalidInput(f"architecture has {count} parameters; this server accepts at most {max_parameters}")
     staged = store.stage(weights, max_bytes)
     try:
-        if identify_model_file(staged.path) == "torch-checkpoint":
+        if identify_model_file(staged.path, limits) == "torch-checkpoint":
             # What is stored is the safetensors written from the loaded tensors, never the pickle.
             converted = store.temp_path(".safetensors")
             try:
@@ -83,7 +87,7 @@ def register_model(
                 raise
             store.discard(staged)
             staged = store.stage_file(converted)
-        tensors = read_safetensors_header(staged.path)
+        tensors = read_safetensors_header(staged.path, limits)
         check_weights_fit(tensors, expected_state_dict(spec), spec.name)
     except BaseException:
         store.discard(staged)
@@ -177,22 +181,51 @@ def register_dataset(
     features: str | None,
     groups: str | None,
     max_bytes: int,
+    limits: IngestLimits,
+    budget: DecodeBudget,
 ) -> Dataset:
     staged = store.stage(upload, max_bytes)
     try:
         fmt = dataset_format(filename, staged.path)
-        if fmt == "npz":
-            parsed = read_npz_dataset(staged.path)
-        else:
-            group_columns = _split_columns(groups)
-            if not label or not group_columns:
-                raise InvalidInput(
-                    "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
-                    "(comma-separated group attribute columns); 'features' is optional"
-                )
-            parsed = read_csv_dataset(staged.path, label=label, features=_split_columns(features), groups=group_columns)
+        decoded, read = _dataset_reader(fmt, staged.path, label, features, groups, limits)
+        # Twice the decoded bytes: the arrays as read and the copies converting them makes (float32 features,
+        # coded labels and groups, a CSV's blocks joined). Held until the files are written.
+        with budget.reserve(2 * decoded):
+            return _add_dataset(session, tenant_id, store, read(), name, fmt, staged)
     finally:
         store.discard(staged)
+
+
+def _dataset_reader(
+    fmt: str, path: Path, label: str | None, features: str | None, groups: str | None, limits: IngestLimits
+) -> tuple[int, Callable[[], ParsedDataset]]:
+    """The bytes reading the upload will take (checked against the caps first), and the reader."""
+    if fmt == "npz":
+        return npz_decoded_bytes(path, limits.max_decoded_bytes), lambda: read_npz_dataset(
+            path, max_decoded_bytes=limits.max_decoded_bytes
+        )
+    group_columns = _split_columns(groups)
+    if not label or not group_columns:
+        raise InvalidInput(
+            "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
+            "(comma-separated group attribute columns); 'features' is optional"
+        )
+    feature_columns = _split_columns(features)
+    decoded = csv_decoded_bytes(path, limits.max_decoded_bytes)
+    return decoded, lambda: read_csv_dataset(
+        path, label=label, features=feature_columns, groups=group_columns, max_columns=limits.max_columns
+    )
+
+
+def _add_dataset(
+    session: Session,
+    tenant_id: str,
+    store: BlobStore,
+    parsed: ParsedDataset,
+    name: str | None,
+    fmt: str,
+    staged: StagedUpload,
+) -> Dataset:
     dataset = Dataset(
         tenant_id=tenant_id,
         name=name,
@@ -206,7 +239,10 @@ def register_dataset(
     )
     session.add(dataset)
     session.flush()
-    summary = save_dataset(parsed, store.dataset_dir(dataset.id))
+    # Written under tmp/ in a directory named after this process, then renamed into place: a crash while
+    # writing leaves only what the janitor removes once this process is gone (service/janitor.py).
+    with store.staged_dataset_dir(dataset.id) as directory:
+        summary = save_dataset(parsed, directory)
     dataset.rows = summary["rows"]
     dataset.feature_shape = summary["feature_shape"]
     dataset.classes = summary["classes"]

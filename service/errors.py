@@ -70,3 +70,10 @@ class RequestTimeout(PruneauditError):
     status = 408
     title = "Request timeout"
     slug = "request-timeout"
+
+
+class ServiceBusy(ServiceUnavailable):
+    """The server has no room for the request right now (it is not the request's fault): retry."""
+
+    title = "Service busy"
+    slug = "service-busy"

@@ -25,7 +25,11 @@ COMMON_ERRORS: dict[str, dict[str, Any]] = {
         "headers": {"Retry-After": RETRY_AFTER},
     },
     "500": {"description": "Internal error (a bug: the problem's detail names the request)"},
-    "503": {"description": "Service unavailable: the database or the blob store does not answer"},
+    "503": {
+        "description": "Service unavailable: the database or the blob store does not answer, or an upload found no "
+        "room to be decoded (max_decoding_bytes); retry after Retry-After",
+        "headers": {"Retry-After": RETRY_AFTER},
+    },
 }
 
 

@@ -8,7 +8,8 @@
   (per run); then the run and its audit fail with the reason. A stale run of an audit asked to stop is cancelled.
 - `queued` audits, and queued runs that can start, with no message in the broker (Redis restarted without
   persistence, a process died between commit and enqueue, the broker was down) are sent again.
-- Work directories (stored baselines, masks) of audits that ended are removed: crash leftovers.
+- Work directories (stored baselines, masks) of audits that ended are removed: crash leftovers; so are temporary
+  files of dead processes and dataset directories without a row (service/janitor.py).
 
 Every state change is a conditional UPDATE (a run's under its audit's lock, service/runs.py), so several sweepers
 can run at once; a duplicate message is harmless because the worker's claims are conditional UPDATEs too. Pure
@@ -30,6 +31,7 @@ from sqlalchemy import bindparam, create_engine, exists, or_, select, text, upda
 from sqlalchemy.orm import aliased
 
 from service.db import rows_matched, session_scope
+from service.janitor import remove_leftovers
 from service.models import Audit, AuditStatus, Run, RunStatus, utcnow
 from service.outbox import OutboxOutcome, sweep_outbox
 from service.queue import (
@@ -58,6 +60,7 @@ class SweepOutcome:
     runs_cancelled: list[str] = field(default_factory=list)  # stale running run of an audit asked to stop, or ended
     runs_resent: list[str] = field(default_factory=list)  # queued run with no broker message → sent again
     work_removed: list[str] = field(default_factory=list)  # work directories of ended audits
+    leftovers_removed: list[str] = field(default_factory=list)  # crash leftovers in the blob store (janitor)
     outbox: OutboxOutcome | None = None  # schedules fired, end events recorded, deliveries sent again
 
 
@@ -328,6 +331,7 @@ def sweep(settings: Settings | None = None) -> SweepOutcome:
     recover_stale_runs(settings, outcome)
     recover_lost_messages(settings, outcome)
     remove_ended_work(outcome)
+    outcome.leftovers_removed = remove_leftovers(get_store(), settings.leftover_age_s)
     outcome.outbox = sweep_outbox(settings, lambda: ids_in(live_messages(settings) or [], DELIVER_WEBHOOK_TASK))
     return outcome
 

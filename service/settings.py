@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.ingest import limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRUNEAUDIT_", extra="ignore")
@@ -21,6 +23,31 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(None, description="Content-addressed blob store; default var_dir/blobs.")
     queue_name: str = "pruneaudit"
     max_upload_bytes: int = 512 * 1024 * 1024
+    # What reading one upload may cost the API process, checked before anything is allocated
+    # (service/ingest/limits.py; README "Upload limits").
+    max_decoded_bytes: int = Field(
+        limits.MAX_DECODED_BYTES,
+        ge=1,
+        description="Most bytes one dataset may decode to (an .npz's arrays as their headers declare them, twice "
+        "a CSV's size): more is 413, refused before decompressing.",
+    )
+    max_decoding_bytes: int = Field(
+        limits.MAX_DECODING_BYTES,
+        ge=1,
+        description="Most bytes the datasets being decoded at once in one API process may take (each reserves twice "
+        "its decoded bytes); an upload waits decode_wait_s for room, then gets 503.",
+    )
+    decode_wait_s: float = Field(limits.DECODE_WAIT_S, ge=0, description="How long an upload waits for room to decode.")
+    max_columns: int = Field(
+        limits.MAX_COLUMNS, ge=1, description="Most columns a CSV dataset may have, and most names in 'features'."
+    )
+    max_safetensors_header_bytes: int = Field(
+        limits.MAX_HEADER_BYTES, ge=8, description="Largest safetensors header (JSON) accepted."
+    )
+    max_tensors: int = Field(limits.MAX_TENSORS, ge=1, description="Most tensors a weights file may hold.")
+    max_tensor_name_bytes: int = Field(
+        limits.MAX_TENSOR_NAME_BYTES, ge=1, description="Longest tensor name (or other header key) accepted."
+    )
     audit_time_limit_s: int = Field(
         3600, ge=1, description="Time limit of an audit's first task: loading it and measuring the dense baseline."
     )
@@ -49,6 +76,13 @@ class Settings(BaseSettings):
         3, ge=1, description="Attempts before an audit (its baseline, or one run) whose worker keeps vanishing fails."
     )
     sweep_interval_s: float = Field(30.0, gt=0, description="How often `pruneaudit sweeper` looks for audits.")
+    leftover_age_s: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="A temporary file, or a dataset directory without its row, unchanged this long is a crash's "
+        "leftover: the sweeper removes it (at once when the process of this host that made it is gone; see "
+        "service/janitor.py). Keep it above the longest task (run_time_limit_s, audit_time_limit_s).",
+    )
     requeue_queued_after_s: float = Field(
         60.0, gt=0, description="A queued audit this old with no message in the broker (lost) is enqueued again."
     )

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import BinaryIO
 
 from service.errors import PayloadTooLarge
 from service.settings import get_settings
+from service.temp_names import temp_prefix
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -40,7 +44,7 @@ class BlobStore:
         """Copy a stream to a temporary file under the store, hashing it; nothing is kept beyond the cap."""
         digest = hashlib.sha256()
         size = 0
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp")
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=temp_prefix("upload"))
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -55,9 +59,9 @@ class BlobStore:
             raise
         return StagedUpload(path=path, sha256=digest.hexdigest(), size_bytes=size)
 
-    def temp_path(self, suffix: str = "") -> Path:
+    def temp_path(self, suffix: str = "", kind: str = "weights") -> Path:
         """A new empty file under the store's tmp/ (same filesystem as the blobs, so commit is a rename)."""
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix, prefix=temp_prefix(kind))
         os.close(fd)
         return Path(name)
 
@@ -87,6 +91,21 @@ class BlobStore:
 
     def discard(self, staged: StagedUpload) -> None:
         staged.path.unlink(missing_ok=True)
+
+    @contextmanager
+    def staged_dataset_dir(self, dataset_id: str) -> Iterator[Path]:
+        """A new directory under tmp/ to write a dataset's files in, renamed to its place when the block ends
+        (removed if it raises)."""
+        # Not mkdtemp, whose 0700 would stay on the renamed directory: workers may run as another user.
+        staging = self.root / "tmp" / (temp_prefix("dataset") + secrets.token_hex(8))
+        staging.mkdir()
+        try:
+            yield staging
+            self.dataset_dir(dataset_id).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, self.dataset_dir(dataset_id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def remove_dataset_dir(self, dataset_id: str) -> None:
         shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)

@@ -25,6 +25,7 @@ from service.db import rows_matched, session_scope
 from service.models import Audit, AuditStatus, Run, RunStatus, utcnow
 from service.runs import run_counts
 from service.storage import BlobStore, get_store
+from service.temp_names import temp_prefix
 from worker.inputs import RunPlan
 from worker.leases import AttemptSuperseded, AuditCancelled, AuditLease, RunLease
 
@@ -41,7 +42,7 @@ def render_html(audit: Audit, store: BlobStore) -> str | None:
         log.exception("audit %s: the HTML report could not be rendered", audit.id)
         return None
     with tempfile.NamedTemporaryFile(
-        "w", suffix=".html", dir=store.root / "tmp", delete=False, encoding="utf-8"
+        "w", suffix=".html", prefix=temp_prefix("report"), dir=store.root / "tmp", delete=False, encoding="utf-8"
     ) as handle:
         handle.write(html)
     return store.add_file(Path(handle.name))

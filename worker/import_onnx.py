@@ -73,7 +73,10 @@ def check_data_inside(model: Any) -> None:
             raise Refused(f"{where} declares {elements} elements, more than the {MAX_TENSOR_ELEMENTS} allowed")
         if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
             raise Refused(f"{where} has a non-numeric type")
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except KeyError:
+            raise Refused(f"{where} has data type {tensor.data_type}, which ONNX does not define") from None
         held = _held_elements(tensor, itemsize)
         if held != elements:
             raise Refused(f"{where} declares {elements} elements ({dims}) but holds {held}")
@@ -116,7 +119,9 @@ def check(model: Any) -> Any:
     try:
         onnx.checker.check_model(model, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    # ValueError: the checker's own for a data type it does not know, and UnicodeDecodeError for a name or
+    # string that is not UTF-8.
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:400] or type(exc).__name__
         raise Refused(f"onnx.checker refused the model: {reason}") from None
     return inferred

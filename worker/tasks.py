@@ -27,6 +27,7 @@ from service.models import Audit, Dataset, Run, RunStatus, utcnow
 from service.queue import COMPUTE_RUN_TASK, RUN_AUDIT_TASK, enqueue_run
 from service.settings import get_settings
 from service.storage import get_store
+from service.temp_names import temp_prefix
 from worker.assembly import queue_runs, store_run
 from worker.celery_app import app
 from worker.deliveries import announce_end
@@ -180,7 +181,7 @@ def compute_run(self: Task, run_id: str) -> None:
     with (
         task_outcome(lease, get_settings().run_time_limit_s),
         heartbeat(lease),
-        tempfile.TemporaryDirectory(dir=store.root / "tmp") as output_dir,
+        tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix=temp_prefix("run")) as output_dir,
     ):
         with session_scope() as session:
             audit = session.get_one(Audit, lease.audit_id)

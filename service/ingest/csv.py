@@ -16,7 +16,7 @@ from typing import TextIO
 
 import numpy as np
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
 from service.ingest.dataset import GroupColumn, ParsedDataset, check_attribute_name
 from service.ingest.encoding import (
     MAX_CLASSES,
@@ -25,22 +25,40 @@ from service.ingest.encoding import (
     checked_group,
     labels_from_class_indices,
 )
+from service.ingest.excerpts import LISTED, NAME_CHARS, listing, quoted
+from service.ingest.limits import MAX_COLUMNS
 
 MAX_CSV_BYTES = 100_000_000
 _CSV_CHUNK_ROWS = 8192
+# Room for commas inside quoted cells before a line counts as having too many columns.
+_COMMAS_PER_COLUMN = 4
 
 
-def read_csv_dataset(path: Path, *, label: str, features: list[str] | None, groups: list[str]) -> ParsedDataset:
+def csv_decoded_bytes(path: Path, max_decoded_bytes: int) -> int:
+    """What reading the CSV holds at most: twice its size, since every feature cell takes at least two bytes
+    of text ("0,") and becomes a 4-byte float32 (label and group codes likewise); PayloadTooLarge over the cap."""
+    decoded = 2 * Path(path).stat().st_size
+    if decoded > max_decoded_bytes:
+        raise PayloadTooLarge(
+            f"the CSV may decode to {decoded} bytes (twice its size), more than the {max_decoded_bytes} bytes one "
+            "dataset may take (setting max_decoded_bytes)"
+        )
+    return decoded
+
+
+def read_csv_dataset(
+    path: Path, *, label: str, features: list[str] | None, groups: list[str], max_columns: int = MAX_COLUMNS
+) -> ParsedDataset:
     """Read a UTF-8 CSV with a header row in one streaming pass.
 
     ``features`` defaults to every column that is neither the label nor a group column."""
     path = Path(path)
-    _check_request(path, features, groups)
-    with _csv_reader(path) as reader:
-        columns = _locate_columns(_read_header(reader), label, features, groups)
+    _check_request(path, features, groups, max_columns)
+    with _csv_reader(path, max_columns) as reader:
+        columns = _locate_columns(_read_header(reader, max_columns), label, features, groups)
         table = _read_rows(reader, columns)
     x = table.features()
-    y, classes = _labels(table.labels, f"the label column {label!r}")
+    y, classes = _labels(table.labels, f"the label column {quoted(label)}")
     coded = {
         attr: _group_column(values, f"group column {attr!r}") for attr, values in zip(groups, table.groups, strict=True)
     }
@@ -59,7 +77,7 @@ class _Columns:
     feature_names: list[str]
 
 
-def _check_request(path: Path, features: list[str] | None, groups: list[str]) -> None:
+def _check_request(path: Path, features: list[str] | None, groups: list[str], max_columns: int) -> None:
     size = path.stat().st_size
     if size > MAX_CSV_BYTES:
         raise InvalidInput(
@@ -69,24 +87,44 @@ def _check_request(path: Path, features: list[str] | None, groups: list[str]) ->
     if not groups:
         raise InvalidInput("name at least one group attribute column (groups); the audit compares groups")
     for what, names in (("groups", groups), ("features", features or [])):
-        dup = sorted({n for n in names if names.count(n) > 1})
+        if len(names) > max_columns:
+            raise InvalidInput(
+                f"{what} names {len(names)} columns, more than the {max_columns} a dataset may have "
+                "(setting max_columns)"
+            )
+        counts = Counter(names)
+        dup = sorted(n for n, count in counts.items() if count > 1)
         if dup:
-            raise InvalidInput(f"{what} lists {', '.join(map(repr, dup))} more than once")
+            raise InvalidInput(f"{what} lists {listing(dup)} more than once")
     for attr in groups:
         check_attribute_name(attr, "rename the CSV column")
 
 
 @contextmanager
-def _csv_reader(path: Path) -> Iterator[Iterator[list[str]]]:
+def _csv_reader(path: Path, max_columns: int) -> Iterator[Iterator[list[str]]]:
     """The file's rows; a decoding or quoting error while they are read becomes InvalidInput."""
     with _open_text(path) as handle:
-        reader = csv.reader(handle, strict=True)
+        reader = csv.reader(_bounded_lines(handle, max_columns), strict=True)
         try:
             yield reader
         except csv.Error as exc:
             raise InvalidInput(f"the CSV is malformed near line {reader.line_num}: {exc}; check its quoting") from None
         except UnicodeDecodeError:
             raise InvalidInput("the CSV is not valid UTF-8; save it with UTF-8 encoding") from None
+
+
+def _bounded_lines(handle: TextIO, max_columns: int) -> Iterator[str]:
+    """The file's lines, refused before csv splits them when one holds so many commas that its cells could
+    not fit `max_columns` even if most of them were quoted inside cells: a line of a million commas would
+    otherwise become a list of a million cells first."""
+    most_commas = _COMMAS_PER_COLUMN * max_columns
+    for line_number, line in enumerate(handle, start=1):
+        if line.count(",") > most_commas:
+            raise InvalidInput(
+                f"CSV line {line_number} holds {line.count(',')} commas, far more than the {max_columns} columns "
+                "a dataset may have (setting max_columns)"
+            )
+        yield line
 
 
 def _open_text(path: Path) -> TextIO:
@@ -97,23 +135,27 @@ def _open_text(path: Path) -> TextIO:
         raise InvalidInput(f"the CSV cannot be opened ({exc})") from None
 
 
-def _read_header(reader: Iterator[list[str]]) -> list[str]:
+def _read_header(reader: Iterator[list[str]], max_columns: int) -> list[str]:
     header = next(reader, None)
     if header is None:
         raise InvalidInput("the CSV is empty; it needs a header row naming the columns and data rows")
+    if len(header) > max_columns:
+        raise InvalidInput(
+            f"the CSV header has {len(header)} columns, more than the {max_columns} a dataset may have "
+            "(setting max_columns)"
+        )
     header = [name.strip() for name in header]
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         separator = "';'" if ";" in header[0] else "tabs"
         raise InvalidInput(
-            f"the CSV header has one column {header[0]!r}; the file seems to separate values with "
+            f"the CSV header has one column {quoted(header[0])}; the file seems to separate values with "
             f"{separator}; save it with commas"
         )
     return header
 
 
 def _column_listing(header: list[str]) -> str:
-    shown = ", ".join(repr(h) for h in header[:50])
-    return shown + (f" and {len(header) - 50} more" if len(header) > 50 else "")
+    return listing(header, 50)
 
 
 def _locate_columns(header: list[str], label: str, features: list[str] | None, groups: list[str]) -> _Columns:
@@ -123,14 +165,14 @@ def _locate_columns(header: list[str], label: str, features: list[str] | None, g
     absent = [c for c in dict.fromkeys([label, *groups, *(features or [])]) if c not in index]
     if absent:
         raise InvalidInput(
-            f"the CSV has no column {', '.join(map(repr, absent))}; available columns: {_column_listing(header)}",
-            errors=[{"key": c, "problem": "missing_column"} for c in absent],
+            f"the CSV has no column {listing(absent)}; available columns: {_column_listing(header)}",
+            errors=[{"key": c[:NAME_CHARS], "problem": "missing_column"} for c in absent[:LISTED]],
         )
     feature_names = _feature_names(header, label, features, groups)
     counts = Counter(header)
     dup = sorted({c for c in (label, *groups, *feature_names) if counts[c] > 1})
     if dup:
-        raise InvalidInput(f"the CSV header has more than one column named {', '.join(map(repr, dup))}")
+        raise InvalidInput(f"the CSV header has more than one column named {listing(dup)}")
     return _Columns(
         width=len(header),
         label_name=label,
@@ -144,7 +186,7 @@ def _locate_columns(header: list[str], label: str, features: list[str] | None, g
 def _feature_names(header: list[str], label: str, features: list[str] | None, groups: list[str]) -> list[str]:
     if features is not None:
         if label in features:
-            raise InvalidInput(f"the label column {label!r} cannot also be a feature")
+            raise InvalidInput(f"the label column {quoted(label)} cannot also be a feature")
         names = list(features)
     else:
         unnamed = [i + 1 for i, h in enumerate(header) if h == ""]
@@ -153,7 +195,8 @@ def _feature_names(header: list[str], label: str, features: list[str] | None, gr
                 f"CSV column {unnamed[0]} has no name (a pandas index? save with index=False), so "
                 "it cannot be used as a feature; name it or list the features explicitly"
             )
-        names = [h for h in header if h not in {label, *groups}]
+        not_features = {label, *groups}
+        names = [h for h in header if h not in not_features]
     if not names:
         raise InvalidInput(
             f"the CSV has no feature columns: every column is the label or a group attribute "
@@ -227,7 +270,7 @@ def _read_rows(reader: Iterator[list[str]], columns: _Columns) -> _Table:
             )
         if not row[columns.label].strip():
             raise InvalidInput(
-                f"the label column {columns.label_name!r} is empty in row {row_number}; every row needs a label"
+                f"the label column {quoted(columns.label_name)} is empty in row {row_number}; every row needs a label"
             )
         table.add(row, row_number)
     return table
@@ -250,8 +293,9 @@ def _feature_block(cells: list[list[str]], row_numbers: list[int], names: list[s
     if bad.any():
         r, c = (int(v[0]) for v in np.nonzero(bad))
         raise InvalidInput(
-            f"feature column {names[c]!r} has {cells[r][c].strip()!r} in row {row_numbers[r]}, which is not "
-            "a finite float32 number; features must be finite (rows count from 1 at the header, as in a spreadsheet)"
+            f"feature column {quoted(names[c])} has {quoted(cells[r][c].strip())} in row {row_numbers[r]}, which is "
+            "not a finite float32 number; features must be finite "
+            "(rows count from 1 at the header, as in a spreadsheet)"
         )
     return out
 
@@ -261,7 +305,7 @@ def _number(cell: str, column: str, row_number: int) -> float:
         return float(cell)
     except ValueError:
         raise InvalidInput(
-            f"feature column {column!r} has {cell!r} in row {row_number}, which is not a number; features "
+            f"feature column {quoted(column)} has {quoted(cell)} in row {row_number}, which is not a number; features "
             "must be numeric (rows count from 1 at the header, as in a spreadsheet)"
         ) from None
 

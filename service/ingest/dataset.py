@@ -11,6 +11,7 @@ import numpy as np
 
 from service.dataset_files import write_dataset_files
 from service.errors import InvalidInput
+from service.ingest.excerpts import quoted
 
 # An attribute names a stored file (group_<attribute>.npy), so it is kept to a safe alphabet.
 ATTRIBUTE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -33,7 +34,7 @@ class ParsedDataset:
 def check_attribute_name(attr: str, fix: str) -> None:
     if not ATTRIBUTE_RE.match(attr):
         raise InvalidInput(
-            f"{attr!r} cannot be a group attribute name: names must be 1-64 letters, digits or underscores; {fix}"
+            f"{quoted(attr)} cannot be a group attribute name: names must be 1-64 letters, digits or underscores; {fix}"
         )
 
 

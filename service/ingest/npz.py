@@ -1,9 +1,8 @@
-"""Datasets as ``.npz``: arrays ``x``, ``y`` and one ``group_<attribute>`` per group attribute, loaded
-with ``allow_pickle=False`` (object arrays are refused, never unpickled)."""
+"""Datasets as ``.npz``: arrays ``x``, ``y`` and one ``group_<attribute>`` per group attribute, read by
+:mod:`service.ingest.npz_archive` (sizes checked before allocation, object arrays refused)."""
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,14 @@ import numpy as np
 from service.errors import InvalidInput
 from service.ingest.dataset import GroupColumn, ParsedDataset, check_attribute_name
 from service.ingest.encoding import MAX_CLASSES, MISSING_TOKENS, checked_group, labels_from_class_indices, rows_list
+from service.ingest.excerpts import LISTED, NAME_CHARS, listing
+from service.ingest.limits import MAX_DECODED_BYTES
+from service.ingest.npz_archive import read_arrays
 
-MAX_NPZ_UNCOMPRESSED_BYTES = 4 * 1024**3  # guards against zip bombs in savez_compressed files
-_SAVE_HINT = "save the dataset with np.savez(path, x=x, y=y, group_<attribute>=...)"
 
-
-def read_npz_dataset(path: Path, *, max_uncompressed_bytes: int = MAX_NPZ_UNCOMPRESSED_BYTES) -> ParsedDataset:
+def read_npz_dataset(path: Path, *, max_decoded_bytes: int = MAX_DECODED_BYTES) -> ParsedDataset:
     """Read an ``.npz`` with arrays ``x``, ``y`` and one or more ``group_<attribute>``."""
-    path = Path(path)
-    _check_is_archive(path)
-    _check_uncompressed_size(path, max_uncompressed_bytes)
-    arrays = _load_arrays(path)
+    arrays = read_arrays(Path(path), max_decoded_bytes, _check_array_names)
     x = _features(arrays["x"])
     n = x.shape[0]
     y, classes = _labels(arrays["y"], n)
@@ -42,48 +38,18 @@ def _shape_str(shape: Iterable[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
-def _check_is_archive(path: Path) -> None:
-    with open(path, "rb") as handle:
-        magic = handle.read(6)
-    if magic.startswith(b"\x93NUMPY"):
-        raise InvalidInput(f"this is a single .npy array, not an .npz archive; {_SAVE_HINT}")
-    if not magic.startswith(b"PK"):
-        hint = " (it looks like a pickle, which is refused)" if magic.startswith(b"\x80") else ""
-        raise InvalidInput(f"not an .npz archive{hint}; {_SAVE_HINT}")
-
-
-def _check_uncompressed_size(path: Path, max_uncompressed_bytes: int) -> None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            total = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise InvalidInput(f"the .npz archive is corrupt ({exc}); save it again with np.savez") from None
-    if total > max_uncompressed_bytes:
-        raise InvalidInput(f"the .npz archive expands to {total} bytes, more than the {max_uncompressed_bytes} allowed")
-
-
-def _load_arrays(path: Path) -> dict[str, np.ndarray]:
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise InvalidInput(f"the .npz archive cannot be read ({exc}); save it again with np.savez") from None
-    with npz:
-        _check_array_names(list(npz.files))
-        return {name: _read_array(npz, name) for name in npz.files}
-
-
 def _check_array_names(names: list[str]) -> None:
     unknown = [n for n in names if n not in ("x", "y") and not n.startswith("group_")]
     if unknown:
         raise InvalidInput(
-            f"the .npz has arrays this service does not know: {', '.join(map(repr, unknown[:10]))}; "
+            f"the .npz has arrays this service does not know: {listing(unknown)}; "
             "allowed names are x, y and group_<attribute> (one per group attribute)",
-            errors=[{"key": n, "problem": "unexpected"} for n in unknown],
+            errors=[{"key": n[:NAME_CHARS], "problem": "unexpected"} for n in unknown[:LISTED]],
         )
     for required in ("x", "y"):
         if required not in names:
             raise InvalidInput(
-                f"the .npz has no array {required!r} (it has: {', '.join(names) or 'nothing'}); "
+                f"the .npz has no array {required!r} (it has: {listing(names) or 'nothing'}); "
                 "required are x (features), y (labels) and at least one group_<attribute>"
             )
     attributes = [n[len("group_") :] for n in names if n.startswith("group_")]
@@ -94,21 +60,6 @@ def _check_array_names(names: list[str]) -> None:
         )
     for attr in attributes:
         check_attribute_name(attr, f"rename the array group_{attr}")
-
-
-def _read_array(npz, name: str) -> np.ndarray:
-    try:
-        return npz[name]
-    except ValueError as exc:
-        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-            raise InvalidInput(
-                f"array {name!r} is an object array (Python objects, e.g. from pandas); object "
-                "arrays would have to be unpickled, which is refused. Convert it first, e.g. "
-                "np.asarray(values, dtype=str) or dtype=np.float32"
-            ) from None
-        raise InvalidInput(f"array {name!r} in the .npz cannot be read ({exc})") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise InvalidInput(f"array {name!r} in the .npz is corrupt ({exc}); save it again") from None
 
 
 def _features(x: np.ndarray) -> np.ndarray:
@@ -156,7 +107,7 @@ def _labels(y: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
     if kind == "f":
         return labels_from_class_indices(_whole_float_labels(y), "y")
     if kind in "US":
-        text = np.char.strip(y.astype(str) if kind == "S" else y)
+        text = np.char.strip(_text(y, "y"))
         empty = np.flatnonzero(text == "")
         if len(empty):
             raise InvalidInput(
@@ -167,6 +118,17 @@ def _labels(y: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
             raise InvalidInput(f"y has {len(uniq)} distinct labels, more than the {MAX_CLASSES} classes supported")
         return inverse.astype(np.int64).reshape(-1), [str(u) for u in uniq]
     raise InvalidInput(f"y has dtype {y.dtype}; labels must be non-negative integers or strings")
+
+
+def _text(values: np.ndarray, what: str) -> np.ndarray:
+    """A string array as str; numpy decodes a bytes array (dtype S) as ASCII."""
+    try:
+        return values.astype(str)
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{what} holds bytes that are not ASCII text; store text as str (numpy dtype U), e.g. "
+            "np.asarray(values, dtype=str)"
+        ) from None
 
 
 def _whole_float_labels(y: np.ndarray) -> np.ndarray:
@@ -190,7 +152,7 @@ def _group_column(arr: np.ndarray, what: str) -> GroupColumn:
     in sorted order of their values."""
     kind = arr.dtype.kind
     if kind in "US":
-        stripped = np.char.strip(arr.astype(str) if kind == "S" else arr)
+        stripped = np.char.strip(_text(arr, what))
         missing = np.isin(np.char.lower(stripped), list(MISSING_TOKENS))
         return _coded(stripped, missing, str, what)
     if kind == "b":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from service.ingest.converter_child import ChildTask, ConversionLimits, child_failure, run_child
+from service.temp_names import temp_prefix
 
 _LIMITS = ConversionLimits()
 HINT = (
@@ -38,7 +39,7 @@ def import_onnx(
     source, target = Path(source), Path(target)
     # onnx's protobuf parse holds the file and its message; torch the converted copy and its gradients' slack.
     max_rss = limits.max_rss_bytes(source.stat().st_size, per_file_byte=6)
-    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix="onnx-"))
+    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix("onnx")))
     try:
         output = workdir / "out.safetensors"
         outcome = run_child(

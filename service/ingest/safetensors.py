@@ -13,17 +13,19 @@ from pathlib import Path
 
 from arch.mismatch import Tensors, state_dict_mismatch
 from service.errors import InvalidInput
+from service.ingest.excerpts import cut, quoted
+from service.ingest.limits import DEFAULT_LIMITS, IngestLimits
 
-# Far above any real header (a few hundred tensors take some 30 kB), far below the reference
-# implementation's 100 MB: it bounds the memory that parsing a header costs the web process.
-MAX_HEADER_BYTES = 16 * 1024**2
-# The architectures here have a few hundred tensors. safe_open accepts any number of zero-size
-# tensors, which cost no data bytes; the cap keeps them from costing the web process memory and a
-# weights-fit error listing every one.
-MAX_TENSORS = 10_000
+# The caps (IngestLimits: max_header_bytes, max_tensors, max_tensor_name_bytes) bound what parsing a
+# header costs the web process before the safetensors library sees it: safe_open accepts any number
+# of zero-size tensors, which cost no data bytes, and names of any length.
+#
 # A size, offset or dimension is at most 2**64 - 1: 20 digits. Python's json would otherwise build
 # integers of up to 4,300 digits, and raise ValueError (not JSONDecodeError) beyond.
 MAX_INTEGER_DIGITS = 20
+# Entries of a weights-fit error's `errors` (its message counts them all).
+MAX_ERRORS_LISTED = 20
+_REASON_CHARS = 500
 
 EXPORT_HINT = (
     'export the weights with `safetensors.torch.save_file(model.state_dict(), "model.safetensors")` '
@@ -68,7 +70,7 @@ class _Malformed(Exception):
     """Internal: why the bytes are not a safetensors file (turned into InvalidInput below)."""
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+def read_safetensors_header(path: Path, limits: IngestLimits = DEFAULT_LIMITS) -> dict[str, TensorInfo]:
     """Validate a safetensors file's header without reading tensor data.
 
     Returns tensor name -> :class:`TensorInfo` in the order of the tensors' data. Raises
@@ -78,10 +80,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         file_size = os.fstat(handle.fileno()).st_size
         head = handle.read(8)
         try:
-            _check_header_json(_header_text(handle, head, file_size))
+            _check_header_json(_header_text(handle, head, file_size, limits.max_header_bytes), limits)
             return _open_validated(path)
         except _Malformed as exc:
-            reason = str(exc)
+            reason = cut(str(exc), _REASON_CHARS)
     # A valid safetensors header length can begin with these bytes too, so the magic numbers are
     # only consulted once the file has failed to parse.
     if head.startswith(b"PK"):
@@ -97,16 +99,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     raise InvalidInput(f"not a safetensors file: {reason}; {EXPORT_HINT}.")
 
 
-def _header_text(handle, head: bytes, file_size: int) -> str:
+def _header_text(handle, head: bytes, file_size: int, max_header_bytes: int) -> str:
     """The header, read after the length prefix. safe_open rejects the same files, but only as
     "header too small" or "invalid header length"; these say what is wrong, and the bound keeps the
     pre-check's JSON parser below from being handed a huge header."""
     if file_size < 8:
         raise _Malformed(f"the file is {file_size} bytes long, shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", head)
-    if header_len > MAX_HEADER_BYTES:
+    if header_len > max_header_bytes:
         raise _Malformed(
-            f"the header length field says {header_len} bytes, more than the {MAX_HEADER_BYTES}-byte limit"
+            f"the header length field says {header_len} bytes, more than the {max_header_bytes}-byte limit "
+            "(setting max_safetensors_header_bytes)"
         )
     if header_len > file_size - 8:
         raise _Malformed(
@@ -119,22 +122,30 @@ def _header_text(handle, head: bytes, file_size: int) -> str:
         raise _Malformed(f"the header is not UTF-8 (bad byte at position {exc.start})") from None
 
 
-def _check_header_json(text: str) -> None:
+def _check_header_json(text: str, limits: IngestLimits) -> None:
     """Pre-checks safe_open does not make: it keeps the last of two entries with the same name (a file
-    that means different things to different readers) and accepts any number of tensors. Parsing
-    the JSON here also must not fail with a 500 on nesting bombs or huge integers."""
-    too_many = f"the header describes more than {MAX_TENSORS} tensors, more than any model here has"
+    that means different things to different readers) and accepts any number of tensors and names of
+    any length. Parsing the JSON here also must not fail with a 500 on nesting bombs or huge integers."""
+    too_many = (
+        f"the header describes more than {limits.max_tensors} tensors, more than any model here has "
+        "(setting max_tensors)"
+    )
     objects = 0
 
     def unique_object(pairs: list[tuple[str, object]]) -> dict:
         nonlocal objects
         objects += 1  # counted as parsed, so a header with millions of entries stops early
-        if objects > MAX_TENSORS + 2:  # the tensor entries, __metadata__ and the header itself
+        if objects > limits.max_tensors + 2:  # the tensor entries, __metadata__ and the header itself
             raise _Malformed(too_many)
         out: dict = {}
         for key, value in pairs:
+            if len(key.encode("utf-8", "replace")) > limits.max_tensor_name_bytes:
+                raise _Malformed(
+                    f"the header holds a name of {len(key)} characters, {quoted(key, 40)}, longer than the "
+                    f"{limits.max_tensor_name_bytes} bytes a tensor name may have (setting max_tensor_name_bytes)"
+                )
             if key in out:
-                raise _Malformed(f"the header names {key!r} twice")
+                raise _Malformed(f"the header names {quoted(key)} twice")
             out[key] = value
         return out
 
@@ -146,7 +157,7 @@ def _check_header_json(text: str) -> None:
         raise _Malformed("the header nests JSON arrays or objects too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise _Malformed(f"the header is JSON but a {type(header).__name__}, not an object")
-    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+    if len(header) - ("__metadata__" in header) > limits.max_tensors:
         raise _Malformed(too_many)
 
 
@@ -233,9 +244,13 @@ def check_weights_fit(
 ) -> None:
     """Raise InvalidInput unless ``tensors`` has exactly the keys of ``expected`` with the expected
     shapes and kinds; the check itself is :func:`arch.mismatch.state_dict_mismatch`. Each
-    error entry for a key the file has also names its safetensors dtype."""
+    error entry for a key the file has also names its safetensors dtype; the first
+    MAX_ERRORS_LISTED entries are given, so that the answer stays small."""
     found = {key: (t.shape, t.kind) for key, t in tensors.items()}
     mismatch = state_dict_mismatch(architecture, expected, found)
     if mismatch is not None:
-        errors = [e | {"dtype": tensors[e["key"]].dtype} if e["key"] in tensors else e for e in mismatch.errors]
+        errors = [
+            e | {"dtype": tensors[e["key"]].dtype} if e["key"] in tensors else e
+            for e in mismatch.errors[:MAX_ERRORS_LISTED]
+        ]
         raise InvalidInput(mismatch.message, errors=errors)

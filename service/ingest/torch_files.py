@@ -14,7 +14,9 @@ from pathlib import Path
 
 from service.errors import InvalidInput
 from service.ingest.converter_child import ChildTask, ConversionLimits, child_failure, run_child
+from service.ingest.limits import DEFAULT_LIMITS, IngestLimits
 from service.ingest.safetensors import EXPORT_HINT, read_safetensors_header
+from service.temp_names import temp_prefix
 
 MAX_ZIP_ENTRIES = 100_000  # a torch.save checkpoint has ~2 entries per tensor
 MAX_ZIP_DIRECTORY_BYTES = 32 * 1024 * 1024  # zipfile reads the central directory into memory at once
@@ -40,13 +42,13 @@ _CHECKPOINT_HINT = (
 )
 
 
-def identify_model_file(path: Path) -> str:
+def identify_model_file(path: Path, limits: IngestLimits = DEFAULT_LIMITS) -> str:
     """ "safetensors" or "torch-checkpoint" (a torch.save zip or a raw pickle, to be converted by
     :func:`convert_torch_checkpoint`). Raises InvalidInput for TorchScript and torch.export
     archives, other zips and anything else, saying what was found and how to export."""
     path = Path(path)
     try:
-        read_safetensors_header(path)
+        read_safetensors_header(path, limits)
         return "safetensors"
     except InvalidInput:
         with open(path, "rb") as handle:
@@ -165,7 +167,7 @@ def convert_torch_checkpoint(
     max_rss = limits.max_rss_bytes(source.stat().st_size)
     # The child writes in a directory of its own (safetensors writes via a temporary file, which a
     # killed child would leave behind); it is removed whatever happens.
-    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix="convert-"))
+    workdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix("convert")))
     try:
         output = workdir / "out.safetensors"
         outcome = run_child(

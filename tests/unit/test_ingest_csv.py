@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.dataset_files import open_dataset_files
+from service.errors import PayloadTooLarge
 from service.ingest import csv as csv_ingest
 from service.ingest.csv import read_csv_dataset
 from service.ingest.dataset import save_dataset
@@ -163,3 +166,40 @@ def test_label_beyond_int64_is_invalid_input_not_an_overflow(tmp_path):
     path = write_csv(tmp_path / "d.csv", "x,y,g\n1,0,a\n2,99999999999999999999,b\n")
     err = invalid(read_csv_dataset, path, label="y", features=None, groups=["g"])
     assert "the largest label in the label column 'y' is 99999999999999999999" in err.detail
+
+
+def test_csv_many_feature_names_cost_linear_time_and_are_capped(tmp_path):
+    # Item 5 of issue #16: 40,000 names took 25.5 s of CPU in a quadratic duplicate check.
+    names = [f"c{i}" for i in range(40_000)]
+    path = write_csv(tmp_path / "d.csv", ",".join(["y", "g", *names]) + "\n" + ",".join(["1", "a"] + ["0"] * 40_000))
+    started = time.process_time()
+    ds = read_csv_dataset(path, label="y", features=names, groups=["g"], max_columns=50_000)
+    assert ds.x.shape == (1, 40_000) and time.process_time() - started < 2
+    err = invalid(read_csv_dataset, path, label="y", features=names, groups=["g"], max_columns=10_000)
+    assert "features names 40000 columns, more than the 10000 a dataset may have (setting max_columns)" in err.detail
+    err = invalid(read_csv_dataset, path, label="y", features=None, groups=["g"], max_columns=20_000)
+    assert "the CSV header has 40002 columns, more than the 20000" in err.detail
+    dup = invalid(read_csv_dataset, path, label="y", features=names + names[:7], groups=["g"], max_columns=50_000)
+    assert "features lists 'c0', 'c1', 'c2', 'c3', 'c4' and 2 more more than once" in dup.detail
+
+
+def test_csv_line_of_commas_is_refused_before_it_is_split(tmp_path):
+    path = write_csv(tmp_path / "d.csv", "y,g,f\n" + "," * 100_000 + "\n")
+    err = invalid(read_csv_dataset, path, label="y", features=None, groups=["g"], max_columns=100)
+    assert "CSV line 2 holds 100000 commas, far more than the 100 columns" in err.detail
+
+
+def test_csv_decoded_bytes_are_capped(tmp_path):
+    path = write_csv(tmp_path / "d.csv", HAPPY)
+    assert csv_ingest.csv_decoded_bytes(path, 10_000) == 2 * len(HAPPY)
+    with pytest.raises(PayloadTooLarge) as info:
+        csv_ingest.csv_decoded_bytes(path, 100)
+    assert "more than the 100 bytes one dataset may take (setting max_decoded_bytes)" in info.value.detail
+
+
+def test_csv_errors_quote_long_names_short(tmp_path):
+    long_name = "n" * 100_000
+    path = write_csv(tmp_path / "d.csv", HAPPY)
+    err = invalid(read_csv_dataset, path, label=long_name, features=None, groups=["sex"])
+    assert len(err.detail) < 2_000 and "(100000 characters)" in err.detail
+    assert [e["key"] for e in err.errors] == [long_name[:80]]

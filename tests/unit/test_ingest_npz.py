@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.lib import format as npy_format
 
+from service.errors import PayloadTooLarge
+from service.ingest.limits import MAX_DECODED_BYTES
 from service.ingest.npz import read_npz_dataset
+from service.ingest.npz_archive import MAX_ARRAYS
 from tests.unit.ingest_support import invalid
 
 
@@ -161,7 +167,7 @@ def test_npz_unknown_arrays(tmp_path):
 
 def test_npz_missing_x(tmp_path):
     path = write_npz(tmp_path / "d.npz", y=np.zeros(3, dtype=int), group_g=np.arange(3))
-    assert "the .npz has no array 'x' (it has: y, group_g)" in invalid(read_npz_dataset, path).detail
+    assert "the .npz has no array 'x' (it has: 'y', 'group_g')" in invalid(read_npz_dataset, path).detail
 
 
 def test_npz_bad_attribute_name(tmp_path):
@@ -199,7 +205,73 @@ def test_npz_not_an_archive(tmp_path):
     assert "not an .npz archive (it looks like a pickle, which is refused)" in invalid(read_npz_dataset, pkl).detail
 
 
-def test_npz_zip_bomb_guard(tmp_path):
+def npz_with_header(path: Path, name: str, header: dict, data: bytes = b"", compress: bool = False) -> Path:
+    """An .npz whose member `name` has the given .npy header dict, followed by `data`."""
+    npy = io.BytesIO()
+    npy_format.write_array_header_1_0(npy, header)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
+        archive.writestr(name, npy.getvalue() + data)
+    return path
+
+
+def f4(*shape: int) -> dict:
+    return {"descr": "<f4", "fortran_order": False, "shape": shape}
+
+
+def test_npz_listed_size_over_the_cap_is_413(tmp_path):
     path = write_npz(tmp_path / "d.npz", x=np.ones((100, 4)), y=np.zeros(100, dtype=int), group_g=np.arange(100))
-    err = invalid(read_npz_dataset, path, max_uncompressed_bytes=1000)
-    assert "more than the 1000 allowed" in err.detail
+    with pytest.raises(PayloadTooLarge) as info:
+        read_npz_dataset(path, max_decoded_bytes=1000)
+    assert "expands to" in info.value.detail and "more than the 1000 bytes" in info.value.detail
+    assert "max_decoded_bytes" in info.value.detail
+
+
+def test_npz_declared_shape_over_the_cap_is_413_before_allocation(tmp_path):
+    # 2d and 2e of issue #16: headers declaring 4e12 bytes and 4 TB in a few hundred bytes on the wire.
+    for shape in ((10**7, 10**5), (10**12,)):
+        path = npz_with_header(tmp_path / "d.npz", "x.npy", f4(*shape))
+        with pytest.raises(PayloadTooLarge) as info:
+            read_npz_dataset(path)
+        assert f"array 'x' declares shape {list(shape)} of float32" in info.value.detail
+        assert f"more than the {MAX_DECODED_BYTES} bytes one dataset may take (setting max_decoded_bytes)" in (
+            info.value.detail
+        )
+    # Under the cap, a header that declares more than its entry holds is corrupt, not allocated.
+    path = npz_with_header(tmp_path / "d.npz", "x.npy", f4(1000, 10), b"\0" * 16)
+    assert "declares shape [1000, 10] of float32 (40000 bytes) but its entry holds 16" in (
+        invalid(read_npz_dataset, path).detail
+    )
+
+
+def test_npz_decompression_bomb_is_413_without_decompressing(tmp_path):
+    # Item 1 of issue #16 in small: zeros deflate ~1000:1, and the listed size alone refuses them.
+    path = npz_with_header(tmp_path / "d.npz", "x.npy", f4(4096, 64), bytes(4096 * 64 * 4), compress=True)
+    assert path.stat().st_size < 4096
+    with pytest.raises(PayloadTooLarge) as info:
+        read_npz_dataset(path, max_decoded_bytes=100_000)
+    assert "more than the 100000 bytes" in info.value.detail
+
+
+def test_npz_entries_that_are_not_arrays(tmp_path):
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x", b"raw bytes")
+    assert "entries that are not .npy arrays: 'x'" in invalid(read_npz_dataset, path).detail
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(MAX_ARRAYS + 1):
+            archive.writestr(f"group_{i}.npy", b"")
+    assert f"has {MAX_ARRAYS + 1} entries in a " in invalid(read_npz_dataset, path).detail
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(20):  # few entries, but a directory of 1.2 MB: names of 60 kB
+            archive.writestr(f"{i}" + "n" * 60_000 + ".npy", b"")
+    assert "20 entries in a 1201030-byte directory" in invalid(read_npz_dataset, path).detail
+    path = npz_with_header(tmp_path / "o.npz", "x.npy", {"descr": "|O", "fortran_order": False, "shape": (3,)})
+    assert "object array" in invalid(read_npz_dataset, path).detail
+
+
+def test_npz_bytes_that_are_not_ascii(tmp_path):
+    text = np.array([b"\xff", b"a"])
+    path = write_npz(tmp_path / "d.npz", x=np.ones((2, 1)), y=text, group_g=np.arange(2))
+    assert "y holds bytes that are not ASCII text" in invalid(read_npz_dataset, path).detail
+    path = write_npz(tmp_path / "d.npz", x=np.ones((2, 1)), y=np.arange(2), group_g=text)
+    assert "group_g holds bytes that are not ASCII text" in invalid(read_npz_dataset, path).detail

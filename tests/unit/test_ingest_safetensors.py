@@ -15,6 +15,7 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
 from service.ingest import safetensors as safetensors_ingest
+from service.ingest.limits import MAX_HEADER_BYTES, MAX_TENSOR_NAME_BYTES, IngestLimits
 from service.ingest.safetensors import TensorInfo, check_weights_fit, read_safetensors_header
 from tests.unit.ingest_support import EXPORT_HINT, invalid
 
@@ -168,9 +169,9 @@ def test_header_length_beyond_file(tmp_path):
 
 def test_header_length_over_limit(tmp_path):
     path = tmp_path / "h.safetensors"
-    path.write_bytes(struct.pack("<Q", safetensors_ingest.MAX_HEADER_BYTES + 1) + b"{}")
+    path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}")
     err = invalid(read_safetensors_header, path)
-    assert f"more than the {safetensors_ingest.MAX_HEADER_BYTES}-byte limit" in err.detail
+    assert f"more than the {MAX_HEADER_BYTES}-byte limit (setting max_safetensors_header_bytes)" in err.detail
 
 
 def test_overlapping_offsets(tmp_path):
@@ -279,13 +280,35 @@ def test_json_nesting_bomb_and_huge_integers(tmp_path):
     assert "the header holds a 5000-digit integer, too large for any size or offset" in err.detail
 
 
-def test_tensor_count_is_capped(tmp_path, monkeypatch):
-    monkeypatch.setattr(safetensors_ingest, "MAX_TENSORS", 50)
+def test_tensor_count_is_capped(tmp_path):
+    limits = IngestLimits(max_tensors=50)
     empty = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}  # zero-size: no data bytes needed
     ok = raw_safetensors(tmp_path / "ok.safetensors", {f"t{i}": empty for i in range(50)})
-    assert len(read_safetensors_header(ok)) == 50
+    assert len(read_safetensors_header(ok, limits)) == 50
     many = raw_safetensors(tmp_path / "many.safetensors", {f"t{i}": empty for i in range(51)})
-    assert "the header describes more than 50 tensors" in invalid(read_safetensors_header, many).detail
+    assert "the header describes more than 50 tensors, more than any model here has (setting max_tensors)" in (
+        invalid(read_safetensors_header, many, limits).detail
+    )
+
+
+def test_long_names_are_refused_and_errors_stay_small(tmp_path):
+    # Item 6 of issue #16: 10 MB names gave a 42 MB error body.
+    empty = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    path = raw_safetensors(tmp_path / "n.safetensors", {"w" * 1_000_000: empty})
+    err = invalid(read_safetensors_header, path)
+    assert len(err.detail) < 1_000 and not err.errors
+    assert "a name of 1000000 characters, 'wwww" in err.detail
+    assert f"longer than the {MAX_TENSOR_NAME_BYTES} bytes a tensor name may have" in err.detail
+    # A dtype the format lacks is echoed by safe_open's parser: the reason is cut short.
+    path = raw_safetensors(tmp_path / "d.safetensors", {"a": dict(empty, dtype="X" * 100_000)})
+    assert len(invalid(read_safetensors_header, path).detail) < 1_000
+
+
+def test_weights_fit_errors_list_a_bounded_number_of_entries():
+    empty = TensorInfo(dtype="F32", shape=(0,), kind="float")
+    found = {f"extra.{i}": empty for i in range(5_000)}
+    err = invalid(check_weights_fit, found, {"w": ((2,), "float")}, "mlp")
+    assert len(err.errors) == safetensors_ingest.MAX_ERRORS_LISTED and len(err.detail) < 1_000
 
 
 @pytest.mark.parametrize(

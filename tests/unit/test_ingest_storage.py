@@ -10,6 +10,8 @@ import pytest
 
 from service.dataset_files import open_dataset_files
 from service.ingest.dataset import GroupColumn, ParsedDataset, save_dataset
+from service.storage import BlobStore
+from service.temp_names import temp_prefix
 from tests.unit.ingest_support import invalid
 
 
@@ -57,3 +59,16 @@ def test_load_unknown_attribute(tmp_path):
     save_dataset(ds, tmp_path)
     err = invalid(open_dataset_files, tmp_path, ["race", "sex"])
     assert err.detail == "the dataset has no group attribute 'race'; it has: sex"
+
+
+def test_dataset_files_are_written_under_tmp_and_moved_into_place(tmp_path):
+    store = BlobStore(tmp_path)
+    with store.staged_dataset_dir("d1") as directory:
+        assert directory.parent == tmp_path / "tmp" and directory.name.startswith(temp_prefix("dataset"))
+        (directory / "x.npy").write_bytes(b"x")
+        assert not store.dataset_dir("d1").exists()
+    assert (store.dataset_dir("d1") / "x.npy").read_bytes() == b"x"
+    with pytest.raises(OSError), store.staged_dataset_dir("d2") as directory:
+        (directory / "x.npy.tmp").write_bytes(b"half")
+        raise OSError("disk full")
+    assert not store.dataset_dir("d2").exists() and not list((tmp_path / "tmp").iterdir())

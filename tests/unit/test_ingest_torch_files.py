@@ -159,7 +159,7 @@ def test_convert_limits(tmp_path):
         _convert(path, tmp_path, max_output_bytes=1000)
     err = invalid(_convert, path, tmp_path, limits=ConversionLimits(timeout_s=0.05))
     assert "took longer than" in err.detail
-    assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("convert-*"))
+    assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("convert~*"))
 
 
 def test_convert_memory_cap_counts_resident_memory_not_address_space(tmp_path):
@@ -170,4 +170,4 @@ def test_convert_memory_cap_counts_resident_memory_not_address_space(tmp_path):
     assert set(_convert(path, tmp_path, limits=ConversionLimits(base_rss_bytes=400 * 2**20))) == {"w"}
     err = invalid(_convert, path, tmp_path, limits=ConversionLimits(base_rss_bytes=64 * 2**20))
     assert "exceeded the server's limits" in err.detail and "64 MiB of memory" in err.detail
-    assert not list(tmp_path.glob("convert-*"))
+    assert not list(tmp_path.glob("convert~*"))

@@ -1,11 +1,17 @@
 """The sweeper's run rules on a real SQLite database and SQLite broker (no worker): a stale run is re-queued
 alone and sent again, a stale run at the attempt cap fails with its audit (queued runs stopped), a queued run
 with no broker message is sent again only once its prerequisite has succeeded, and the work directories of
-ended audits are removed."""
+ended audits are removed, and so are the leftovers of killed processes (service/janitor.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -14,6 +20,7 @@ from service import db, queue, storage
 from service.models import Audit, AuditStatus, Dataset, Model, Run, RunStatus, Tenant, utcnow
 from service.settings import get_settings
 
+REPO = Path(__file__).resolve().parents[2]
 CACHES = (get_settings, db.get_engine, db.get_sessionmaker, storage.get_store, queue.get_celery_client)
 
 
@@ -172,3 +179,62 @@ def test_work_directories_of_ended_audits_are_removed(embedded):
         store.work_dir(audit_id, 1).mkdir(parents=True)
     assert sweep(embedded).work_removed == [ended]
     assert store.work_audit_ids() == [running]
+
+
+def killed_while_holding(store_root, code: str) -> None:
+    """Run `code` (with `store` a BlobStore on `store_root`) in a process that then kills itself with SIGKILL."""
+    script = "\n".join(
+        [
+            "import os, pathlib, signal, tempfile",
+            "from service.storage import BlobStore",
+            "from service.temp_names import temp_prefix",
+            f"store = BlobStore(pathlib.Path({str(store_root)!r}))",
+            code,
+            "os.kill(os.getpid(), signal.SIGKILL)",
+        ]
+    )
+    died = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=60)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+
+
+def test_leftovers_of_killed_processes_are_removed(embedded):
+    """Item 4 of issue #16: what kill -9 leaves under blobs/ is found by the sweeper's janitor."""
+    from service.recovery import sweep
+    from service.temp_names import temp_prefix
+
+    store = storage.get_store()
+    tmp, datasets = store.root / "tmp", store.root / "datasets"
+    # A staged upload and a run's output directory whose processes were killed: their names say whose they were.
+    killed_while_holding(store.root, "store.temp_path(kind='upload')")
+    killed_while_holding(
+        store.root,
+        "d = tempfile.mkdtemp(dir=store.root / 'tmp', prefix=temp_prefix('run'))\n"
+        "open(os.path.join(d, 'run-3.safetensors'), 'wb').write(b'0' * 1000)",
+    )
+    dead = sorted(path.name for path in tmp.iterdir())
+    assert [name.split("~")[0] for name in dead] == ["run", "upload"]
+    live = store.temp_path(".safetensors")  # this process's: kept, however old
+    old_unowned, young_unowned = tmp / "tmpold", tmp / "tmpyoung"
+    old_unowned.write_bytes(b"x")
+    young_unowned.write_bytes(b"x")
+    with db.session_scope() as session:
+        make_audit(session, [])
+        recorded = session.scalars(select(Dataset.id)).one()
+    for dataset_id in ("orphan", "young-orphan", recorded):
+        (datasets / dataset_id).mkdir(parents=True)
+        (datasets / dataset_id / "y.npy").write_bytes(b"y")
+        (datasets / dataset_id / "x.npy.tmp").write_bytes(b"half")
+    long_ago = time.time() - embedded.leftover_age_s - 60
+    for path in (live, old_unowned, *(datasets / "orphan").iterdir(), datasets / "orphan", datasets / recorded):
+        os.utime(path, (long_ago, long_ago))
+    os.utime(datasets / recorded / "x.npy.tmp", (long_ago, long_ago))
+
+    removed = sweep(embedded).leftovers_removed
+    assert sorted(removed) == sorted(
+        [*(f"tmp/{name}" for name in dead), "tmp/tmpold", "datasets/orphan", f"datasets/{recorded}/x.npy.tmp"]
+    )
+    assert sorted(path.name for path in tmp.iterdir()) == sorted([live.name, "tmpyoung"])
+    assert sorted(path.name for path in datasets.iterdir()) == sorted(["young-orphan", recorded])
+    assert [path.name for path in (datasets / recorded).iterdir()] == ["y.npy"]
+    assert sweep(embedded).leftovers_removed == []
+    assert live.name.startswith(temp_prefix("weights"))
