@@ -40,6 +40,7 @@ from service.queue import (
     enqueue_run,
     queue_names,
 )
+from service.retention import delete_expired_audits
 from service.runs import end_audit, lock_running_audit, settle_cancellation
 from service.settings import Settings, get_settings
 from service.storage import get_store
@@ -58,6 +59,7 @@ class SweepOutcome:
     runs_cancelled: list[str] = field(default_factory=list)  # stale running run of an audit asked to stop, or ended
     runs_resent: list[str] = field(default_factory=list)  # queued run with no broker message → sent again
     work_removed: list[str] = field(default_factory=list)  # work directories of ended audits
+    expired: list[str] = field(default_factory=list)  # audits past audit_retention_days, deleted
     outbox: OutboxOutcome | None = None  # schedules fired, end events recorded, deliveries sent again
 
 
@@ -328,6 +330,7 @@ def sweep(settings: Settings | None = None) -> SweepOutcome:
     recover_stale_runs(settings, outcome)
     recover_lost_messages(settings, outcome)
     remove_ended_work(outcome)
+    outcome.expired = delete_expired_audits(settings)
     outcome.outbox = sweep_outbox(settings, lambda: ids_in(live_messages(settings) or [], DELIVER_WEBHOOK_TASK))
     return outcome
 

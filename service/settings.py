@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     webhook_resend_after_s: float = Field(
         60.0, gt=0, description="A pending delivery this far past its attempt time has lost its message: sent again."
     )
+    # Retention (service/retention.py), applied by the sweeper.
+    audit_retention_days: float | None = Field(
+        None, gt=0, description="Ended audits that finished longer ago than this are deleted (unset: kept forever)."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     # Operations (service/logs.py, service/metrics.py, service/routes/health.py).

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from pydantic import BaseModel, ValidationError
 
 from arch.registry import REGISTRY, input_shape
 from arch.specs import OnnxUpload
-from service import catalog, lineage
+from service import catalog, deletion, lineage
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.models import Dataset, Model
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
@@ -194,3 +194,23 @@ def _default_input_shape(name: str, spec) -> list[int] | None:
         return input_shape(spec.model_validate({"name": name}))
     except ValidationError:
         return None
+
+
+@router.delete("/models/{model_id}", status_code=204, response_class=Response, tags=["models"])
+def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
+    """Delete a model no audit or schedule uses (409 naming them otherwise); its file goes once nothing else
+    stored has the same bytes."""
+    blobs = deletion.delete_model(session, tenant, model_id)
+    session.commit()  # the row first: a blob is removed only once nothing committed references it
+    deletion.remove_unreferenced(session, store, blobs)
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204, response_class=Response, tags=["datasets"])
+def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
+    """Delete a dataset no audit (as evaluation or train dataset) or schedule uses; 409 naming them otherwise."""
+    deletion.delete_dataset(session, tenant, dataset_id)
+    session.commit()
+    store.remove_dataset_dir(dataset_id)
+    return Response(status_code=204)
