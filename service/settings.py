@@ -61,8 +61,9 @@ class Settings(BaseSettings):
         description="Resident memory cap of a worker child (MiB; 0 = none): an audit above it fails "
         "with the reason and the child is replaced.",
     )
-    # Rate limit per API key (service/ratelimit.py; in-process, per API process). 0 in either turns it off.
-    rate_limit_per_s: float = Field(10.0, ge=0, description="Requests a second refilled per API key (0 = no limit).")
+    # Rate limit per API key (service/ratelimit.py): `burst` requests per moving window of burst / per_s seconds,
+    # counted in Redis when the broker is Redis (shared by every API process), in memory otherwise. 0 turns it off.
+    rate_limit_per_s: float = Field(10.0, ge=0, description="Average requests a second per API key (0 = no limit).")
     rate_limit_burst: int = Field(60, ge=0, description="Requests an API key may send at once (0 = no limit).")
     api_threads: int = Field(
         40,
