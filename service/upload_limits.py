@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge
+from service.problem_types import problem_type_uri
 from service.problems import PROBLEM_MEDIA_TYPE, problem_body
 from service.settings import get_settings
 
@@ -28,7 +30,13 @@ class _BodyTooLarge(Exception):
 
 def _problem(scope: Scope, detail: str) -> tuple[dict, bytes]:
     body = json.dumps(
-        problem_body(PayloadTooLarge.status, PayloadTooLarge.title, detail, PayloadTooLarge.slug, scope.get("path", ""))
+        problem_body(
+            PayloadTooLarge.status,
+            PayloadTooLarge.title,
+            detail,
+            problem_type_uri(HTTPConnection(scope), PayloadTooLarge.slug),
+            scope.get("path", ""),
+        )
     ).encode()
     start = {
         "type": "http.response.start",

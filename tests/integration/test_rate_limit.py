@@ -70,7 +70,7 @@ def test_past_the_burst_a_key_gets_429_problem_json_with_retry_after(limited_sta
         assert refused.headers["ratelimit-reset"] == str(retry_after)
         assert (refused.headers["ratelimit-limit"], refused.headers["ratelimit-remaining"]) == (str(BURST), "0")
         problem = refused.json()
-        assert problem["type"] == "https://pruneaudit.dev/problems/rate-limited"
+        assert problem["type"].endswith("/problems/rate-limited")
         assert problem["status"] == 429 and problem["title"] == "Too many requests"
         assert problem["instance"] == "/v1/audits" and problem["errors"] == []
         assert f"retry after {retry_after} s" in problem["detail"]

@@ -82,7 +82,7 @@ def test_the_middleware_adds_ratelimit_headers_and_answers_429_problem_json_with
             assert refused.headers["retry-after"] == refused.headers["ratelimit-reset"] == "2"
             assert refused.headers["ratelimit-remaining"] == "0"
             body = refused.json()
-            assert body["type"] == "https://pruneaudit.dev/problems/rate-limited"
+            assert body["type"] == "http://test/problems/rate-limited"
             assert body["status"] == 429 and body["title"] == "Too many requests"
             assert body["instance"] == "/v1/audits" and body["errors"] == []
             assert "retry after 2 s" in body["detail"]
