@@ -16,6 +16,7 @@ from service.ingest.csv import read_csv_dataset
 from service.ingest.dataset import save_dataset
 from service.ingest.npz import read_npz_dataset
 from service.ingest.onnx_files import import_onnx
+from service.ingest.parquet import is_parquet, read_parquet_dataset
 from service.ingest.safetensors import check_weights_fit, read_safetensors_header
 from service.ingest.torch_files import convert_torch_checkpoint, identify_model_file
 from service.models import Dataset, Model
@@ -158,6 +159,8 @@ def _split_columns(value: str | None) -> list[str] | None:
 
 
 def dataset_format(filename: str | None, path: Path) -> str:
+    if is_parquet(path):  # by content: a Parquet file is Parquet whatever its name
+        return "parquet"
     suffix = Path(filename or "").suffix.lower()
     if suffix in (".npz", ".csv"):
         return suffix[1:]
@@ -187,10 +190,11 @@ def register_dataset(
             group_columns = _split_columns(groups)
             if not label or not group_columns:
                 raise InvalidInput(
-                    "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
+                    f"a {fmt.upper()} dataset needs the form fields 'label' (the label column) and 'groups' "
                     "(comma-separated group attribute columns); 'features' is optional"
                 )
-            parsed = read_csv_dataset(staged.path, label=label, features=_split_columns(features), groups=group_columns)
+            read_table = read_parquet_dataset if fmt == "parquet" else read_csv_dataset
+            parsed = read_table(staged.path, label=label, features=_split_columns(features), groups=group_columns)
     finally:
         store.discard(staged)
     dataset = Dataset(

@@ -132,20 +132,24 @@ def upload_dataset(
     store: StoreDep,
     settings: SettingsDep,
     file: Annotated[
-        UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")
+        UploadFile,
+        File(
+            description=".npz with arrays x, y and group_<attribute>; .csv with a header row; or Parquet (known by "
+            "its PAR1 magic, whatever its name), read as the CSV is"
+        ),
     ],
-    label: Annotated[str | None, Form(description="CSV: the label column")] = None,
+    label: Annotated[str | None, Form(description="CSV, Parquet: the label column")] = None,
     features: Annotated[
-        str | None, Form(description="CSV: comma-separated feature columns (default: all others)")
+        str | None, Form(description="CSV, Parquet: comma-separated feature columns (default: all others)")
     ] = None,
     groups: Annotated[
-        str | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])
+        str | None, Form(description="CSV, Parquet: comma-separated group attribute columns", examples=["race,sex"])
     ] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
     version: Annotated[str | None, Form(max_length=100, description=VERSION_HELP)] = None,
     labels: Annotated[str | None, Form(max_length=20000, description=LABELS_HELP)] = None,
 ) -> DatasetOut:
-    """Upload a labelled dataset with group attributes (npz or csv)."""
+    """Upload a labelled dataset with group attributes (npz, csv or Parquet)."""
     parsed_labels = lineage.parse_labels(labels)
     dataset = catalog.register_dataset(
         session,
