@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     webhook_resend_after_s: float = Field(
         60.0, gt=0, description="A pending delivery this far past its attempt time has lost its message: sent again."
     )
+    # MLflow (service/mlflow_log.py, worker/mlflow_task.py; the `mlflow` extra): every succeeded audit logged as a run.
+    mlflow_tracking_uri: str | None = Field(
+        None, description="When set, workers log each audit that succeeds to this MLflow tracking URI."
+    )
+    mlflow_experiment: str = Field("pruneaudit", max_length=200, description="The MLflow experiment of those runs.")
     # Retention (service/retention.py), applied by the sweeper.
     audit_retention_days: float | None = Field(
         None, gt=0, description="Ended audits that finished longer ago than this are deleted (unset: kept forever)."
