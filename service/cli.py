@@ -222,10 +222,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return gate.run_gate(args)
 
 
-def cmd_mlflow_log(args: argparse.Namespace) -> int:
-    return mlflow_log.run_mlflow_log(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="pruneaudit", description=__doc__)
@@ -268,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gate.add_arguments(gate_parser, f"http://{settings.host}:{settings.port}", os.environ.get(API_KEY_ENV))
     gate_parser.set_defaults(func=cmd_gate)
-
-    mlflow_parser = commands.add_parser(
-        "mlflow-log", help="log a succeeded audit's report, verdict, figures and spec as an MLflow run"
-    )
-    mlflow_log.add_arguments(mlflow_parser, f"http://{settings.host}:{settings.port}", os.environ.get(API_KEY_ENV))
-    mlflow_parser.set_defaults(func=cmd_mlflow_log)
+    mlflow_log.add_command(commands, f"http://{settings.host}:{settings.port}", os.environ.get(API_KEY_ENV))
 
     demo = commands.add_parser("demo", help="run the demo audit against a running API")
     demo.add_argument("--url", default=f"http://{settings.host}:{settings.port}")

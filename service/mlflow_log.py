@@ -100,7 +100,11 @@ def log_report(tracking_uri: str, experiment: str, files: ReportFiles, run_name:
     return run_id
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_url: str, default_key: str | None) -> None:
+def add_command(commands, default_url: str, default_key: str | None) -> None:
+    """`pruneaudit mlflow-log` on the CLI's subcommands (an argparse subparsers action)."""
+    parser = commands.add_parser(
+        "mlflow-log", help="log a succeeded audit's report, verdict, figures and spec as an MLflow run"
+    )
     parser.add_argument("audit_id", help="a succeeded audit's id")
     parser.add_argument("--url", default=default_url)
     parser.add_argument("--key", default=default_key, help="API key (default: $PRUNEAUDIT_API_KEY)")
@@ -111,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_url: str, default_key
     )
     parser.add_argument("--experiment", default="pruneaudit", help="experiment name (created if missing)")
     parser.add_argument("--run-name", help="default: audit-<id>")
+    parser.set_defaults(func=run_mlflow_log)
 
 
 def fetch_report(client: ApiClient, audit_id: str) -> ReportFiles:
