@@ -13,6 +13,7 @@ optional extra (`pip install pruneaudit[mlflow]`), imported only when a run is l
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -69,6 +70,7 @@ def _key(name: str) -> str:
 
 def log_report(tracking_uri: str, experiment: str, files: ReportFiles, run_name: str | None = None) -> str:
     """Log one audit's report as a new run of `experiment` (created if missing); the MLflow run id."""
+    quiet_telemetry()
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -98,6 +100,12 @@ def log_report(tracking_uri: str, experiment: str, files: ReportFiles, run_name:
         raise
     client.set_terminated(run_id)
     return run_id
+
+
+def quiet_telemetry() -> None:
+    """Before mlflow is imported: MLflow 3 reports usage to its makers unless told not to; a service logging its
+    users' audits does not, unless MLFLOW_DISABLE_TELEMETRY=false says otherwise."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def add_command(commands, default_url: str, default_key: str | None) -> None:
@@ -132,9 +140,7 @@ def run_mlflow_log(args: argparse.Namespace) -> int:
     if not args.tracking_uri:
         print("mlflow-log: error: give --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
-    try:
-        import mlflow  # noqa: F401  (checked first: a missing extra is a sentence, not a traceback)
-    except ImportError:
+    if importlib.util.find_spec("mlflow") is None:  # a missing extra is a sentence, not a traceback
         print("mlflow-log: error: mlflow is not installed: pip install 'pruneaudit[mlflow]'", file=sys.stderr)
         return 2
     try:
