@@ -26,7 +26,13 @@ LISTED_IDS = 10  # a 409 names this many audits, then counts the rest
 
 
 def _spec_names(spec_column, key: str, entity_id: str):
+    """The spec (JSON) names the id under `key`: JSON_EXTRACT on SQLite, ->> on PostgreSQL."""
     return spec_column[key].as_string() == entity_id
+
+
+def _schedules_naming(session: Session, tenant_id: str, keys: tuple[str, ...], entity_id: str) -> list[str]:
+    naming = or_(*(_spec_names(Schedule.spec, key, entity_id) for key in keys))
+    return list(session.scalars(select(Schedule.id).where(Schedule.tenant_id == tenant_id, naming)))
 
 
 def _refusal(kind: str, entity_id: str, audit_ids: list[str], schedule_ids: list[str]) -> Conflict:
@@ -41,19 +47,20 @@ def _refusal(kind: str, entity_id: str, audit_ids: list[str], schedule_ids: list
 
 def _flush_delete(session: Session, row, kind: str) -> None:
     """An audit created concurrently with the delete trips the foreign key: the same 409 as one seen before."""
+    row_id = row.id
     try:
         session.delete(row)
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise Conflict(f"{kind} {row.id} is used by an audit created meanwhile; delete that first") from None
+        raise Conflict(f"{kind} {row_id} is used by an audit created meanwhile; delete that first") from None
 
 
 def delete_model(session: Session, tenant_id: str, model_id: str) -> list[str]:
     """Delete an unused model; the blobs it referenced (to remove once unreferenced, after the commit)."""
     model = owned(session, Model, model_id, tenant_id)
     audit_ids = list(session.scalars(select(Audit.id).where(Audit.model_id == model_id).order_by(Audit.created_at)))
-    schedule_ids = list(session.scalars(select(Schedule.id).where(_spec_names(Schedule.spec, "model_id", model_id))))
+    schedule_ids = _schedules_naming(session, tenant_id, ("model_id",), model_id)
     if audit_ids or schedule_ids:
         raise _refusal("model", model_id, audit_ids, schedule_ids)
     blobs = [model.sha256, *([model.architecture["graph_sha256"]] if model.architecture_name == "onnx" else [])]
@@ -67,20 +74,12 @@ def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> None:
     audit_ids = list(
         session.scalars(
             select(Audit.id)
+            .where(Audit.tenant_id == tenant_id)
             .where(or_(Audit.dataset_id == dataset_id, _spec_names(Audit.spec, "train_dataset_id", dataset_id)))
             .order_by(Audit.created_at)
         )
     )
-    schedule_ids = list(
-        session.scalars(
-            select(Schedule.id).where(
-                or_(
-                    _spec_names(Schedule.spec, "dataset_id", dataset_id),
-                    _spec_names(Schedule.spec, "train_dataset_id", dataset_id),
-                )
-            )
-        )
-    )
+    schedule_ids = _schedules_naming(session, tenant_id, ("dataset_id", "train_dataset_id"), dataset_id)
     if audit_ids or schedule_ids:
         raise _refusal("dataset", dataset_id, audit_ids, schedule_ids)
     _flush_delete(session, dataset, "dataset")

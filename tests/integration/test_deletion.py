@@ -1,7 +1,7 @@
 """DELETE of models, datasets and audits on the real stack, embedded and on PostgreSQL + Redis: an input an audit
-uses is refused with 409 naming the audit; a queued or running audit is refused (cancel first); deleting the audit
-revokes its share link and removes its blobs, while a blob another row still references stays; another tenant's id
-is 404. Then retention: the sweeper deletes audits past PRUNEAUDIT_AUDIT_RETENTION_DAYS."""
+(or a schedule) uses is refused with 409 naming it; a queued or running audit is refused (cancel first); deleting
+the audit revokes its share link and removes its blobs, while a blob another row still references stays; another
+tenant's id is 404. Then retention: the sweeper deletes audits past PRUNEAUDIT_AUDIT_RETENTION_DAYS."""
 
 from __future__ import annotations
 
@@ -70,6 +70,11 @@ def test_inputs_in_use_are_refused_then_deleting_the_audit_frees_them(stack, dig
         assert model["sha256"] in left  # still the model's
         assert len(before - left) >= 2  # the run's pruned weights and the HTML report went
 
+        # A schedule naming the dataset by id keeps it too, until the schedule goes.
+        spec = {"model_id": model["id"], "dataset_id": dataset["id"], **SPEC}
+        schedule = client.post("/v1/schedules", json={"spec": spec, "cron": "0 2 * * *"}).json()
+        assert_problem(client.delete(f"/v1/datasets/{dataset['id']}"), 409, f"schedule(s) {schedule['id']}")
+        assert client.delete(f"/v1/schedules/{schedule['id']}").status_code == 204
         assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
         assert not (stack.var_dir / "blobs" / "datasets" / dataset["id"]).exists()
         assert client.delete(f"/v1/models/{model['id']}").status_code == 204
