@@ -14,7 +14,7 @@ from service.metrics import MetricsMiddleware
 from service.openapi import install_openapi, operation_id
 from service.problems import install_error_handlers
 from service.ratelimit import install_rate_limit
-from service.routes import audits, catalog, compare, health, schedules, webhooks
+from service.routes import audits, catalog, compare, health, problem_pages, schedules, webhooks
 from service.routes.docs import install_docs
 from service.settings import get_settings
 from service.upload_limits import BodyLimitMiddleware
@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
     app.include_router(compare.router)
     app.include_router(schedules.router)
     app.include_router(webhooks.router)
+    app.include_router(problem_pages.router)
     install_docs(app)
     install_openapi(app)
     return app

@@ -19,6 +19,7 @@ from service.ingest.limits import DecodeBudget, IngestLimits
 from service.ingest.npz import read_npz_dataset
 from service.ingest.npz_archive import decoded_bytes as npz_decoded_bytes
 from service.ingest.onnx_files import import_onnx
+from service.ingest.parquet import is_parquet, parquet_decoded_bytes, read_parquet_dataset
 from service.ingest.safetensors import check_weights_fit, read_safetensors_header
 from service.ingest.torch_files import convert_torch_checkpoint, identify_model_file
 from service.models import Dataset, Model
@@ -162,6 +163,8 @@ def _split_columns(value: str | None) -> list[str] | None:
 
 
 def dataset_format(filename: str | None, path: Path) -> str:
+    if is_parquet(path):  # by content: a Parquet file is Parquet whatever its name
+        return "parquet"
     suffix = Path(filename or "").suffix.lower()
     if suffix in (".npz", ".csv"):
         return suffix[1:]
@@ -207,10 +210,14 @@ def _dataset_reader(
     group_columns = _split_columns(groups)
     if not label or not group_columns:
         raise InvalidInput(
-            "a CSV dataset needs the form fields 'label' (the label column) and 'groups' "
+            f"a {fmt.upper()} dataset needs the form fields 'label' (the label column) and 'groups' "
             "(comma-separated group attribute columns); 'features' is optional"
         )
     feature_columns = _split_columns(features)
+    if fmt == "parquet":
+        return parquet_decoded_bytes(path, limits.max_decoded_bytes), lambda: read_parquet_dataset(
+            path, label=label, features=feature_columns, groups=group_columns, max_columns=limits.max_columns
+        )
     decoded = csv_decoded_bytes(path, limits.max_decoded_bytes)
     return decoded, lambda: read_csv_dataset(
         path, label=label, features=feature_columns, groups=group_columns, max_columns=limits.max_columns

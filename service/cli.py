@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from service import gate
+from service import gate, mlflow_log
 from service.cli_schedules import add_schedule_commands
 from service.db import session_scope
 from service.settings import get_settings
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gate.add_arguments(gate_parser, f"http://{settings.host}:{settings.port}", os.environ.get(API_KEY_ENV))
     gate_parser.set_defaults(func=cmd_gate)
+    mlflow_log.add_command(commands, f"http://{settings.host}:{settings.port}", os.environ.get(API_KEY_ENV))
 
     demo = commands.add_parser("demo", help="run the demo audit against a running API")
     demo.add_argument("--url", default=f"http://{settings.host}:{settings.port}")

@@ -23,9 +23,9 @@ class ApiClient:
     api_key: str | None = None
     timeout_s: float = 60.0
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = httpx.request(
+            return httpx.request(
                 method,
                 f"{self.url.rstrip('/')}{path}",
                 headers={"X-API-Key": self.api_key or ""},
@@ -34,6 +34,9 @@ class ApiClient:
             )
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict:
+        response = self._send(method, path, **kwargs)
         try:
             body = response.json()
         except ValueError:
@@ -47,6 +50,17 @@ class ApiClient:
             detail = body.get("detail", body) if isinstance(body, dict) else body
             raise ClientError(f"{method} {path}: HTTP {response.status_code}: {detail}")
         return body
+
+    def text(self, path: str) -> str:
+        """A GET whose answer is not JSON (report.csv, report.html); a refusal is a ClientError as elsewhere."""
+        response = self._send("GET", path)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = response.text[:200].strip()
+            raise ClientError(f"GET {path}: HTTP {response.status_code}: {detail}")
+        return response.text
 
     def submit_audit(self, spec: dict) -> dict:
         return self._request("POST", "/v1/audits", json=spec)

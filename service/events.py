@@ -6,6 +6,7 @@ never a key or a secret."""
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
@@ -85,9 +86,17 @@ def audit_data(session: Session, audit: Audit, settings: Settings) -> dict:
     return data
 
 
-def record_audit_end(session: Session, audit_id: str, settings: Settings) -> list[str]:
+class AuditEnd(NamedTuple):
+    """What claiming an audit's end recorded: its deliveries, and whether this call claimed a succeeded audit (whose
+    MLflow run, when configured, the caller sends after commit: the same exactly-once claim)."""
+
+    deliveries: list[str]
+    claimed_success: bool
+
+
+def record_audit_end(session: Session, audit_id: str, settings: Settings) -> AuditEnd:
     """audit.succeeded|failed|cancelled (and audit.verdict_changed) once per audit, by whichever process claims
-    its `events_recorded_at` first; [] when it has not ended or they are already recorded."""
+    its `events_recorded_at` first; nothing when it has not ended or they are already recorded."""
     claimed = rows_matched(
         session,
         update(Audit)
@@ -95,10 +104,11 @@ def record_audit_end(session: Session, audit_id: str, settings: Settings) -> lis
         .values(events_recorded_at=utcnow()),
     )
     if claimed != 1:
-        return []
+        return AuditEnd([], False)
+    succeeded = session.scalar(select(Audit.status).where(Audit.id == audit_id)) == AuditStatus.succeeded
     subscribed = {event for hook in hooks_of(session, audit_id) for event in hook.events}
     if not subscribed & {"audit.succeeded", "audit.failed", "audit.cancelled", "audit.verdict_changed"}:
-        return []  # nobody listens: the claim alone marks the audit announced
+        return AuditEnd([], succeeded)  # nobody listens: the claim alone marks the audit announced
     audit = session.scalars(
         select(Audit)
         .where(Audit.id == audit_id)
@@ -109,7 +119,7 @@ def record_audit_end(session: Session, audit_id: str, settings: Settings) -> lis
     ids = record(session, audit.tenant_id, f"audit.{audit.status.value}", data)
     if audit.changes and audit.changes.get("verdict_changed"):
         ids += record(session, audit.tenant_id, "audit.verdict_changed", data)
-    return ids
+    return AuditEnd(ids, succeeded)
 
 
 def hooks_of(session: Session, audit_id: str) -> list[Webhook]:

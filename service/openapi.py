@@ -17,12 +17,18 @@ from service.ratelimit import is_exempt
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+# service/ratelimit.py: on every rate-limited answer (declared on the 429, where they are always sent).
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Limit": {"description": "Requests allowed per window", "schema": {"type": "integer"}},
+    "RateLimit-Remaining": {"description": "Requests left in the window", "schema": {"type": "integer"}},
+    "RateLimit-Reset": {"description": "Seconds until a request leaves the window", "schema": {"type": "integer"}},
+}
 # Answered by any operation, whatever its own responses: the limiter, an unexpected error, a database or blob
 # store that is down.
 COMMON_ERRORS: dict[str, dict[str, Any]] = {
     "429": {
         "description": "Too many requests: this API key's rate limit is exhausted",
-        "headers": {"Retry-After": RETRY_AFTER},
+        "headers": {"Retry-After": RETRY_AFTER, **RATE_LIMIT_HEADERS},
     },
     "500": {"description": "Internal error (a bug: the problem's detail names the request)"},
     "503": {

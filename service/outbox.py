@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from service import events
 from service.db import rows_matched, session_scope
 from service.models import DeliveryStatus, WebhookDelivery, utcnow
-from service.queue import enqueue_delivery
+from service.queue import enqueue_delivery, enqueue_mlflow_log
 from service.schedules import fire_due_schedules, send_after_commit
 from service.settings import Settings
 
@@ -38,14 +38,16 @@ def announce_ended_audits(settings: Settings, outcome: OutboxOutcome) -> None:
     for audit_id in audit_ids:
         try:
             with session_scope() as session:
-                deliveries = events.record_audit_end(session, audit_id, settings)
+                end = events.record_audit_end(session, audit_id, settings)
         except Exception:
             # Rolled back, so it is tried again next sweep; the other audits go on.
             log.exception("audit %s: could not record its end events", audit_id)
             continue
         outcome.announced.append(audit_id)
-        for delivery_id in deliveries:
+        for delivery_id in end.deliveries:
             send_after_commit(enqueue_delivery, delivery_id)
+        if end.claimed_success and settings.mlflow_tracking_uri:
+            send_after_commit(enqueue_mlflow_log, audit_id)
 
 
 def resend_lost_deliveries(settings: Settings, outcome: OutboxOutcome, carried: Callable[[], set[str]]) -> None:

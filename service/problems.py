@@ -15,16 +15,19 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import DatabaseNotMigrated, PruneauditError
+from service.problem_types import problem_type_uri
 
 log = logging.getLogger(__name__)
-PROBLEM_BASE = "https://pruneaudit.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
-def problem_body(status: int, title: str, detail: str, slug: str, instance: str, errors: list | None = None) -> dict:
+def problem_body(
+    status: int, title: str, detail: str, type_uri: str, instance: str, errors: list | None = None
+) -> dict:
+    """`type_uri`: service.problem_types.problem_type_uri, a page on the API describing the problem."""
     return {
-        "type": PROBLEM_BASE + slug,
+        "type": type_uri,
         "title": title,
         "status": status,
         "detail": detail,
@@ -37,7 +40,7 @@ def problem(
     request: Request, status: int, title: str, detail: str, slug: str, errors: list | None = None
 ) -> JSONResponse:
     return JSONResponse(
-        problem_body(status, title, detail, slug, request.url.path, errors),
+        problem_body(status, title, detail, problem_type_uri(request, slug), request.url.path, errors),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
     )

@@ -16,6 +16,7 @@ COMPUTE_RUN_TASK = "pruneaudit.compute_run"  # one run of an audit, on any worke
 # The message header with the request id of the request that caused the task (worker/celery_app.py reads it).
 REQUEST_ID_TASK_HEADER = "pruneaudit_request_id"
 DELIVER_WEBHOOK_TASK = "pruneaudit.deliver_webhook"  # one attempt of one webhook delivery (worker/deliveries.py)
+LOG_MLFLOW_TASK = "pruneaudit.log_to_mlflow"  # a succeeded audit as an MLflow run (worker/mlflow_task.py)
 
 
 class SQLiteBrokerTransport(kombu_sqlalchemy.Transport):
@@ -115,3 +116,8 @@ def enqueue_delivery(delivery_id: str, countdown: float | None = None) -> None:
     get_celery_client().send_task(
         DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=get_settings().queue_name, countdown=countdown
     )
+
+
+def enqueue_mlflow_log(audit_id: str) -> None:
+    """Send the MLflow logging of a succeeded audit by name; call only after its end is committed."""
+    get_celery_client().send_task(LOG_MLFLOW_TASK, args=[audit_id], queue=get_settings().queue_name)

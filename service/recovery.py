@@ -42,6 +42,7 @@ from service.queue import (
     enqueue_run,
     queue_names,
 )
+from service.retention import delete_expired_audits
 from service.runs import end_audit, lock_running_audit, settle_cancellation
 from service.settings import Settings, get_settings
 from service.storage import get_store
@@ -61,6 +62,7 @@ class SweepOutcome:
     runs_resent: list[str] = field(default_factory=list)  # queued run with no broker message → sent again
     work_removed: list[str] = field(default_factory=list)  # work directories of ended audits
     leftovers_removed: list[str] = field(default_factory=list)  # crash leftovers in the blob store (janitor)
+    expired: list[str] = field(default_factory=list)  # audits past audit_retention_days, deleted
     outbox: OutboxOutcome | None = None  # schedules fired, end events recorded, deliveries sent again
 
 
@@ -332,6 +334,7 @@ def sweep(settings: Settings | None = None) -> SweepOutcome:
     recover_lost_messages(settings, outcome)
     remove_ended_work(outcome)
     outcome.leftovers_removed = remove_leftovers(get_store(), settings.leftover_age_s)
+    outcome.expired = delete_expired_audits(settings)
     outcome.outbox = sweep_outbox(settings, lambda: ids_in(live_messages(settings) or [], DELIVER_WEBHOOK_TASK))
     return outcome
 

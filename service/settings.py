@@ -95,8 +95,9 @@ class Settings(BaseSettings):
         description="Resident memory cap of a worker child (MiB; 0 = none): an audit above it fails "
         "with the reason and the child is replaced.",
     )
-    # Rate limit per API key (service/ratelimit.py; in-process, per API process). 0 in either turns it off.
-    rate_limit_per_s: float = Field(10.0, ge=0, description="Requests a second refilled per API key (0 = no limit).")
+    # Rate limit per API key (service/ratelimit.py): `burst` requests per moving window of burst / per_s seconds,
+    # counted in Redis when the broker is Redis (shared by every API process), in memory otherwise. 0 turns it off.
+    rate_limit_per_s: float = Field(10.0, ge=0, description="Average requests a second per API key (0 = no limit).")
     rate_limit_burst: int = Field(60, ge=0, description="Requests an API key may send at once (0 = no limit).")
     api_threads: int = Field(
         40,
@@ -127,6 +128,15 @@ class Settings(BaseSettings):
     )
     webhook_resend_after_s: float = Field(
         60.0, gt=0, description="A pending delivery this far past its attempt time has lost its message: sent again."
+    )
+    # MLflow (service/mlflow_log.py, worker/mlflow_task.py; the `mlflow` extra): every succeeded audit logged as a run.
+    mlflow_tracking_uri: str | None = Field(
+        None, description="When set, workers log each audit that succeeds to this MLflow tracking URI."
+    )
+    mlflow_experiment: str = Field("pruneaudit", max_length=200, description="The MLflow experiment of those runs.")
+    # Retention (service/retention.py), applied by the sweeper.
+    audit_retention_days: float | None = Field(
+        None, gt=0, description="Ended audits that finished longer ago than this are deleted (unset: kept forever)."
     )
     host: str = "127.0.0.1"
     port: int = 8000

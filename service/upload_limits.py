@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 
 import anyio
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, PruneauditError, RequestTimeout
+from service.problem_types import problem_type_uri
 from service.problems import PROBLEM_MEDIA_TYPE, problem_body
 from service.settings import get_settings
 
@@ -33,7 +35,15 @@ class _BodyRefused(Exception):
 
 
 def _problem(scope: Scope, error: PruneauditError) -> tuple[dict, bytes]:
-    body = json.dumps(problem_body(error.status, error.title, error.detail, error.slug, scope.get("path", ""))).encode()
+    body = json.dumps(
+        problem_body(
+            error.status,
+            error.title,
+            error.detail,
+            problem_type_uri(HTTPConnection(scope), error.slug),
+            scope.get("path", ""),
+        )
+    ).encode()
     start = {
         "type": "http.response.start",
         "status": error.status,

@@ -9,7 +9,7 @@ from service.logs import audit_id_var, configure_logging, request_id_var
 from service.queue import REQUEST_ID_TASK_HEADER, RUN_AUDIT_TASK, celery_config
 from service.settings import get_settings
 
-app = Celery("pruneaudit", include=["worker.tasks", "worker.deliveries"])
+app = Celery("pruneaudit", include=["worker.tasks", "worker.deliveries", "worker.mlflow_task"])
 app.conf.update(celery_config(get_settings()))
 
 

@@ -22,7 +22,8 @@ from service import events
 from service.db import rows_matched, session_scope
 from service.errors import InvalidInput
 from service.models import DeliveryStatus, Webhook, WebhookDelivery, as_utc, utcnow
-from service.queue import DELIVER_WEBHOOK_TASK, enqueue_delivery
+from service.queue import DELIVER_WEBHOOK_TASK, enqueue_delivery, enqueue_mlflow_log
+from service.schedules import send_after_commit
 from service.settings import Settings, get_settings
 from service.webhooks import check_url, signing_secrets
 from worker.celery_app import app
@@ -136,14 +137,17 @@ def send(delivery_id: str, countdown: float | None = None) -> None:
 
 def announce_end(audit_id: str) -> None:
     """The audit's end events, recorded once (whoever claims them first: this worker or a sweeper), then sent."""
+    settings = get_settings()
     try:
         with session_scope() as session:
-            ids = events.record_audit_end(session, audit_id, get_settings())
+            end = events.record_audit_end(session, audit_id, settings)
     except Exception:
         log.exception("audit %s: could not record its end events; the sweeper records them", audit_id)
         return
-    for delivery_id in ids:
+    for delivery_id in end.deliveries:
         send(delivery_id)
+    if end.claimed_success and settings.mlflow_tracking_uri:
+        send_after_commit(enqueue_mlflow_log, audit_id)
 
 
 @app.task(name=DELIVER_WEBHOOK_TASK)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
-from service import audits
+from service import audits, deletion
 from service.conditional import IMMUTABLE_REPORT, none_match
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, api_key_header, releases_connection
 from service.errors import NotFound
@@ -236,3 +236,15 @@ def read_run_recipe(audit_id: PathId, run_id: PathId, session: SessionDep, tenan
     if run.result is None:
         raise NotFound(f"run {run_id} has no result yet (it is {run.status.value})")
     return run.result["recipe"]
+
+
+@router.delete("/{audit_id}", status_code=204, response_class=Response)
+def delete_audit(audit_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
+    """Delete an ended audit: its runs, report files and share link (its token opens nothing any more). A queued
+    or running audit is 409: cancel it first. Its model and dataset stay (delete them on their own)."""
+    blobs = deletion.delete_audit(session, tenant, audit_id)
+    session.commit()
+    deletion.remove_unreferenced(session, store, blobs)
+    session.commit()
+    store.remove_work(audit_id)
+    return Response(status_code=204)

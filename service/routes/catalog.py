@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from pydantic import BaseModel, ValidationError
 
 from arch.registry import REGISTRY, input_shape
 from arch.specs import OnnxUpload
-from service import catalog, lineage
+from service import catalog, deletion, lineage
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
 from service.ingest.limits import IngestLimits, decode_budget
 from service.models import Dataset, Model
@@ -134,20 +134,24 @@ def upload_dataset(
     store: StoreDep,
     settings: SettingsDep,
     file: Annotated[
-        UploadFile, File(description=".npz with arrays x, y and group_<attribute>; or .csv with a header row")
+        UploadFile,
+        File(
+            description=".npz with arrays x, y and group_<attribute>; .csv with a header row; or Parquet (known by "
+            "its PAR1 magic, whatever its name), read as the CSV is"
+        ),
     ],
-    label: Annotated[Text | None, Form(description="CSV: the label column")] = None,
+    label: Annotated[Text | None, Form(description="CSV, Parquet: the label column")] = None,
     features: Annotated[
-        Text | None, Form(description="CSV: comma-separated feature columns (default: all others)")
+        Text | None, Form(description="CSV, Parquet: comma-separated feature columns (default: all others)")
     ] = None,
     groups: Annotated[
-        Text | None, Form(description="CSV: comma-separated group attribute columns", examples=["race,sex"])
+        Text | None, Form(description="CSV, Parquet: comma-separated group attribute columns", examples=["race,sex"])
     ] = None,
     name: Annotated[Text | None, Form(max_length=200)] = None,
     version: Annotated[Text | None, Form(max_length=100, description=VERSION_HELP)] = None,
     labels: Annotated[Text | None, Form(max_length=20000, description=LABELS_HELP)] = None,
 ) -> DatasetOut:
-    """Upload a labelled dataset with group attributes (npz or csv)."""
+    """Upload a labelled dataset with group attributes (npz, csv or Parquet)."""
     parsed_labels = lineage.parse_labels(labels)
     dataset = catalog.register_dataset(
         session,
@@ -198,3 +202,23 @@ def _default_input_shape(name: str, spec) -> list[int] | None:
         return input_shape(spec.model_validate({"name": name}))
     except ValidationError:
         return None
+
+
+@router.delete("/models/{model_id}", status_code=204, response_class=Response, tags=["models"])
+def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
+    """Delete a model no audit or schedule uses (409 naming them otherwise); its file goes once nothing else
+    stored has the same bytes."""
+    blobs = deletion.delete_model(session, tenant, model_id)
+    session.commit()  # the row first: a blob is removed only once nothing committed references it
+    deletion.remove_unreferenced(session, store, blobs)
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204, response_class=Response, tags=["datasets"])
+def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
+    """Delete a dataset no audit (as evaluation or train dataset) or schedule uses; 409 naming them otherwise."""
+    deletion.delete_dataset(session, tenant, dataset_id)
+    session.commit()
+    store.remove_dataset_dir(dataset_id)
+    return Response(status_code=204)

@@ -29,7 +29,7 @@ class Problem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(examples=["https://pruneaudit.dev/problems/invalid-input"])
+    type: str = Field(examples=["http://127.0.0.1:8000/problems/invalid-input"])
     title: str = Field(examples=["Invalid input"])
     status: int = Field(examples=[422])
     detail: str = Field(examples=["model expects input [64]; dataset x has [30]"])

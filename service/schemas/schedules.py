@@ -11,7 +11,26 @@ from service.schemas.common import Text
 
 
 class ScheduleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every JSON request body has an example that passes validation as it is (test_request_examples.py).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "nightly fraud-scorer",
+                    "spec": {
+                        "model": {"name": "fraud-scorer", "version": "latest"},
+                        "dataset": {"name": "holdout", "version": "latest"},
+                        "group_by": ["sex"],
+                        "pruning": {"ratios": [0.5, 0.7, 0.9]},
+                    },
+                    "cron": "0 2 * * *",
+                    "timezone": "Europe/Berlin",
+                    "skip_if_unchanged": True,
+                }
+            ]
+        },
+    )
 
     name: Text | None = Field(None, max_length=200, examples=["nightly fraud-scorer"])
     spec: AuditSpec = Field(
@@ -39,7 +58,9 @@ class ScheduleIn(BaseModel):
 class SchedulePatch(BaseModel):
     """Fields to change; a new cron or interval_s replaces the other."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"cron": "30 3 * * 1-5", "timezone": "UTC", "paused": False}]}
+    )
 
     name: Text | None = Field(None, max_length=200)
     spec: AuditSpec | None = None

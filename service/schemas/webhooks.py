@@ -14,7 +14,17 @@ EventName = Literal["audit.succeeded", "audit.failed", "audit.cancelled", "audit
 
 
 class WebhookIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "url": "https://ci.example.com/hooks/pruneaudit",
+                    "events": ["audit.succeeded", "audit.verdict_changed"],
+                }
+            ]
+        },
+    )
 
     url: Text = Field(max_length=2000, examples=["https://ci.example.com/hooks/pruneaudit"])
     events: list[EventName] = Field(min_length=1, examples=[["audit.succeeded", "audit.verdict_changed"]])

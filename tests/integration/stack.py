@@ -160,7 +160,8 @@ def assert_problem(response, status: int, *fragments: str) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
-    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
+    assert body["status"] == status and body["title"] and body["type"].startswith("http")
+    assert "/problems/" in body["type"]  # a page on the API (tests/integration/test_problem_pages.py)
     for fragment in fragments:
         assert fragment in body["detail"], body
     return body

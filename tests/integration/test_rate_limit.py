@@ -1,29 +1,40 @@
-"""Rate limit per API key on a real `pruneaudit api` process, configured only through its environment
-(PRUNEAUDIT_RATE_LIMIT_BURST / _PER_S): past the burst, 429 problem+json with Retry-After; another key is not
-affected; health endpoints are exempt; after waiting Retry-After the same key is served again."""
+"""Rate limit per API key on two real `pruneaudit api` processes sharing Redis (the broker), configured only
+through their environment (PRUNEAUDIT_RATE_LIMIT_BURST / _PER_S): the limit holds in total across both; every
+limited answer carries RateLimit-Limit / -Remaining / -Reset; past the burst, 429 problem+json with Retry-After;
+another key is not affected; health endpoints are exempt; after waiting Retry-After the same key is served again."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
+import httpx
 import pytest
 
-from tests.integration.stack import start_stack
+from tests.integration.stack import start_api, start_stack
 
 BURST = 3
-PER_S = 0.5  # one token every 2 s: Retry-After is 2 right after the burst is spent
+PER_S = 1.5  # BURST requests per moving window of BURST / PER_S = 2 s: Retry-After is 2 right after the burst
 
 
 @pytest.fixture(scope="module")
-def limited_stack(tmp_path_factory):
+def limited_stack(tmp_path_factory, redis_broker):
+    broker_url, prefix = redis_broker
     stack = start_stack(
         tmp_path_factory.mktemp("rate-limit"),
         with_worker=False,
+        broker_url=broker_url,
+        key_prefix=prefix,
         settings={"PRUNEAUDIT_RATE_LIMIT_BURST": str(BURST), "PRUNEAUDIT_RATE_LIMIT_PER_S": str(PER_S)},
     )
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def second_url(limited_stack) -> str:
+    """Another API process of the same stack: same Redis, so the same counts."""
+    return start_api(limited_stack, "api-2")
 
 
 @pytest.fixture
@@ -55,9 +66,11 @@ def test_past_the_burst_a_key_gets_429_problem_json_with_retry_after(limited_sta
         assert refused.status_code == 429, refused.text
         assert refused.headers["content-type"] == "application/problem+json"
         retry_after = int(refused.headers["retry-after"])
-        assert 1 <= retry_after <= 2  # 1 / PER_S, less whatever refilled while the burst was being sent
+        assert 1 <= retry_after <= 2  # the window, less the time the burst took to send
+        assert refused.headers["ratelimit-reset"] == str(retry_after)
+        assert (refused.headers["ratelimit-limit"], refused.headers["ratelimit-remaining"]) == (str(BURST), "0")
         problem = refused.json()
-        assert problem["type"] == "https://pruneaudit.dev/problems/rate-limited"
+        assert problem["type"].endswith("/problems/rate-limited")
         assert problem["status"] == 429 and problem["title"] == "Too many requests"
         assert problem["instance"] == "/v1/audits" and problem["errors"] == []
         assert f"retry after {retry_after} s" in problem["detail"]
@@ -89,6 +102,21 @@ def test_after_retry_after_the_same_key_is_served_again(limited_stack, key):
     with limited_stack.client(key) as client:
         refused = exhaust(client)
         time.sleep(int(refused.headers["retry-after"]))
-        assert client.get("/v1/audits").status_code == 200
-        # One token came back, not the burst: the next request is limited again.
-        assert client.get("/v1/audits").status_code == 429
+        served = client.get("/v1/audits")
+        assert served.status_code == 200
+        assert 0 <= int(served.headers["ratelimit-remaining"]) < BURST
+
+
+def test_the_limit_holds_in_total_across_two_api_processes(limited_stack, second_url, key):
+    """Requests alternate between the processes: together they serve BURST, then both refuse."""
+    with (
+        limited_stack.client(key) as first,
+        httpx.Client(base_url=second_url, headers={"X-API-Key": key}, timeout=60) as second,
+    ):
+        answers = [(first if i % 2 == 0 else second).get("/v1/audits") for i in range(BURST + 3)]
+        assert [a.status_code for a in answers[:BURST]] == [200] * BURST, [a.text for a in answers]
+        # One count: each answer's Remaining is one less than the previous one's, whichever process gave it.
+        assert [a.headers["ratelimit-remaining"] for a in answers[:BURST]] == [str(n) for n in range(BURST - 1, -1, -1)]
+        assert {a.headers["ratelimit-limit"] for a in answers} == {str(BURST)}
+        assert {a.status_code for a in answers[BURST:]} == {429}
+        assert all(1 <= int(a.headers["retry-after"]) <= 2 for a in answers[BURST:])

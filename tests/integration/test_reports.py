@@ -1,12 +1,16 @@
 """Reports people read and pipelines gate on: policy verdict in the JSON, CSV equal to the JSON, ETag/304,
-comparison of two audits, and `pruneaudit gate` exit codes."""
+comparison of two audits, `pruneaudit gate` exit codes, and MLflow runs (`pruneaudit mlflow-log`, and the workers'
+own with PRUNEAUDIT_MLFLOW_TRACKING_URI) read back with MLflow's own client."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +19,16 @@ from tests.integration.stack import REPO, start_stack, wait_for_audit
 RATIOS = [0.3, 0.6, 0.9]
 
 
+# MLflow 3 refuses its file store unless asked (it wants a database); a file: URI is what the tests read back.
+MLFLOW_ENV = {"MLFLOW_ALLOW_FILE_STORE": "true"}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("reports"))
+    var_dir = tmp_path_factory.mktemp("reports")
+    # Workers log every succeeded audit to MLflow (test_workers_log_every_succeeded_audit_to_mlflow).
+    mlflow = {"PRUNEAUDIT_MLFLOW_TRACKING_URI": (var_dir / "mlruns").as_uri(), "PRUNEAUDIT_MLFLOW_EXPERIMENT": "auto"}
+    stack = start_stack(var_dir, settings={**mlflow, **MLFLOW_ENV})
     yield stack
     stack.stop()
 
@@ -193,3 +204,70 @@ def test_html_numbers_equal_the_json(stack, audits):
             assert cells["accuracy"] == f"{group['accuracy'] * 100:.1f}%"
             assert cells["excess_accuracy_gap"] == f"{group['excess_accuracy_gap'] * 100:.1f}".replace("-0.0", "0.0")
             assert cells["n"] == f"{group['n']:,}"
+
+
+def assert_logged_as_in_the_api(mlflow, run, report: dict, csv_text: str) -> None:
+    """The MLflow run holds the report's verdict, headline figures, spec and files, as the API serves them."""
+    metrics, params = run.data.metrics, run.data.params
+    assert run.info.status == "FINISHED" and run.data.tags["pruneaudit.audit_id"] == report["audit_id"]
+    assert metrics["verdict_passed"] == float(report["verdict"]["passed"])
+    for pruned in report["runs"]:
+        prefix = f"{pruned['label']}.ratio_{pruned['ratio']:g}"
+        aggregates = pruned["attributes"][0]["aggregates"]
+        assert metrics[f"{prefix}.max_psi"] == aggregates["max_excess_accuracy_gap"]
+        assert metrics[f"{prefix}.worst_group_drop"] == aggregates["max_accuracy_drop"]
+        assert metrics[f"{prefix}.passed"] == float(pruned["verdict"]["passed"])
+    assert json.loads(params["pruning.ratios"]) == RATIOS and json.loads(params["group_by"]) == ["digit"]
+    folder = Path(mlflow.download_artifacts(run.info.run_id, ""))
+    assert sorted(p.name for p in folder.iterdir()) == ["report.csv", "report.html", "report.json"]
+    assert (folder / "report.csv").read_text() == csv_text
+    logged = json.loads((folder / "report.json").read_text())
+    assert {k: v for k, v in logged.items() if k != "runs"} == {k: v for k, v in report.items() if k != "runs"}
+
+
+def test_mlflow_log_cli_logs_an_audit_as_a_run(stack, audits, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking_uri = (tmp_path / "cli-mlruns").as_uri()
+
+    def mlflow_log(audit_id: str):
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "mlflow-log", audit_id, "--url", stack.url],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**stack.env, "MLFLOW_TRACKING_URI": tracking_uri, **MLFLOW_ENV},
+        )
+
+    logged = mlflow_log(audits["strict"])
+    assert logged.returncode == 0, logged.stderr
+    missing = mlflow_log("0" * 32)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    with stack.client() as client:
+        report = client.get(f"/v1/audits/{audits['strict']}/report").json()
+        csv_text = client.get(f"/v1/audits/{audits['strict']}/report.csv").text
+    mlflow = MlflowClient(tracking_uri=tracking_uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("pruneaudit").experiment_id])
+    assert run.info.run_id in logged.stdout and run.data.metrics["verdict_passed"] == 0.0
+    assert_logged_as_in_the_api(mlflow, run, report, csv_text)
+
+
+def test_workers_log_every_succeeded_audit_to_mlflow(stack, audits, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow = MlflowClient(tracking_uri=stack.env["PRUNEAUDIT_MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + 60
+    while (experiment := mlflow.get_experiment_by_name("auto")) is None or len(
+        runs := mlflow.search_runs([experiment.experiment_id])
+    ) < len(audits):
+        assert time.monotonic() < deadline, stack.log("worker")
+        time.sleep(0.5)
+    by_audit = {run.data.tags["pruneaudit.audit_id"]: run for run in runs}
+    assert set(by_audit) == set(audits.values())  # each once
+    with stack.client() as client:
+        lenient = client.get(f"/v1/audits/{audits['lenient']}/report").json()
+        csv_text = client.get(f"/v1/audits/{audits['lenient']}/report.csv").text
+    # The worker's report names run weights by path, the API's by absolute URL: everything else is equal.
+    assert_logged_as_in_the_api(mlflow, by_audit[audits["lenient"]], lenient, csv_text)
