@@ -155,6 +155,19 @@ def start_stack(
     return stack
 
 
+DEPLOYMENTS = ["embedded", "postgres-redis"]
+
+
+def start_deployment(request, var_dir: Path) -> Stack:
+    """The stack of a fixture parametrized over DEPLOYMENTS: embedded (SQLite + SQLite broker) or real PostgreSQL +
+    Redis (the conftest's postgres_url and redis_broker fixtures)."""
+    urls = {}
+    if request.param == "postgres-redis":
+        broker_url, prefix = request.getfixturevalue("redis_broker")
+        urls = {"database_url": request.getfixturevalue("postgres_url"), "broker_url": broker_url, "key_prefix": prefix}
+    return start_stack(var_dir, **urls)
+
+
 def assert_problem(response, status: int, *fragments: str) -> dict:
     """An RFC 9457 problem+json answer with this status, whose detail holds every fragment."""
     assert response.status_code == status, response.text

@@ -381,9 +381,12 @@ def test_redis_restart_loses_queued_messages_and_every_audit_still_runs_once(
         time.sleep(float(FAST_RECOVERY["PRUNEAUDIT_REQUEUE_QUEUED_AFTER_S"]) + 2)
         assert waiting_messages(own_redis, queue, audit_ids) == once_each
 
+        server_before = own_redis.client().info("server")["run_id"]
         own_redis.kill()
         own_redis.start()
-        assert own_redis.client().llen(queue) == 0  # without persistence, every message is gone
+        # A fresh server without persistence: every message is gone (the sweeper's log below says it found each
+        # audit without one; reading the queue here would race the sweeper's next pass).
+        assert own_redis.client().info("server")["run_id"] != server_before
         wait_until(
             lambda: all(waiting_messages(own_redis, queue, audit_ids).values()),
             30,

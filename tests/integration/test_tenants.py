@@ -11,17 +11,13 @@ import httpx
 import pytest
 import sqlalchemy
 
-from tests.integration.stack import REPO, start_stack, wait_for_audit
+from tests.integration.stack import DEPLOYMENTS, REPO, start_deployment, wait_for_audit
 
 
-@pytest.fixture(scope="module", params=["embedded", "postgres-redis"])
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
 def stack(request, tmp_path_factory):
     """Both deployments: embedded (SQLite + SQLite broker) and real PostgreSQL + Redis."""
-    urls = {}
-    if request.param == "postgres-redis":
-        broker_url, prefix = request.getfixturevalue("redis_broker")
-        urls = {"database_url": request.getfixturevalue("postgres_url"), "broker_url": broker_url, "key_prefix": prefix}
-    stack = start_stack(tmp_path_factory.mktemp("tenants"), **urls)
+    stack = start_deployment(request, tmp_path_factory.mktemp("tenants"))
     yield stack
     stack.stop()
 
