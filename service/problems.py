@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import DatabaseNotMigrated, PruneauditError
+from service.logs import REQUEST_ID_HEADER, current_request_id
 from service.problem_types import problem_type_uri
 
 log = logging.getLogger(__name__)
@@ -143,4 +144,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return problem(request, 500, "Internal error", "an unexpected error occurred; it has been logged", "internal")
+        response = problem(
+            request, 500, "Internal error", "an unexpected error occurred; it has been logged", "internal"
+        )
+        # Answered by Starlette's outermost middleware, outside RequestIdMiddleware: the id the log line carries.
+        if (request_id := current_request_id()) is not None:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response

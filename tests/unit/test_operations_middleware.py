@@ -58,6 +58,7 @@ def test_request_id_kept_made_and_logged_with_an_unhandled_error():
     assert kept.headers["x-request-id"] == "deploy-42.a"
     assert len(made.headers["x-request-id"]) == 32 and made.headers["x-request-id"] != "no spaces allowed"
     assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+    assert failed.headers["x-request-id"] == "trace-me"  # the id to quote, on the answer as on the log line
     unhandled = [r for r in records.records if r.getMessage().startswith("unhandled error on /items/boom")]
     assert [r.request_id for r in unhandled] == ["trace-me"]  # type: ignore[attr-defined]
     access = [r for r in records.records if r.name == "pruneaudit.access"]
