@@ -158,13 +158,14 @@ def start_stack(
 DEPLOYMENTS = ["embedded", "postgres-redis"]
 
 
-def start_deployment(request, var_dir: Path) -> Stack:
+def start_deployment(request, var_dir: Path, database_url: str | None = None) -> Stack:
     """The stack of a fixture parametrized over DEPLOYMENTS: embedded (SQLite + SQLite broker) or real PostgreSQL +
-    Redis (the conftest's postgres_url and redis_broker fixtures)."""
+    Redis (the conftest's redis_broker, and `database_url` or else the session's postgres_url)."""
     urls = {}
     if request.param == "postgres-redis":
         broker_url, prefix = request.getfixturevalue("redis_broker")
-        urls = {"database_url": request.getfixturevalue("postgres_url"), "broker_url": broker_url, "key_prefix": prefix}
+        database_url = database_url or request.getfixturevalue("postgres_url")
+        urls = {"database_url": database_url, "broker_url": broker_url, "key_prefix": prefix}
     return start_stack(var_dir, **urls)
 
 

@@ -6,10 +6,12 @@ tenant's id is 404. Then retention: the sweeper deletes audits past PRUNEAUDIT_A
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import httpx
 import pytest
 
+from tests.conftest import throwaway_postgres
 from tests.integration.stack import (
     DEPLOYMENTS,
     assert_problem,
@@ -20,9 +22,7 @@ from tests.integration.stack import (
 
 SPEC = {
     "group_by": ["digit"],
-    # A ratio no other test prunes the digits model at: on the shared PostgreSQL database another module's run at
-    # the same ratio would reference the same pruned-weights blob, and its row keep it.
-    "pruning": {"ratios": [0.37]},
+    "pruning": {"ratios": [0.5]},
     "diagnostics": {"curvature": "off"},
     "statistics": {"bootstrap_resamples": 0},
 }
@@ -30,10 +30,13 @@ SPEC = {
 
 @pytest.fixture(scope="module", params=DEPLOYMENTS)
 def stack(request, tmp_path_factory):
-    """Both deployments: embedded (SQLite + SQLite broker) and real PostgreSQL + Redis."""
-    stack = start_deployment(request, tmp_path_factory.mktemp("deletion"))
-    yield stack
-    stack.stop()
+    """Both deployments; on PostgreSQL a database of its own: a blob goes when no row of its database references it,
+    and the session's database holds other modules' rows for the same model and pruned weights."""
+    own_database = throwaway_postgres("pruneaudit_deletion") if request.param == "postgres-redis" else nullcontext()
+    with own_database as database_url:
+        stack = start_deployment(request, tmp_path_factory.mktemp("deletion"), database_url)
+        yield stack
+        stack.stop()
 
 
 def blobs(stack) -> set[str]:
