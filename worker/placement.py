@@ -8,6 +8,8 @@ heavy run straight to the GPU queue. Without a GPU queue nothing is weighed (no 
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 
@@ -17,7 +19,8 @@ from service.models import Audit, AuditStatus, Dataset, Run, RunStatus
 from service.queue import RUN_AUDIT_TASK, enqueue_audit, enqueue_run
 from service.schemas.audits import AuditSpec
 from service.settings import Settings, get_settings
-from worker.inputs import RunPlan, run_plans
+from service.storage import get_store
+from worker.inputs import RunPlan, graph_path, run_plans
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +70,22 @@ class Placement:
 
 
 def audit_size(session: Session, audit: Audit) -> AuditSize:
-    """The model's multiply-accumulates per example (counted on a freshly built module: the architecture alone
-    decides them) and the rows of the audit's datasets."""
+    """The model's multiply-accumulates per example and the rows of the audit's datasets."""
+    train_id = audit.spec.get("train_dataset_id")
+    train = session.get(Dataset, train_id) if train_id else None
+    macs = macs_per_example(audit.model.id, json.dumps(audit.model.architecture), tuple(audit.model.input_shape))
+    return AuditSize(macs, audit.dataset.rows, train.rows if train is not None else 0)
+
+
+@functools.lru_cache(maxsize=64)
+def macs_per_example(model_id: str, architecture: str, shape: tuple[int, ...]) -> int:
+    """Counted on a freshly built module (the architecture alone decides them; an imported graph is built from its
+    stored graph), once per model in this process: a task is weighed when forwarded and again when it runs."""
     from worker.engine.architectures import build_model
     from worker.engine.structured import multiply_accumulates
 
-    macs = multiply_accumulates(build_model(audit.model.architecture), audit.model.input_shape)
-    train_id = audit.spec.get("train_dataset_id")
-    train = session.get(Dataset, train_id) if train_id else None
-    return AuditSize(macs, audit.dataset.rows, train.rows if train is not None else 0)
+    spec = json.loads(architecture)
+    return multiply_accumulates(build_model(spec, graph_path(get_store(), spec)), list(shape))
 
 
 def placement(session: Session, audit: Audit) -> Placement:

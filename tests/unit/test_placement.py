@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from service.cli import worker_queues
@@ -58,4 +60,47 @@ def test_a_gpu_worker_takes_the_gpu_queue_and_the_default_one(monkeypatch, gpu_q
                 worker_queues(gpu=True)
         assert worker_queues(gpu=False) == "default"
     finally:
+        get_settings.cache_clear()
+
+
+def test_an_imported_graph_is_weighed_from_its_stored_graph_once_per_model(monkeypatch, tmp_path):
+    """An ONNX model is built from its blob to count its MACs (independently: Torch-Pruning's counter on the module
+    built straight from the graph), and the count is kept: the same model is not built again for its next task."""
+    import hashlib
+
+    import onnx
+
+    from service.storage import get_store
+    from tests.onnx_models import exported
+    from worker.engine.onnx_graph import build_onnx_module
+    from worker.engine.structured import multiply_accumulates
+    from worker.placement import macs_per_example
+
+    graph = exported("resnet_style", 17)
+    monkeypatch.setenv("PRUNEAUDIT_VAR_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        source = tmp_path / "graph.onnx"
+        source.write_bytes(graph)
+        digest = get_store().add_file(source)
+        assert digest == hashlib.sha256(graph).hexdigest()
+        architecture = {
+            "name": "onnx",
+            "graph_sha256": digest,
+            "input_shape": [1, 8, 8],
+            "num_classes": 10,
+            "opset": 17,
+            "ops": [],
+            "parameter_count": 0,
+            "prunable_layers": [],
+            "reference": {"max_abs_difference": 0.0, "tolerance": 1e-4},
+        }
+        macs_per_example.cache_clear()
+        counted = macs_per_example("model-1", json.dumps(architecture), (1, 8, 8))
+        expected = multiply_accumulates(build_onnx_module(onnx.load_model_from_string(graph)), [1, 8, 8])
+        assert counted == expected > 0
+        get_store().blob_path(digest).unlink()  # gone from the store: only the kept count can answer now
+        assert macs_per_example("model-1", json.dumps(architecture), (1, 8, 8)) == expected
+    finally:
+        macs_per_example.cache_clear()
         get_settings.cache_clear()
