@@ -188,6 +188,16 @@ class Settings(BaseSettings):
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.var_dir / "blobs").resolve()
 
+    def ingest_limits(self) -> limits.IngestLimits:
+        """The upload readers' caps, from these settings."""
+        return limits.IngestLimits(
+            max_decoded_bytes=self.max_decoded_bytes,
+            max_columns=self.max_columns,
+            max_header_bytes=self.max_safetensors_header_bytes,
+            max_tensors=self.max_tensors,
+            max_tensor_name_bytes=self.max_tensor_name_bytes,
+        )
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -9,12 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from service.errors import PayloadTooLarge, ServiceBusy
-
-if TYPE_CHECKING:
-    from service.settings import Settings
 
 # The defaults of the settings of the same names (service/settings.py says what each bounds).
 MAX_DECODED_BYTES = 1024**3
@@ -36,16 +32,6 @@ class IngestLimits:
     max_header_bytes: int = MAX_HEADER_BYTES
     max_tensors: int = MAX_TENSORS
     max_tensor_name_bytes: int = MAX_TENSOR_NAME_BYTES
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> IngestLimits:
-        return cls(
-            max_decoded_bytes=settings.max_decoded_bytes,
-            max_columns=settings.max_columns,
-            max_header_bytes=settings.max_safetensors_header_bytes,
-            max_tensors=settings.max_tensors,
-            max_tensor_name_bytes=settings.max_tensor_name_bytes,
-        )
 
 
 class DecodeBudget:

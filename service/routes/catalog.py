@@ -9,7 +9,7 @@ from arch.registry import REGISTRY, input_shape
 from arch.specs import OnnxUpload
 from service import catalog, deletion, lineage
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep, releases_connection
-from service.ingest.limits import IngestLimits, decode_budget
+from service.ingest.limits import decode_budget
 from service.models import Dataset, Model
 from service.schemas.catalog import ArchitectureOut, DatasetOut, ModelOut
 from service.schemas.common import PROBLEM_RESPONSES, PathId, Problem, Text
@@ -71,7 +71,7 @@ def upload_model(
         name,
         max_bytes=settings.max_upload_bytes,
         max_parameters=settings.max_parameters,
-        limits=IngestLimits.from_settings(settings),
+        limits=settings.ingest_limits(),
     )
     model.version, model.labels = version, parsed_labels
     return ModelOut.model_validate(model)
@@ -164,7 +164,7 @@ def upload_dataset(
         features=features,
         groups=groups,
         max_bytes=settings.max_upload_bytes,
-        limits=IngestLimits.from_settings(settings),
+        limits=settings.ingest_limits(),
         budget=decode_budget(settings.max_decoding_bytes, settings.decode_wait_s),
     )
     dataset.version, dataset.labels = version, parsed_labels

@@ -99,7 +99,6 @@ class ChannelPruner:
             pruning_ratio_dict={modules[name]: _floor_safe(r) for name, r in self.layer_ratios.items()} or None,
             ignored_layers=ignored,
         )
-        imported = isinstance(pruned, OnnxModule)
         if isinstance(pruned, OnnxModule):
             _step_imported(pruner, pruned, input_shape(spec), spec.num_classes)
         else:
@@ -110,7 +109,7 @@ class ChannelPruner:
                 removed.setdefault(name, []).extend(int(i) for i in indices)
         return PrunedModel(
             pruned.eval(),
-            None if imported else pruned_architecture(pruned, spec),
+            None if isinstance(pruned, OnnxModule) else pruned_architecture(pruned, spec),
             {name: sorted(indices) for name, indices in removed.items()},
         )
 
